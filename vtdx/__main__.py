@@ -1,0 +1,5 @@
+import sys
+
+from vtdx.cli import main
+
+sys.exit(main())
