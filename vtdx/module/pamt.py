@@ -1,0 +1,235 @@
+"""The PAMT (Physical Address Metadata Table) as the module keeps it, held sparsely.
+
+The real module stores one 16-byte entry per 1 GB, 2 MB and 4 KB page of every TDMR in
+memory the host donates (pamt_manager.c). Here an entry is materialised only when it differs
+from what TDH.SYS.TDMR.INIT leaves behind: PT_NDA everywhere, except 4 KB entries inside a
+TDMR reserved area, which read as PT_RSVD. So memory is proportional to pages that TDs use,
+and a 16 GiB host costs a few TDMR records.
+
+Walks follow pamt_walk(): shared locks on the 1 GB and 2 MB parents, the requested mode on
+the leaf, stopping early at a PT_REG parent (a huge page) or at a requested level.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vtdx.abi import status as st
+
+if TYPE_CHECKING:
+    from vtdx.module.core import CallContext
+
+PT_NDA = 0
+PT_RSVD = 1
+PT_REG = 3
+PT_TDR = 4
+PT_TDCX = 5
+PT_TDVPR = 6
+PT_EPT = 8
+PAGE_TYPE_NAMES = {PT_NDA: "PT_NDA", PT_RSVD: "PT_RSVD", PT_REG: "PT_REG", PT_TDR: "PT_TDR",
+                   PT_TDCX: "PT_TDCX", PT_TDVPR: "PT_TDVPR", PT_EPT: "PT_EPT"}
+
+LEVEL_4K = 0
+LEVEL_2M = 1
+LEVEL_1G = 2
+LEVELS = (LEVEL_4K, LEVEL_2M, LEVEL_1G)
+LEVEL_NAMES = ("4K", "2M", "1G")
+SHIFT = (12, 21, 30)
+PAGE_SIZE = (1 << 12, 1 << 21, 1 << 30)
+GiB = 1 << 30
+#: 4 KB PAMT entries TDH.SYS.TDMR.INIT initialises per call (TDMR_4K_PAMT_INIT_COUNT).
+TDMR_INIT_4K_PER_CALL = 1024
+
+
+@dataclass(slots=True)
+class PamtEntry:
+    """One PAMT entry: page type, owner (PA of the owning TDR / parent, 4K aligned), BEPOCH."""
+
+    pt: int = PT_NDA
+    owner: int = 0
+    bepoch: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {"pt": self.pt, "pt_name": PAGE_TYPE_NAMES.get(self.pt, str(self.pt)),
+                "owner": self.owner, "bepoch": self.bepoch}
+
+
+@dataclass(slots=True)
+class Tdmr:
+    """A configured TDMR with its PAMT areas (index by level) and reserved areas."""
+
+    index: int
+    base: int
+    size: int
+    pamt_base: tuple[int, int, int]
+    pamt_size: tuple[int, int, int]
+    #: (offset, size) pairs, sorted, non-overlapping, no null entries.
+    reserved: tuple[tuple[int, int], ...] = ()
+    #: Next-to-initialise address (the module's last_initialized).
+    next_init: int = 0
+    _rsvd_starts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.next_init = self.base
+        self._rsvd_starts = [self.base + off for off, _ in self.reserved]
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    @property
+    def initialized_end(self) -> int:
+        """Blocks below this (1 GB granular) are usable; what TDMR.INIT reports in RDX."""
+        return self.next_init & ~(GiB - 1)
+
+    @property
+    def done(self) -> bool:
+        return self.next_init >= self.end
+
+    def is_reserved(self, pa: int) -> bool:
+        i = bisect_right(self._rsvd_starts, pa) - 1
+        if i < 0:
+            return False
+        return pa < self._rsvd_starts[i] + self.reserved[i][1]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index, "base": self.base, "size": self.size,
+            "pamt": {LEVEL_NAMES[lv]: {"base": self.pamt_base[lv], "size": self.pamt_size[lv]}
+                     for lv in LEVELS},
+            "reserved": [{"offset": o, "size": s} for o, s in self.reserved],
+            "next_init": self.next_init, "initialized_end": self.initialized_end,
+            "done": self.done,
+        }
+
+
+class PamtManager:
+    """Sparse PAMT for all TDMRs; lookups by physical address."""
+
+    def __init__(self, entry_sizes: tuple[int, int, int] = (16, 16, 16)) -> None:
+        self.entry_sizes = entry_sizes
+        self.tdmrs: list[Tdmr] = []
+        self._bases: list[int] = []
+        #: Per level: page index (pa >> shift) -> entry, only for non-default entries.
+        self._entries: tuple[dict[int, PamtEntry], ...] = ({}, {}, {})
+
+    # -- configuration -------------------------------------------------------------------
+    def configure(self, tdmrs: list[Tdmr]) -> None:
+        self.tdmrs = list(tdmrs)
+        self._bases = [t.base for t in self.tdmrs]
+        for d in self._entries:
+            d.clear()
+
+    def reset(self) -> None:
+        self.configure([])
+
+    # -- lookups -------------------------------------------------------------------------
+    def tdmr_for(self, pa: int) -> Tdmr | None:
+        """The TDMR covering ``pa`` (the module's pamt_get_block, minus the init check)."""
+        i = bisect_right(self._bases, pa) - 1
+        if i < 0:
+            return None
+        t = self.tdmrs[i]
+        return t if pa < t.end else None
+
+    def tdmr_by_base(self, base: int) -> Tdmr | None:
+        i = bisect_right(self._bases, base) - 1
+        if i >= 0 and self.tdmrs[i].base == base:
+            return self.tdmrs[i]
+        return None
+
+    def block_ready(self, pa: int) -> bool:
+        """True if ``pa`` is in a TDMR whose 1 GB block TDH.SYS.TDMR.INIT has finished."""
+        t = self.tdmr_for(pa)
+        return t is not None and pa < t.initialized_end
+
+    def default_pt(self, pa: int, level: int) -> int:
+        if level == LEVEL_4K:
+            t = self.tdmr_for(pa)
+            if t is not None and t.is_reserved(pa & ~0xFFF):
+                return PT_RSVD
+        return PT_NDA
+
+    def get(self, pa: int, level: int) -> PamtEntry:
+        """The entry for the ``level`` page containing ``pa`` (a copy if not materialised)."""
+        e = self._entries[level].get(pa >> SHIFT[level])
+        if e is not None:
+            return e
+        return PamtEntry(self.default_pt(pa, level))
+
+    def entry_for_update(self, pa: int, level: int) -> PamtEntry:
+        """The stored entry, materialising it; call ``compact`` after setting it back."""
+        d = self._entries[level]
+        idx = pa >> SHIFT[level]
+        e = d.get(idx)
+        if e is None:
+            e = d[idx] = PamtEntry(self.default_pt(pa, level))
+        return e
+
+    def set(self, pa: int, level: int, pt: int, owner: int = 0, bepoch: int = 0) -> None:
+        """Set page type/owner of the ``level`` page containing ``pa``."""
+        idx = pa >> SHIFT[level]
+        if owner == 0 and bepoch == 0 and pt == self.default_pt(pa, level):
+            self._entries[level].pop(idx, None)
+        else:
+            self._entries[level][idx] = PamtEntry(pt, owner & ~0xFFF, bepoch)
+
+    def compact(self, pa: int, level: int) -> None:
+        """Drop a materialised entry that went back to its default."""
+        idx = pa >> SHIFT[level]
+        e = self._entries[level].get(idx)
+        if e is not None and e.owner == 0 and e.bepoch == 0 and e.pt == self.default_pt(pa,
+                                                                                       level):
+            del self._entries[level][idx]
+
+    def entries(self, level: int) -> dict[int, PamtEntry]:
+        """Materialised entries of one level (page index -> entry); read-only use."""
+        return self._entries[level]
+
+    @property
+    def materialised(self) -> int:
+        return sum(len(d) for d in self._entries)
+
+    # -- walks with TDX locks --------------------------------------------------------------
+    def walk(self, ctx: CallContext, pa: int, exclusive: bool, operand_id: int,
+             target_level: int | None = None) -> tuple[int, PamtEntry]:
+        """Lock and return (leaf level, entry) for ``pa`` like the module's pamt_walk().
+
+        Parents are locked shared; the leaf shared or exclusive. A lock conflict raises
+        TDX_OPERAND_BUSY | ``operand_id``. Locks are released by the call context.
+        """
+        busy = st.TDX_OPERAND_BUSY + operand_id
+        target = LEVEL_4K if target_level is None else target_level
+        key1g = ("pamt", LEVEL_1G, pa >> SHIFT[LEVEL_1G])
+        ctx.lock(key1g, False, busy)
+        e1g = self.get(pa, LEVEL_1G)
+        if e1g.pt == PT_REG or target == LEVEL_1G:
+            if exclusive:
+                ctx.promote(key1g, busy)
+            return LEVEL_1G, e1g
+        key2m = ("pamt", LEVEL_2M, pa >> SHIFT[LEVEL_2M])
+        ctx.lock(key2m, False, busy)
+        e2m = self.get(pa, LEVEL_2M)
+        if e2m.pt == PT_REG or target == LEVEL_2M:
+            if exclusive:
+                ctx.promote(key2m, busy)
+            return LEVEL_2M, e2m
+        ctx.lock(("pamt", LEVEL_4K, pa >> SHIFT[LEVEL_4K]), exclusive, busy)
+        return LEVEL_4K, self.get(pa, LEVEL_4K)
+
+    # -- accounting ------------------------------------------------------------------------
+    def required_size(self, level: int, tdmr_size: int) -> int:
+        """Bytes the module requires for one TDMR's PAMT at ``level`` (no 4K rounding)."""
+        return (tdmr_size >> SHIFT[level]) * self.entry_sizes[level]
+
+    def pamt_bytes(self) -> list[dict[str, int]]:
+        """Per TDMR and level: PAMT bytes the host donated."""
+        return [{LEVEL_NAMES[lv]: t.pamt_size[lv] for lv in LEVELS} for t in self.tdmrs]
+
+    def pamt_bytes_total(self) -> int:
+        return sum(sum(t.pamt_size) for t in self.tdmrs)
+
+    def pamt_bytes_by_level(self) -> dict[str, int]:
+        return {LEVEL_NAMES[lv]: sum(t.pamt_size[lv] for t in self.tdmrs) for lv in LEVELS}
