@@ -1,0 +1,60 @@
+"""Shared set-up for the TD / DPAMT tests (no tests here): a booted module plus a KVM-like host.
+
+The module is brought up exactly as Linux does it (tests/linux_tdmr.py LinuxHost.tdx_enable),
+with TDH.SYS.CONFIG R8 bit 16 set when Dynamic PAMT is wanted (RFC v5 patch 23).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from linux_tdmr import LinuxHost, q35_memblocks
+
+from vtdx.abi.leaves import Leaf
+from vtdx.memory import SparseMemory
+from vtdx.module import TdxModule
+from vtdx.module import control as ctl
+from vtdx.module.invariants import check_invariants
+from vtdx.module.td_host import KvmHost, PageAllocator
+from vtdx.platform import Profile
+from vtdx.regs import Regs
+
+GiB = 1 << 30
+MiB = 1 << 20
+INFO_PA = 0x100_0000
+ARRAY_PA = 0x110_0000
+#: Host pages for TD control structures and guest memory come from here (far from the
+#: seed's fixed pfns 0x1b090c, 0x119b4f, 0x511a00 and from the PAMT at the top of RAM).
+ALLOC_BASE = 8 * GiB
+ALLOC_SIZE = 1 * GiB
+
+
+@dataclass
+class World:
+    module: TdxModule
+    host: KvmHost
+    control: ctl.Controller
+
+    def check(self) -> None:
+        problems = check_invariants(self.module)
+        assert not problems, "\n".join(problems)
+
+
+def make_world(*, dpamt: bool = True, smp: int = 4, mem: int = 24 * GiB) -> World:
+    p = Profile.from_vm(smp, mem, dynamic_pamt=dpamt, demote_nointerrupt=True)
+    m = TdxModule(p, SparseMemory(p.ram))
+
+    def seamcall(lp: int, regs: Regs) -> Regs:
+        if dpamt and regs.rax == Leaf.TDH_SYS_CONFIG:
+            regs = regs.copy(r8=regs.r8 | (1 << 16))
+        return m.seamcall(lp, regs)
+
+    linux = LinuxHost(seamcall, list(range(p.num_lps)), p.package_of)
+    linux.tdx_enable(q35_memblocks(mem), m.memory, tdx_keyid_start=p.tdx_keyid_start,
+                     info_pa=INFO_PA, array_pa=ARRAY_PA)
+    assert m.dynamic_pamt_enabled == dpamt
+    host = KvmHost(m.seamcall, m.memory, PageAllocator(ALLOC_BASE, ALLOC_SIZE),
+                   num_packages=p.num_packages, lps_per_package=p.lps_per_package,
+                   dpamt=dpamt, tdcs_pages=p.tdcs_base_size // 4096,
+                   tdvps_pages=p.tdvps_base_size // 4096, keyid_shift=p.hkid_start_bit)
+    return World(m, host, ctl.attach(m))

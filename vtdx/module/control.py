@@ -1,0 +1,158 @@
+"""Control points: pause a SEAMCALL after it took its locks, let another LP run, resume.
+
+Races such as DEMOTE vs PAMT.ADD happen on hardware only when two SEAMCALLs overlap inside
+the module. The model makes the overlap deterministic: a leaf handler calls
+``ctx.checkpoint(name)`` at fixed points (``"locked"`` = every TDX lock of the call is held);
+an armed pause for (lp, leaf, point) makes that call wait on the module's Condition, which
+releases the module mutex, so a second thread can issue another LP's SEAMCALL and find the
+TDX locks still held. ``residency_s`` gives every call a realistic time inside the module
+(again waiting on the Condition) for runs under a live guest.
+
+Usage (the module attaches a Controller as ``module.control`` when it is built)::
+
+    pause = module.control.pause(lp=0, leaf=Leaf.TDH_MEM_PAGE_DEMOTE, point="locked")
+    threading.Thread(target=module.seamcall, args=(0, demote_regs)).start()
+    pause.wait_paused(5)                # DEMOTE now holds its TDX locks
+    module.seamcall(1, pamt_add_regs)   # -> TDX_OPERAND_BUSY | RCX
+    pause.resume()
+    module.control.set_residency(0.0002)  # every call stays 200 us inside the module
+
+Points every TD leaf offers: "entry" (nothing locked yet), "locked" (all locks held, nothing
+committed) and "done" (committed, locks still held).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vtdx.errors import VtdxError
+
+
+@dataclass(eq=False)
+class PauseHandle:
+    """One armed pause; the test waits for it to trigger and then resumes the call."""
+
+    controller: Controller
+    lp: int | None
+    leaf: int | None
+    point: str
+    once: bool = True
+    hits: int = 0
+    paused: bool = False
+    released: bool = False
+    paused_lp: int | None = None
+    paused_leaf: int | None = None
+    _gen: int = field(default=0, repr=False)
+
+    def matches(self, lp: int, leaf: int, point: str) -> bool:
+        return (
+            point == self.point
+            and (self.lp is None or self.lp == lp)
+            and (self.leaf is None or self.leaf == leaf)
+            and not (self.once and self.hits)
+        )
+
+    def wait_paused(self, timeout: float = 5.0) -> bool:
+        """Block until a SEAMCALL sits at this pause point; False on timeout."""
+        cond = self.controller.cond
+        with cond:
+            return cond.wait_for(lambda: self.paused, timeout)
+
+    def resume(self) -> None:
+        """Let the paused call continue (and disarm a one-shot pause)."""
+        cond = self.controller.cond
+        with cond:
+            self.released = True
+            if self.once:
+                self.controller.disarm(self)
+            cond.notify_all()
+
+    def cancel(self) -> None:
+        """Disarm without waiting for a hit (resumes a call paused here, if any)."""
+        self.resume()
+        with self.controller.cond:
+            self.controller.disarm(self)
+
+
+class Controller:
+    """Registry of pauses plus the residency time, consulted by ``ctx.checkpoint``."""
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self.cond = cond
+        self._pauses: list[PauseHandle] = []
+        self.residency_s = 0.0
+        self.max_pause_s = 60.0
+
+    @property
+    def active(self) -> bool:
+        """Cheap test for the dispatcher's hot path."""
+        return bool(self._pauses) or self.residency_s > 0
+
+    def pause(
+        self, lp: int | None = None, leaf: int | None = None, point: str = "locked",
+        once: bool = True,
+    ) -> PauseHandle:
+        """Arm a pause for (lp, leaf, point); None matches any LP / leaf."""
+        if not point:
+            raise VtdxError("pause point name must not be empty")
+        handle = PauseHandle(self, lp, None if leaf is None else int(leaf), point, once)
+        with self.cond:
+            self._pauses.append(handle)
+        return handle
+
+    def disarm(self, handle: PauseHandle) -> None:
+        if handle in self._pauses:
+            self._pauses.remove(handle)
+
+    def clear(self) -> None:
+        """Disarm everything and release every paused call."""
+        with self.cond:
+            for h in self._pauses:
+                h.released = True
+            self._pauses.clear()
+            self.cond.notify_all()
+
+    def set_residency(self, seconds: float) -> None:
+        if seconds < 0:
+            raise VtdxError("residency time must be >= 0")
+        self.residency_s = float(seconds)
+
+    def hit(self, lp: int, leaf: int, point: str) -> None:
+        """Called with the module mutex held; may wait (releasing it) until resumed."""
+        for handle in list(self._pauses):
+            if handle.matches(lp, leaf, point):
+                handle.hits += 1
+                handle.paused = True
+                handle.released = False
+                handle.paused_lp, handle.paused_leaf = lp, leaf
+                self.cond.notify_all()
+                deadline = time.monotonic() + self.max_pause_s
+                while not handle.released:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break  # never wedge an LP forever; a forgotten pause times out
+                    self.cond.wait(left)
+                handle.paused = False
+                self.cond.notify_all()
+                break
+        if point == "locked" and self.residency_s > 0:
+            deadline = time.monotonic() + self.residency_s
+            while (left := deadline - time.monotonic()) > 0:
+                self.cond.wait(left)
+
+    # -- the hook the dispatcher calls (core.Controller protocol) ------------------------
+    def checkpoint(self, ctx: object, name: str) -> None:
+        if self._pauses or self.residency_s > 0:
+            self.hit(ctx.lp, ctx.leaf, name)  # type: ignore[attr-defined]
+
+
+def attach(module: object) -> Controller:
+    """Install (once) and return the module's controller, also as ``module.control``."""
+    ctl = getattr(module, "control", None)
+    if not isinstance(ctl, Controller):
+        ctl = Controller(module.cond)  # type: ignore[attr-defined]
+        module.control = ctl  # type: ignore[attr-defined]
+        module.controller = ctl  # type: ignore[attr-defined]
+    return ctl
