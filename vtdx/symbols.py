@@ -1,0 +1,337 @@
+"""Kernel symbols for the trace: which kernel function issued a SEAMCALL.
+
+The daemon sees the guest's RIP, RSP and CR3 at every SEAMCALL. RIP lies in one of the
+kernel's SEAMCALL stubs (``__seamcall*`` in arch/x86/virt/vmx/tdx/seamcall.S); the C
+function that called the stub is found by walking the guest page tables to read the stack
+and taking the first word that is a return address (it points just after a CALL).
+
+Symbols come from vmlinux (pyelftools) or, without it, System.map. KASLR moves the kernel
+by a multiple of 2 MiB (CONFIG_PHYSICAL_ALIGN on x86-64), so the offset follows from one
+known runtime address: the SEAMCALL RIP must land inside a ``__seamcall*`` stub.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from vtdx.errors import VtdxError
+
+KASLR_ALIGN = 0x200000
+#: The kernel's SEAMCALL stubs; every TDX call goes through one of them.
+SEAMCALL_STUBS = ("__seamcall", "__seamcall_ret", "__seamcall_saved_ret")
+_TEXT_TYPES = set("tTwW")
+SEAMCALL_OPCODE = bytes((0x66, 0x0F, 0x01, 0xCF))
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    name: str
+    addr: int
+    size: int
+
+
+class SymbolTable:
+    """Sorted function symbols with ``resolve(addr) -> "func+0x12/0x80"``.
+
+    ``offset`` is the KASLR slide (runtime minus link-time address); ``resolve`` takes
+    runtime addresses.
+    """
+
+    def __init__(self, symbols: Iterable[Symbol], source: str = "") -> None:
+        syms = sorted(
+            {(s.addr, s.name): s for s in symbols}.values(),
+            key=lambda s: (s.addr, s.size != 0),  # among aliases, the sized one is found first
+        )
+        # Give size-less symbols (System.map, asm labels) the gap to the next symbol.
+        addrs = sorted({s.addr for s in syms})
+        following = dict(zip(addrs, addrs[1:], strict=False))
+        fixed = [
+            Symbol(s.name, s.addr, s.size or following.get(s.addr, s.addr) - s.addr)
+            for s in syms
+        ]
+        self.symbols = fixed
+        self._addrs = [s.addr for s in fixed]
+        self._by_name = {s.name: s for s in fixed}
+        self.source = source
+        self.offset = 0
+        self.text_start = fixed[0].addr if fixed else 0
+        self.text_end = max((s.addr + s.size for s in fixed), default=0)
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def lookup(self, name: str) -> Symbol | None:
+        return self._by_name.get(name)
+
+    def find(self, addr: int) -> tuple[Symbol, int] | None:
+        """Symbol containing runtime ``addr`` and the offset into it, or None."""
+        link = addr - self.offset
+        i = bisect.bisect_right(self._addrs, link) - 1
+        if i < 0:
+            return None
+        while i >= 0:  # aliases share an address; any of them may carry the size
+            s = self.symbols[i]
+            if link < s.addr + max(s.size, 1):
+                return s, link - s.addr
+            if i == 0 or self._addrs[i - 1] != s.addr:
+                return None
+            i -= 1
+        return None
+
+    def resolve(self, addr: int) -> str | None:
+        hit = self.find(addr)
+        if hit is None:
+            return None
+        sym, off = hit
+        return f"{sym.name}+0x{off:x}/0x{sym.size:x}"
+
+    def in_text(self, addr: int) -> bool:
+        return self.text_start <= addr - self.offset < self.text_end
+
+    def set_kaslr_from_seamcall(self, rip: int) -> int | None:
+        """Set ``offset`` from the RIP of a SEAMCALL; returns the offset or None.
+
+        Among the stubs, the one for which ``rip - offset`` falls inside it with a
+        2 MiB-aligned ``offset`` wins (stubs are far smaller than 2 MiB, so at most one
+        link-time address per stub qualifies).
+        """
+        for name in SEAMCALL_STUBS:
+            s = self._by_name.get(name)
+            if s is None:
+                continue
+            link = s.addr + ((rip - s.addr) % KASLR_ALIGN)
+            if link < s.addr + max(s.size, 1):
+                self.offset = rip - link
+                return self.offset
+        return None
+
+    # -- loaders
+
+    @classmethod
+    def from_vmlinux(cls, path: str | os.PathLike[str]) -> SymbolTable:
+        """Function symbols of an ELF file's .symtab (pyelftools)."""
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.sections import SymbolTableSection
+
+        try:
+            with open(path, "rb") as f:
+                elf = ELFFile(f)
+                symtab = elf.get_section_by_name(".symtab")
+                if not isinstance(symtab, SymbolTableSection):
+                    raise VtdxError(f"{path}: no symbol table (stripped?)")
+                exec_secs = {
+                    i for i, sec in enumerate(elf.iter_sections())
+                    if sec["sh_flags"] & 0x4  # SHF_EXECINSTR
+                }
+                syms = []
+                for sym in symtab.iter_symbols():
+                    kind = sym["st_info"]["type"]
+                    shndx = sym["st_shndx"]
+                    if kind not in ("STT_FUNC", "STT_NOTYPE") or not sym.name:
+                        continue
+                    if not isinstance(shndx, int) or shndx not in exec_secs:
+                        continue
+                    if sym.name.startswith((".L", "$")):
+                        continue
+                    syms.append(Symbol(sym.name, sym["st_value"], sym["st_size"]))
+        except (OSError, ELFError) as e:
+            raise VtdxError(f"cannot read symbols from {path}: {e}") from e
+        if not syms:
+            raise VtdxError(f"{path}: no function symbols")
+        return cls(syms, source=str(path))
+
+    @classmethod
+    def from_system_map(cls, path: str | os.PathLike[str]) -> SymbolTable:
+        """Text symbols of a System.map (``addr type name`` lines)."""
+        syms = []
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 3 or parts[1] not in _TEXT_TYPES:
+                        continue
+                    try:
+                        addr = int(parts[0], 16)
+                    except ValueError:
+                        continue
+                    syms.append(Symbol(parts[2], addr, 0))
+        except OSError as e:
+            raise VtdxError(f"cannot read {path}: {e}") from e
+        if not syms:
+            raise VtdxError(f"{path}: no text symbols")
+        return cls(syms, source=str(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SymbolTable:
+        """A vmlinux or System.map file, or a directory holding one (vmlinux preferred)."""
+        p = Path(path)
+        if p.is_dir():
+            for name in ("vmlinux", "System.map"):
+                if (p / name).is_file():
+                    return cls.load(p / name)
+            raise VtdxError(f"{p}: neither vmlinux nor System.map found")
+        if not p.is_file():
+            raise VtdxError(f"{p}: no such file")
+        with open(p, "rb") as f:
+            is_elf = f.read(4) == b"\x7fELF"
+        if is_elf:
+            return cls.from_vmlinux(p)
+        return cls.from_system_map(p)
+
+
+# --------------------------------------------------------------------------- guest memory
+
+
+class _PhysReader(Protocol):
+    def read(self, pa: int, size: int) -> bytes: ...
+
+
+PAGE = 4096
+_PTE_P = 1
+_PTE_PS = 1 << 7
+_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+
+
+class GuestVirt:
+    """Read guest-virtual memory by walking x86-64 page tables (4- or 5-level) in guest RAM.
+
+    Kernel text translations are cached: the kernel half of every CR3 is the same and
+    the text mapping never moves after boot. ``levels`` is 4 unless the guest runs with
+    CR4.LA57; ``CallerResolver`` finds out by reading the SEAMCALL opcode at RIP.
+    """
+
+    def __init__(self, phys: _PhysReader, levels: int = 4, max_pa_bits: int = 52) -> None:
+        self.phys = phys
+        self.levels = levels
+        self._pa_mask = _ADDR_MASK & ((1 << max_pa_bits) - 1)
+        self._cache: dict[int, int] = {}
+        self.cache_range = (0, 0)
+
+    def set_levels(self, levels: int) -> None:
+        if levels != self.levels:
+            self.levels = levels
+            self._cache.clear()
+
+    def translate(self, cr3: int, va: int) -> int | None:
+        page = va & ~(PAGE - 1)
+        hit = self._cache.get(page)
+        if hit is not None:
+            return hit | (va & (PAGE - 1))
+        table = cr3 & self._pa_mask
+        shifts = (48, 39, 30, 21, 12)[5 - self.levels:]
+        pa = None
+        for shift in shifts:
+            idx = (va >> shift) & 0x1FF
+            try:
+                entry = int.from_bytes(self.phys.read(table + idx * 8, 8), "little")
+            except Exception:
+                return None
+            if not entry & _PTE_P:
+                return None
+            if shift in (30, 21) and entry & _PTE_PS:  # 1 GiB / 2 MiB page
+                size = 1 << shift
+                pa = (entry & self._pa_mask & ~(size - 1)) | (va & (size - 1))
+                break
+            table = entry & self._pa_mask
+        if pa is None:
+            pa = table | (va & (PAGE - 1))
+        lo, hi = self.cache_range
+        if lo <= va < hi:  # kernel text: identical in every address space, never remapped
+            self._cache[page] = pa & ~(PAGE - 1)
+        return pa
+
+    def read(self, cr3: int, va: int, size: int) -> bytes | None:
+        out = bytearray()
+        while size > 0:
+            n = min(size, PAGE - (va & (PAGE - 1)))
+            pa = self.translate(cr3, va)
+            if pa is None:
+                return None
+            try:
+                out += self.phys.read(pa, n)
+            except Exception:
+                return None
+            va += n
+            size -= n
+        return bytes(out)
+
+
+def _is_call_before(code: bytes) -> bool:
+    """Do the bytes just before a candidate return address end in a CALL instruction?
+
+    ``code`` is the 7 bytes preceding it. Accepts call rel32 (E8) and the common
+    indirect forms: call *%reg, call *%r8-15, call *disp32(%rip), call *disp8(%reg).
+    """
+    if len(code) < 7:
+        return False
+    if code[-5] == 0xE8:
+        return True
+    if code[-2] == 0xFF and 0xD0 <= code[-1] <= 0xD7:
+        return True
+    if code[-3] == 0x41 and code[-2] == 0xFF and 0xD0 <= code[-1] <= 0xD7:
+        return True
+    if code[-6] == 0xFF and code[-5] == 0x15:
+        return True
+    return code[-3] == 0xFF and (code[-2] & 0xF8) == 0x50
+
+
+class CallerResolver:
+    """Turn (RIP, RSP, CR3) of a SEAMCALL into kernel function names."""
+
+    def __init__(self, symbols: SymbolTable, mem: GuestVirt, stack_words: int = 48) -> None:
+        self.symbols = symbols
+        self.mem = mem
+        self.stack_words = stack_words
+        self._kaslr_known = False
+
+    def _learn(self, rip: int, cr3: int) -> None:
+        """Once: KASLR offset from RIP, paging depth from the SEAMCALL opcode at RIP."""
+        if self.symbols.set_kaslr_from_seamcall(rip) is None:
+            return
+        for levels in (4, 5):
+            self.mem.set_levels(levels)
+            code = self.mem.read(cr3, rip - 4, 8) or b""
+            if SEAMCALL_OPCODE in (code[4:], code[:4]):  # RIP at or just after SEAMCALL
+                break
+        else:
+            self.mem.set_levels(4)
+            return
+        off = self.symbols.offset
+        self.mem.cache_range = (self.symbols.text_start + off, self.symbols.text_end + off)
+        self._kaslr_known = True
+
+    def callers(self, rip: int, rsp: int, cr3: int, depth: int = 3) -> list[int]:
+        """Return addresses found on the stack, innermost first (at most ``depth``)."""
+        if not self._kaslr_known:
+            self._learn(rip, cr3)
+        raw = self.mem.read(cr3, rsp, self.stack_words * 8)
+        if raw is None:
+            return []
+        found: list[int] = []
+        for i in range(0, len(raw), 8):
+            ret = int.from_bytes(raw[i : i + 8], "little")
+            if not self.symbols.in_text(ret):
+                continue
+            code = self.mem.read(cr3, ret - 7, 7)
+            if code is None or not _is_call_before(code):
+                continue
+            found.append(ret)
+            if len(found) >= depth:
+                break
+        return found
+
+    def describe(self, rip: int, rsp: int, cr3: int) -> dict[str, object]:
+        """Symbolised site and callers for the trace record."""
+        rets = self.callers(rip, rsp, cr3)
+        return {
+            "site": self.symbols.resolve(rip),
+            "caller": self.symbols.resolve(rets[0]) if rets else None,
+            "stack": [self.symbols.resolve(r) or f"0x{r:x}" for r in rets],
+            "kaslr": f"0x{self.symbols.offset:x}" if self._kaslr_known else None,
+        }
