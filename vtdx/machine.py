@@ -49,6 +49,11 @@ def default_runtime() -> QemuRuntime:
     return QemuRuntime.find()
 
 
+#: A TDX host is an Intel machine. TCG's "max" model reports AMD, and Linux only honours
+#: IA32_FEAT_CTL (so only loads kvm_intel) on Intel, Centaur and Zhaoxin CPUs.
+INTEL_CPU = "max,vendor=GenuineIntel"
+
+
 class Machine:
     """QEMU + plugin + daemon for one guest run (see the module docstring)."""
 
@@ -69,7 +74,7 @@ class Machine:
         reply_timeout: float = 60.0,
         plugin_options: Sequence[str] = (),
         stats: bool = False,
-        cpu: str = "max",
+        cpu: str = INTEL_CPU,
         vmlinux: str | Path | None = None,
     ) -> None:
         self.kernel = Path(kernel)
