@@ -6,7 +6,7 @@ the SEAMCALL tests named on its command line, on all CPUs at once. It needs only
 gcc/as/ld, builds in well under a second and is cached by source hash, so whole-stack tests
 can exercise the plugin and daemon without a Linux kernel.
 
-Command line (``-append``): ``smp=N test=a,b,... [iters=K] [addrs=PA,PA,...]``
+Command line (``-append``): ``smp=N test=a,b,... [iters=K] [addrs=PA,PA,...] [script=PA]``
 
 ===========  ================================================================================
 test         what every CPU does
@@ -20,6 +20,10 @@ ring3        SEAMCALL at CPL3 after VMXON; ok when it raised #GP(0) (``vec=13 er
 novmx        SEAMCALL at CPL0 before VMXON; ok when it raised #UD (``vec=6``)
 nomodule     SEAMCALL(0xE000) until one returns CF=1 (VMfailInvalid); ``ok`` = calls that
              succeeded before it (``iters`` caps the loop if given)
+script       replays the SEAMCALL script at ``script`` (default 64 MiB, vtdx.seamscript):
+             each CPU issues the records of its LP in sequence order, copying their memory
+             images first; ``ok``/``fail`` count records whose 14 output registers (and
+             VMsucceed) match; the first mismatch adds ``seq= reg= got= want=``
 ===========  ================================================================================
 
 Output on COM1, one line each::

@@ -32,6 +32,7 @@ typedef uint64_t u64;
 #define LEAF_ECHO 0xE000                /* echo backend: X_out = rotl64(X_in, 1) ^ (cpu << 56) */
 #define LEAF_ECHO_MEM 0xE001            /* echo backend: RDX = [RCX]; [R9] = R8 */
 #define MAX_ADDRS 16
+#define SCRIPT_PA_DEFAULT 0x4000000UL   /* 64 MiB: vtdx.seamscript.SCRIPT_PA */
 
 /* ---- assembly (boot.S) ---- */
 struct sregs {                          /* layout known to seamcall_regs; vtdx.regs order */
@@ -100,7 +101,8 @@ static struct {
     int iters_given;
     u64 addrs[MAX_ADDRS];
     int naddrs;
-} cfg = { .smp = 1, .iters = 1000 };
+    u64 script;                         /* PA of the SEAMCALL script (test=script) */
+} cfg = { .smp = 1, .iters = 1000, .script = SCRIPT_PA_DEFAULT };
 
 static volatile int go;
 static volatile int cpus_done;
@@ -592,6 +594,142 @@ static void test_nomodule(void *arg)
     note(r, " cf=0 limit=%u", limit);
 }
 
+/* ---- test=script: replay a SEAMCALL script recorded in-process (vtdx/seamscript.py has
+ * the layout and the ordering rules; keep the two in step) ---- */
+#define SCRIPT_MAGIC 0x3152435358445456UL /* "VTDXSCR1" */
+#define SCRIPT_VERSION 1
+#define SCRIPT_CONCURRENT 1               /* later records may start while this one runs */
+#define SCRIPT_WAIT_GO 2                  /* wait for the host's go[rec->go] */
+#define SCRIPT_BARRIER 4                  /* wait until every earlier record completed */
+enum { PH_TURN = 1, PH_GO = 2, PH_CALL = 3, PH_DONE = 4 };
+
+struct script_hdr {
+    u64 magic;
+    u32 version, nrecords;
+    u32 records_off, results_off;
+    u32 total_size, rsv0;
+    u64 frontier;                       /* seq of the next record allowed to start */
+    u64 completed;                      /* records that finished */
+    u64 rsv1[2];
+    u64 go[8];                          /* set by the host */
+    u64 progress[MAX_CPUS];             /* (seq + 1) << 8 | phase, read by the host */
+};
+struct script_rec {
+    u32 size, seq;
+    u16 lp, flags, cmp_mask;
+    u8 go, nwrites;
+    u64 in[14], out[14];
+};
+struct script_write {
+    u64 pa;
+    u32 len, datalen;                   /* then datalen bytes, padded to 8; rest is zero */
+};
+struct script_result {
+    u64 state, rflags, r[14];
+};
+_Static_assert(sizeof(struct script_hdr) == 0x280, "seamscript.HEADER_SIZE");
+_Static_assert(sizeof(struct script_rec) == 240, "seamscript._REC");
+_Static_assert(sizeof(struct script_write) == 16, "seamscript._WRITE");
+_Static_assert(sizeof(struct script_result) == 128, "seamscript.RESULT_SIZE");
+
+static inline u64 load64(u64 *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void store64(u64 *p, u64 v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+static void script_progress(struct script_hdr *h, int cpu, u64 seq, int phase)
+{
+    store64(&h->progress[cpu], ((seq + 1) << 8) | (u64)phase);
+}
+
+/* Copy the memory images the host wrote before this SEAMCALL when it was recorded. */
+static void script_writes(const struct script_rec *rec)
+{
+    const u8 *p = (const u8 *)(rec + 1);
+    for (int i = 0; i < rec->nwrites; i++) {
+        const struct script_write *w = (const void *)p;
+        u8 *dst = (u8 *)w->pa;
+        memcpy(dst, w + 1, w->datalen);
+        memset(dst + w->datalen, 0, w->len - w->datalen);
+        p += sizeof(*w) + ((w->datalen + 7) & ~7U);
+    }
+}
+
+static void test_script(void *arg)
+{
+    struct result *r = arg;
+    int cpu = r->cpu;
+    if (need_vmx(r))
+        return;
+    struct script_hdr *h = (struct script_hdr *)cfg.script;
+    if (h->magic != SCRIPT_MAGIC || h->version != SCRIPT_VERSION) {
+        r->fail++;
+        note(r, " error=no_script pa=%x", cfg.script);
+        return;
+    }
+    struct script_result *res = (struct script_result *)((u8 *)h + h->results_off);
+    const u8 *p = (const u8 *)h + h->records_off;
+    /* Every CPU checks the whole script first, so a bad one stops all of them instead of
+     * leaving some spinning for a record no CPU will run. */
+    for (u32 i = 0; i < h->nrecords; i++) {
+        const struct script_rec *rec = (const void *)p;
+        const char *err = rec->size < sizeof(*rec) || rec->seq != i ? "bad_record"
+                          : rec->lp >= cfg.smp ? "no_cpu_for_lp" : NULL;
+        if (err) {
+            r->fail++;
+            note(r, " error=%s seq=%u lp=%u", err, (u64)i, (u64)rec->lp);
+            return;
+        }
+        p += rec->size;
+    }
+    p = (const u8 *)h + h->records_off;
+    for (u32 i = 0; i < h->nrecords; i++, p += ((const struct script_rec *)p)->size) {
+        const struct script_rec *rec = (const void *)p;
+        if (rec->lp != cpu)
+            continue;
+        script_progress(h, cpu, rec->seq, PH_TURN);
+        while (load64(&h->frontier) != rec->seq)
+            cpu_relax();
+        if (rec->flags & SCRIPT_BARRIER)
+            while (load64(&h->completed) < rec->seq)
+                cpu_relax();
+        if (rec->flags & SCRIPT_WAIT_GO) {
+            script_progress(h, cpu, rec->seq, PH_GO);
+            while (!load64(&h->go[rec->go & 7]))
+                cpu_relax();
+        }
+        script_writes(rec);
+        struct sregs s = { .rflags = RFLAGS_FIXED | RFLAGS_ARITH }; /* VMsucceed clears all */
+        for (int k = 0; k < 14; k++)
+            s.r[k] = rec->in[k];
+        script_progress(h, cpu, rec->seq, PH_CALL);
+        if (rec->flags & SCRIPT_CONCURRENT)
+            store64(&h->frontier, rec->seq + 1);
+        seamcall_regs(&s);
+        struct script_result *out = &res[i];
+        out->rflags = s.rflags;
+        for (int k = 0; k < 14; k++)
+            out->r[k] = s.r[k];
+        store64(&out->state, 1);
+        int bad = (s.rflags & RFLAGS_ARITH) ? 14 : -1;
+        for (int k = 0; k < 14 && bad < 0; k++)
+            if ((rec->cmp_mask >> k & 1) && s.r[k] != rec->out[k])
+                bad = k;
+        if (bad < 0) {
+            r->ok++;
+        } else if (!r->fail++) {
+            if (bad == 14)
+                note(r, " seq=%u reg=rflags got=%x want=%x", (u64)rec->seq, s.rflags,
+                     s.rflags & ~(u64)RFLAGS_ARITH);
+            else
+                note(r, " seq=%u reg=%s got=%x want=%x", (u64)rec->seq, reg_names[bad],
+                     s.r[bad], rec->out[bad]);
+        }
+        __atomic_add_fetch(&h->completed, 1, __ATOMIC_SEQ_CST);
+        if (!(rec->flags & SCRIPT_CONCURRENT))
+            store64(&h->frontier, rec->seq + 1);
+    }
+    script_progress(h, cpu, h->nrecords, PH_DONE);
+}
+
 static const struct test {
     const char *name;
     void (*fn)(void *);
@@ -603,6 +741,7 @@ static const struct test {
     { "nomodule", test_nomodule },
     { "vmxcheck", test_vmxcheck },
     { "movdir64b", test_movdir64b },
+    { "script", test_script },
 };
 
 static void run_test(int cpu, const char *name, size_t len)
@@ -702,6 +841,8 @@ static void parse_cmdline(const char *c)
             }
             cfg.tests[n] = 0;
             v += n;
+        } else if (klen == 6 && streq_n(c, "script", 6)) {
+            cfg.script = parse_num(&v);
         } else if (klen == 5 && streq_n(c, "addrs", 5)) {
             while (cfg.naddrs < MAX_ADDRS) {
                 cfg.addrs[cfg.naddrs++] = parse_num(&v);

@@ -1,0 +1,217 @@
+"""TD scenarios recorded in-process as SEAMCALL scripts (vtdx.seamscript), no tests here.
+
+Each scenario runs against a fresh in-process ``TdxModule`` whose platform matches the
+whole-stack VM (smp 2, 2 GiB, Dynamic PAMT and DEMOTE_NOINTERRUPT on): module init as
+Linux 7.3 does it (tests/linux_tdmr.py), then the TD leaves as KVM issues them
+(vtdx/module/td_host.py). Every page handed to the module, and every buffer the host
+writes, is at or above 256 MiB, so replaying the script in the test guest never touches
+the guest's image, page tables or stacks (below 8 MiB) or the script (64 MiB).
+
+The race uses the seed's pfns scaled into 1 GiB (pfn & 0x3ffff, i.e. the same address
+modulo 1 GiB), which keeps every relation the race depends on: the DEMOTE's DPAMT page A1
+(R12, pfn 0x3090c) and the PAMT.ADD target (pfn 0x3090d) sit in the same 2MB range, the
+guest's 2MB page (pfn 0x11a00) and the second DPAMT page B1 (R13, pfn 0x19b4f) elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from linux_tdmr import LinuxHost, q35_memblocks
+
+from vtdx.abi import status as st
+from vtdx.abi.leaves import Leaf
+from vtdx.memory import SparseMemory
+from vtdx.module import TdxModule
+from vtdx.module.td_common import env_of
+from vtdx.module.td_host import KvmHost, PageAllocator
+from vtdx.platform import Profile, Region
+from vtdx.regs import Regs
+from vtdx.seamscript import BARRIER, CONCURRENT, WAIT_GO, Recorder, Script
+
+MiB = 1 << 20
+GiB = 1 << 30
+SMP = 2
+MEM = 2 * GiB
+INFO_PA = 256 * MiB            # TDMR_INFO array (the kernel's kmalloc'd buffer)
+ARRAY_PA = INFO_PA + 1 * MiB   # the TDMR PA array
+ALLOC_BASE = 1 * GiB           # host pages for TD structures and guest memory
+ALLOC_SIZE = 512 * MiB         # (the PAMT sits just below 2 GiB - 128 KiB)
+
+SCALE_MASK = 0x3FFFF           # pfn modulo 1 GiB
+GUEST_2M_HPA = (0x511A00 & SCALE_MASK) << 12
+DPAMT_A1 = (0x1B090C & SCALE_MASK) << 12        # R12 of the DEMOTE
+DPAMT_B1 = (0x119B4F & SCALE_MASK) << 12        # R13 of the DEMOTE
+PAMT_ADD_PA = (0x1B090D & SCALE_MASK) << 12     # LP1 installs a pair for this 2MB range
+RACE_GPA = 0x4000_0000
+BUSY_RCX = 0x8000020000000001                   # tdh_phymem_pamt_add.c: BUSY | RCX
+BUSY_R12 = 0x800002000000000C                   # pamt_manager.c pamt_demote(): BUSY | R12
+
+IMAGES = {0x1000: b"\x90" * 4096, 0x2000: bytes(range(256)) * 16}
+
+
+class TrackedMemory(SparseMemory):
+    """In-process RAM that remembers which pages were written (by the module or the host),
+    so the whole-stack run's guest RAM can be compared page by page."""
+
+    def __init__(self, regions: tuple[Region, ...]) -> None:
+        super().__init__(regions)
+        self.touched: set[int] = set()
+
+    def _touch(self, pa: int, size: int) -> None:
+        self.touched.update(range(pa >> 12, ((pa + max(size, 1) - 1) >> 12) + 1))
+
+    def write(self, pa: int, data: bytes) -> None:
+        super().write(pa, data)
+        self._touch(pa, len(data))
+
+    def zero(self, pa: int, size: int) -> None:
+        super().zero(pa, size)
+        self._touch(pa, size)
+
+
+def stack_profile() -> Profile:
+    """The platform both the recording and the whole-stack VM use."""
+    return Profile.from_vm(SMP, MEM, dynamic_pamt=True, demote_nointerrupt=True)
+
+
+class ScenarioWorld:
+    """A module brought up by Linux's sequence, every SEAMCALL through a Recorder."""
+
+    def __init__(self) -> None:
+        p = self.profile = stack_profile()
+        self.memory = TrackedMemory(p.ram)
+        self.module = TdxModule(p, self.memory)
+        self.rec = Recorder(self.module.seamcall, self.module.memory)
+
+        def linux_call(lp: int, regs: Regs) -> Regs:
+            if regs.rax == Leaf.TDH_SYS_CONFIG:  # RFC v5 patch 23: enable Dynamic PAMT
+                regs = regs.copy(r8=regs.r8 | (1 << 16))
+            return self.rec.seamcall(lp, regs)
+
+        LinuxHost(linux_call, list(range(p.num_lps)), p.package_of).tdx_enable(
+            q35_memblocks(MEM), self.rec.memory, tdx_keyid_start=p.tdx_keyid_start,
+            info_pa=INFO_PA, array_pa=ARRAY_PA)
+        assert self.module.dynamic_pamt_enabled
+        self.host = KvmHost(self.rec.seamcall, self.rec.memory,
+                            PageAllocator(ALLOC_BASE, ALLOC_SIZE),
+                            num_packages=p.num_packages, lps_per_package=p.lps_per_package,
+                            dpamt=True, tdcs_pages=p.tdcs_base_size // 4096,
+                            tdvps_pages=p.tdvps_base_size // 4096,
+                            keyid_shift=p.hkid_start_bit)
+        self.hkid = p.tdx_keyid_start + 1
+
+
+@dataclass
+class Lifecycle:
+    """A whole TD life; ``mrtd`` is what the in-process module measured."""
+
+    script: Script
+    module: TdxModule
+    tdr: int
+    mrtd: bytes
+
+
+def record_lifecycle() -> Lifecycle:
+    """Create, keys, init, two vCPUs, PAGE.ADD + MR.EXTEND, FINALIZE, AUG 4K/2M, BLOCK/TRACK/
+    DEMOTE (Dynamic PAMT), REMOVE, teardown with KEY.FREEID and RECLAIM."""
+    w = ScenarioWorld()
+    h = w.host
+    td = h.init_vm(w.hkid)
+    h.init_vcpu(td, 0, 0)
+    h.init_vcpu(td, 1, 1)
+    for gpa, image in IMAGES.items():
+        h.add_page(td, gpa, image)
+    h.finalize(td)
+    mrtd = env_of(w.module).td.tds[td.tdr].mrtd
+    h.aug(td, 0x10_0000, level=0)
+    h.aug(td, 0x20_0000, level=1)
+    h.aug(td, 0x40_0000, level=1)
+    h.block_track(td, 0x20_0000, level=1)
+    h.demote(td, 0x20_0000)
+    h.remove(td, 0x20_3000)
+    h.remove(td, 0x10_0000, lp=1)
+    h.remove(td, 0x1000)
+    h.teardown(td)
+    assert not h.pamt_refcount and not env_of(w.module).td.tds
+    return Lifecycle(w.rec.script(), w.module, td.tdr, mrtd)
+
+
+ORDERS = ("demote-first", "pamt-add-first", "serialised")
+
+
+@dataclass
+class Race:
+    """The seed's DEMOTE (LP0) vs PAMT.ADD (LP1) race recorded in one order.
+
+    ``demote`` / ``pamt_add`` are the racing records' sequence numbers; ``retry`` the
+    follow-up call that succeeds once the other one finished (None when serialised).
+    """
+
+    order: str
+    script: Script
+    module: TdxModule
+    tdr: int
+    sept_page: int
+    add_pair: tuple[int, int]
+    demote: int
+    pamt_add: int
+    retry: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def paused_leaf(self) -> tuple[int, Leaf]:
+        """(LP, leaf) the whole-stack run pauses at its "locked" point."""
+        if self.order == "pamt-add-first":
+            return 1, Leaf.TDH_PHYMEM_PAMT_ADD
+        return 0, Leaf.TDH_MEM_PAGE_DEMOTE
+
+
+def record_race(order: str) -> Race:
+    """Set up a runnable TD with a 2MB page AUGed at GUEST_2M_HPA, blocked and tracked, then
+    race DEMOTE against PAMT.ADD in ``order`` (in-process, with the module's pause point)."""
+    if order not in ORDERS:
+        raise ValueError(order)
+    w = ScenarioWorld()
+    h, m, rec = w.host, w.module, w.rec
+    td = h.init_vm(w.hkid)
+    h.init_vcpu(td, 0, 0)
+    h.finalize(td)
+    h.aug(td, RACE_GPA, level=1, hpa=GUEST_2M_HPA)
+    h.block_track(td, RACE_GPA, level=1)
+    sept_page = h.control_page()
+    add_pair = (h.alloc.page(), h.alloc.page())
+    demote = Regs(rax=Leaf.TDH_MEM_PAGE_DEMOTE, rcx=RACE_GPA | 1, rdx=td.tdr, r8=sept_page,
+                  r12=DPAMT_A1, r13=DPAMT_B1)
+    pamt_add = Regs(rax=Leaf.TDH_PHYMEM_PAMT_ADD, rcx=(PAMT_ADD_PA & ~0x1FFFFF) | 1,
+                    rdx=add_pair[0], r8=add_pair[1])
+    first = len(rec)
+    retry = None
+    if order == "serialised":
+        assert rec.call(0, demote).rax == 0
+        assert rec.call(1, pamt_add).rax == 0
+        seq_demote, seq_add = first, first + 1
+    else:
+        demote_first = order == "demote-first"
+        lp, regs = (0, demote) if demote_first else (1, pamt_add)
+        other_lp, other = (1, pamt_add) if demote_first else (0, demote)
+        leaf = Leaf.TDH_MEM_PAGE_DEMOTE if demote_first else Leaf.TDH_PHYMEM_PAMT_ADD
+        pause = m.control.pause(lp=lp, leaf=leaf, point="locked")
+        held: list[Regs] = []
+        t = threading.Thread(target=lambda: held.append(rec.call(lp, regs, flags=CONCURRENT)))
+        t.start()
+        assert pause.wait_paused(5)
+        busy = rec.call(other_lp, other, flags=WAIT_GO, go=0)
+        assert busy.rax == (BUSY_RCX if demote_first else BUSY_R12)
+        assert busy.rax == st.TDX_OPERAND_BUSY + (st.OPERAND_ID_RCX if demote_first
+                                                  else st.OPERAND_ID_R12)
+        pause.resume()
+        t.join(5)
+        assert held[0].rax == 0
+        # the loser retries once the winner is out of the module, and now succeeds
+        assert rec.call(other_lp, other, flags=BARRIER).rax == 0
+        seq_demote, seq_add = (first, first + 1) if demote_first else (first + 1, first)
+        retry = first + 2
+    script = rec.script()
+    return Race(order, script, m, td.tdr, sept_page, add_pair, seq_demote, seq_add, retry)

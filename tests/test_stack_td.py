@@ -1,0 +1,449 @@
+"""Whole stack for the TD leaves: scripts recorded in-process, replayed by the test guest.
+
+KVM cannot drive TDs on vtdx yet, so the SEAMCALLs come from the freestanding test guest
+(``test=script``, guest/testguest/main.c) running a script recorded against an in-process
+module (tests/stack_td_scenarios.py, vtdx/seamscript.py): real QEMU + the plugin + the
+daemon + the module, guest RAM shared through the memory-backend file. Every output
+register of every call must equal the in-process one, and the daemon's module must end in
+the state the in-process module reached.
+
+The race is the seed's (Yan Zhao, RFC v5 30/45 review): DEMOTE on LP0 with DPAMT pages
+A1/B1 in R12/R13 vs PAMT.ADD on LP1 for the 2MB range holding A1's neighbour. The daemon's
+module pauses one call at its "locked" control point (vtdx/module/control.py) while that
+vCPU sits inside SEAMCALL; the host sees the pause and sets the go flag the other vCPU's
+record waits for. Statuses from intel/tdx-module: tdh_phymem_pamt_add.c (BUSY | RCX,
+0x8000020000000001) and pamt_manager.c pamt_demote() (BUSY | R12, 0x800002000000000c).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from stack_td_scenarios import (
+    BUSY_R12,
+    BUSY_RCX,
+    DPAMT_A1,
+    DPAMT_B1,
+    GUEST_2M_HPA,
+    IMAGES,
+    MEM,
+    PAMT_ADD_PA,
+    RACE_GPA,
+    SMP,
+    Lifecycle,
+    Race,
+    ScenarioWorld,
+    record_lifecycle,
+    record_race,
+    stack_profile,
+)
+
+from vtdx import testguest
+from vtdx.abi.leaves import Leaf
+from vtdx.errors import VtdxError
+from vtdx.machine import Machine
+from vtdx.memory import GuestRam
+from vtdx.module import TdxModule
+from vtdx.module import sept as S
+from vtdx.module.control import PauseHandle
+from vtdx.module.invariants import check_invariants, fingerprint
+from vtdx.module.td_common import PT_EPT, PT_NDA, PT_PAMT, PT_REG, PT_RSVD, env_of
+from vtdx.platform import Profile
+from vtdx.qemu_runtime import QemuRuntime
+from vtdx.regs import Regs
+from vtdx.seamscript import PHASE_TURN, Mailbox, Mismatch, Record, Script
+
+pytestmark = pytest.mark.stack
+
+EXIT_DEVICE = ["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
+
+
+@pytest.fixture(scope="module")
+def runtime() -> QemuRuntime:
+    try:
+        return QemuRuntime.find()
+    except VtdxError as e:
+        pytest.skip(f"QEMU runtime not provisioned: {e}")
+
+
+@pytest.fixture(scope="module")
+def elf() -> Path:
+    return testguest.build()
+
+
+class CallLog:
+    """Module observer: (lp, leaf, status) of every SEAMCALL the daemon's module finished."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.calls: list[tuple[int, int, int]] = []
+
+    def __call__(self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs, dt: float) -> None:
+        with self.cond:
+            self.calls.append((lp, leaf, regs_out.rax))
+            self.cond.notify_all()
+
+    def wait_for(self, lp: int, leaf: int, nth: int = 1, timeout: float = 30) -> int:
+        """Status of the ``nth`` call of ``leaf`` on ``lp``, waiting for it to finish."""
+        def hits() -> list[int]:
+            return [s for c_lp, c_leaf, s in self.calls if (c_lp, c_leaf) == (lp, leaf)]
+
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(hits()) >= nth, timeout):
+                raise VtdxError(f"{Leaf(leaf).name} #{nth} on LP{lp} never finished")
+            return hits()[nth - 1]
+
+    def count(self, leaf: int, lp: int | None = None) -> int:
+        with self.cond:
+            return sum(1 for c_lp, c_leaf, _ in self.calls
+                       if c_leaf == leaf and lp in (None, c_lp))
+
+
+@dataclass
+class StackRun:
+    """What one replay through the whole stack produced."""
+
+    result: testguest.TgResult
+    status: int
+    mismatches: list[Mismatch]
+    module: TdxModule
+    log: CallLog
+    problems: list[str] = field(default_factory=list)   # invariant checker, after the run
+    stderr: list[str] = field(default_factory=list)
+    daemon_errors: list[str] = field(default_factory=list)
+    host_result: object = None
+    state: dict[str, object] = field(default_factory=dict)
+    divergence: list[str] = field(default_factory=list)
+
+    def assert_clean(self, script: Script) -> None:
+        lines = self.result.results("script")
+        assert self.status == testguest.EXIT_STATUS_DONE and self.result.done, \
+            self.result.output[-2000:]
+        assert not self.mismatches, "\n".join(map(str, self.mismatches[:20]))
+        assert not self.divergence, self.divergence
+        ok = sum(ln.num("ok") for ln in lines.values())
+        fail = sum(ln.num("fail") for ln in lines.values())
+        assert (ok, fail) == (len(script.records), 0), lines
+        for lp in script.lps:  # every LP with records really ran them on its own vCPU
+            want = sum(1 for r in script.records if r.lp == lp)
+            assert lines[lp].num("ok") == want, lines[lp]
+        assert not self.result.exceptions()
+        assert not self.daemon_errors and not self.module.internal_errors
+        assert not [ln for ln in self.stderr if "vtdx-plugin" in ln], self.stderr
+
+
+Host = Callable[[TdxModule, Mailbox, CallLog], object]
+
+
+def divergence(stack: TdxModule, ram: GuestRam, ref: TdxModule) -> list[str]:
+    """How the daemon's module (and guest RAM) differ from the in-process recording's."""
+    out = []
+    names = ("PAMT entries", "TDs and S-EPT", "Dynamic PAMT nodes/bitmap", "KOT")
+    for name, a, b in zip(names, fingerprint(stack), fingerprint(ref), strict=True):
+        if a != b:
+            out.append(f"{name} differ")
+    for what in ("call_counts", "status_counts", "state", "global_keyid", "pkg_config"):
+        if getattr(stack, what) != getattr(ref, what):
+            out.append(f"module.{what}: {getattr(stack, what)} != {getattr(ref, what)}")
+    touched = getattr(ref.memory, "touched", set())
+    bad = [pfn for pfn in sorted(touched)
+           if ram.read(pfn << 12, 4096) != ref.memory.read(pfn << 12, 4096)]
+    if bad:
+        out.append(f"{len(bad)} of {len(touched)} pages differ in RAM, first {bad[0] << 12:#x}")
+    return out
+
+
+def replay(runtime: QemuRuntime, elf: Path, script: Script, *,
+           arm: Callable[[TdxModule], None] | None = None, host: Host | None = None,
+           inspect: Callable[[TdxModule, GuestRam], dict[str, object]] | None = None,
+           reference: TdxModule | None = None, profile: Profile | None = None,
+           timeout: float = 60) -> StackRun:
+    """Boot the test guest with ``script`` in its RAM and the daemon's module armed.
+
+    ``arm`` runs on the daemon's module before QEMU starts (pauses); ``host`` runs in a
+    thread while the guest runs (sees pauses, sets go flags); ``inspect`` reads module state
+    after QEMU exited, while guest RAM is still mapped; ``reference`` (the recording's
+    module) fills ``StackRun.divergence``.
+    """
+    log = CallLog()
+    made: list[TdxModule] = []
+
+    def backend(prof: Profile, ram: GuestRam) -> TdxModule:
+        script.install(ram)  # before QEMU starts: the guest finds it at boot
+        module = TdxModule(prof, ram)
+        module.add_observer(log)
+        if arm:
+            arm(module)
+        made.append(module)
+        return module
+
+    async def run() -> StackRun:
+        async with Machine(elf, append=f"smp={SMP} test=script", smp=SMP, mem=MEM,
+                           profile=profile or stack_profile(), backend=backend,
+                           runtime=runtime, extra_args=EXIT_DEVICE) as m:
+            assert m.ram is not None and m.daemon is not None
+            module, box = made[0], Mailbox(m.ram)
+
+            def host_thread() -> object:
+                try:
+                    return host(module, box, log) if host else None
+                finally:  # never leave the guest or a paused call waiting on a failed host
+                    for i in range(8):
+                        box.set_go(i)
+                    module.control.clear()
+
+            hosting = asyncio.create_task(asyncio.to_thread(host_thread))
+            try:
+                status = await m.wait(timeout)
+            except VtdxError as e:
+                raise VtdxError(f"{e}; script state: {box.describe()}") from None
+            finally:
+                module.control.clear()
+            host_result = await hosting
+            run = StackRun(testguest.parse_output(m.console_text()), status,
+                           script.mismatches(m.ram), module, log,
+                           check_invariants(module, expect_no_locks=True), m.stderr_lines,
+                           list(m.daemon.errors), host_result)
+            if inspect:
+                run.state = inspect(module, m.ram)
+            if reference is not None:
+                run.divergence = divergence(module, m.ram, reference)
+            return run
+
+    return asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- the replay itself
+
+def test_a_wrong_expectation_is_reported_precisely(runtime: QemuRuntime, elf: Path) -> None:
+    """The comparison can fail: module init recorded, one TDH.SYS.RD result (R8) and one
+    LP1 status changed; the guest names the first of its CPU, the host finds both."""
+    script = ScenarioWorld().rec.script()
+    rd = script.find(0, Leaf.TDH_SYS_RD)
+    rd.regs_out = rd.regs_out.copy(r8=rd.regs_out.r8 ^ 1)
+    lp_init = script.find(1, Leaf.TDH_SYS_LP_INIT)
+    lp_init.regs_out = lp_init.regs_out.copy(rax=0xC000_0000_0000_0000)
+    run = replay(runtime, elf, script)
+    assert run.status == testguest.EXIT_STATUS_DONE and run.result.done
+    lines = run.result.results("script")
+    assert (lines[0].num("fail"), lines[0].num("seq")) == (1, rd.seq), lines[0]
+    assert lines[0].fields["reg"] == "r8"
+    assert (lines[0].num("got"), lines[0].num("want")) == (rd.regs_out.r8 ^ 1, rd.regs_out.r8)
+    assert (lines[1].num("fail"), lines[1].fields["reg"], lines[1].num("got")) == (1, "rax", 0)
+    assert [(m.record.seq, m.reg) for m in run.mismatches] == [(lp_init.seq, "rax"),
+                                                                (rd.seq, "r8")]
+    assert lines[0].num("ok") + lines[1].num("ok") == len(script.records) - 2
+
+
+def test_every_register_crosses_the_stack_both_ways(runtime: QemuRuntime, elf: Path) -> None:
+    """RBX, RSI, RDI (Linux's __seamcall_saved_ret) and R9-R15 carry distinct values into
+    a TDH.SYS.RD on each LP and must come back as the in-process module returned them."""
+    w = ScenarioWorld()
+    spare = ("rbx", "rsi", "rdi", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+    for lp in (0, 1):
+        pattern = {n: 0x8000_0000_0000_0000 | (lp << 56) | (0x1111_1111 * (i + 1))
+                   for i, n in enumerate(spare)}
+        out = w.rec.call(lp, Regs(rax=Leaf.TDH_SYS_RD, rdx=0, **pattern))
+        assert out.rax == 0 and {n: getattr(out, n) for n in spare} == pattern
+    script = w.rec.script()
+    run = replay(runtime, elf, script, reference=w.module)
+    run.assert_clean(script)
+    got = run.log.calls[-2:]
+    assert sorted(lp for lp, _, _ in got) == [0, 1]
+
+
+def test_a_record_for_a_missing_vcpu_stops_every_cpu(runtime: QemuRuntime, elf: Path) -> None:
+    """LP 5 on a 2-vCPU guest: each CPU refuses the script up front rather than spin."""
+    script = Script([Record(0, 0, Regs(rax=Leaf.TDH_SYS_INIT), Regs()),
+                     Record(1, 5, Regs(rax=Leaf.TDH_SYS_LP_INIT), Regs())])
+    run = replay(runtime, elf, script, timeout=30)
+    assert run.status == testguest.EXIT_STATUS_DONE and run.result.done
+    for cpu, line in run.result.results("script").items():
+        assert (line.num("ok"), line.num("fail"), line.fields["error"], line.num("lp")) == \
+            (0, 1, "no_cpu_for_lp", 5), (cpu, line)
+    assert [m.got for m in run.mismatches] == [None, None] and not run.log.calls
+
+
+# --------------------------------------------------------------------------- (a) TD life
+
+@pytest.fixture(scope="module")
+def lifecycle() -> Lifecycle:
+    return record_lifecycle()
+
+
+def _mrtd_block(name: bytes, gpa: int) -> bytes:
+    return name.ljust(16, b"\0") + struct.pack("<Q", gpa) + bytes(104)
+
+
+def test_td_life_replayed_through_the_whole_stack(runtime: QemuRuntime, elf: Path,
+                                                  lifecycle: Lifecycle) -> None:
+    script = lifecycle.script
+    leaves = {r.leaf for r in script.records}
+    for leaf in (Leaf.TDH_MNG_CREATE, Leaf.TDH_MNG_KEY_CONFIG, Leaf.TDH_MNG_INIT,
+                 Leaf.TDH_VP_CREATE, Leaf.TDH_MEM_PAGE_ADD, Leaf.TDH_MR_EXTEND,
+                 Leaf.TDH_MR_FINALIZE, Leaf.TDH_MEM_PAGE_AUG, Leaf.TDH_MEM_RANGE_BLOCK,
+                 Leaf.TDH_MEM_TRACK, Leaf.TDH_MEM_PAGE_DEMOTE, Leaf.TDH_MEM_PAGE_REMOVE,
+                 Leaf.TDH_PHYMEM_PAMT_ADD, Leaf.TDH_PHYMEM_PAMT_REMOVE,
+                 Leaf.TDH_MNG_KEY_FREEID, Leaf.TDH_PHYMEM_PAGE_RECLAIM):
+        assert leaf in leaves, Leaf(leaf).name
+    assert script.lps == {0, 1}
+    # the measurement the in-process module took, from an independent SHA-384
+    want_mrtd = hashlib.sha384()
+    for gpa, image in IMAGES.items():
+        want_mrtd.update(_mrtd_block(b"MEM.PAGE.ADD", gpa))
+        for off in range(0, 4096, 256):
+            want_mrtd.update(_mrtd_block(b"MR.EXTEND", gpa + off))
+            want_mrtd.update(image[off:off + 256])
+    assert lifecycle.mrtd == want_mrtd.digest()
+
+    mrtd: list[bytes] = []
+
+    def arm(module: TdxModule) -> None:
+        def on_finalize(lp: int, leaf: int, regs_in: Regs, out: Regs, dt: float) -> None:
+            if leaf == Leaf.TDH_MR_FINALIZE and out.rax == 0:
+                mrtd.append(env_of(module).td.tds[regs_in.rcx].mrtd)
+        module.add_observer(on_finalize)
+
+    def inspect(module: TdxModule, ram: GuestRam) -> dict[str, object]:
+        busy = [(lvl, idx, e.pt) for lvl in (0, 1, 2)
+                for idx, e in module.pamt.entries(lvl).items() if e.pt not in (PT_NDA, PT_RSVD)]
+        env = env_of(module)
+        return {"busy": busy, "tds": len(env.td.tds), "dp_nodes": len(env.dp.nodes),
+                "dp_bitmap": len(env.dp.bitmap), "locks": len(module.locks),
+                "kot": dict(module.kot)}
+
+    run = replay(runtime, elf, script, arm=arm, inspect=inspect, reference=lifecycle.module)
+    run.assert_clean(script)
+    # the guest copied the source pages into guest RAM; the daemon measured the same bytes
+    assert mrtd == [lifecycle.mrtd]
+    assert run.state == {"busy": [], "tds": 0, "dp_nodes": 0, "dp_bitmap": 0, "locks": 0,
+                         "kot": dict(lifecycle.module.kot)}
+    assert run.problems == []
+    assert run.log.count(Leaf.TDH_PHYMEM_PAGE_RECLAIM) == \
+        sum(1 for r in script.records if r.leaf == Leaf.TDH_PHYMEM_PAGE_RECLAIM)
+
+
+# --------------------------------------------------------------------------- (b) the race
+
+def _demoted(module: TdxModule, race: Race) -> dict[str, object]:
+    """The guest's 2MB page: S-EPT shape, PAMT types and the DPAMT node of its range."""
+    env = env_of(module)
+    td = env.td.tds[race.tdr]
+    w = td.sept.walk(RACE_GPA, 1)
+    leaves = [(g, lvl, e) for g, lvl, e in td.sept.leaves()
+              if RACE_GPA <= g < RACE_GPA + (2 << 20)]
+    node = env.dp.node(GUEST_2M_HPA)
+    add_node = env.dp.node(PAMT_ADD_PA)
+    return {
+        "entry": (w.level, w.entry.state, w.entry.hpa),
+        "leaves_4k_pending": sum(1 for g, lvl, e in leaves if lvl == 0 and
+                                 e.state == S.PENDING and e.hpa == GUEST_2M_HPA + g - RACE_GPA),
+        "pamt_2m": module.pamt.get(GUEST_2M_HPA, 1).pt,
+        "pamt_4k_reg": sum(1 for i in range(512)
+                           if module.pamt.get(GUEST_2M_HPA + (i << 12), 0).pt == PT_REG),
+        "node": None if node is None else (node.hpa0, node.hpa1, node.page_count),
+        "add_node": None if add_node is None else (add_node.hpa0, add_node.hpa1),
+        "a1_b1_pamt_pages": {DPAMT_A1 >> 12, DPAMT_B1 >> 12} <= env.dp.bitmap,
+        "sept_page": module.pamt.get(race.sept_page, 0).pt,
+        "locks": len(module.locks),
+    }
+
+
+def _expected_after_race(race: Race) -> dict[str, object]:
+    return {
+        "entry": (1, S.NL_MAPPED, race.sept_page),
+        "leaves_4k_pending": 512,
+        "pamt_2m": PT_PAMT,
+        "pamt_4k_reg": 512,
+        "node": (DPAMT_A1, DPAMT_B1, 512),
+        "add_node": race.add_pair,
+        "a1_b1_pamt_pages": True,
+        "sept_page": PT_EPT,
+        "locks": 0,
+    }
+
+
+def _race_host(race: Race, pauses: list[PauseHandle]) -> Host:
+    """The host's side of each order, event-driven: pause hit -> go -> loser's status."""
+    lp, leaf = race.paused_leaf
+
+    def run(module: TdxModule, box: Mailbox, log: CallLog) -> object:
+        (pause,) = pauses
+        assert pause.wait_paused(60), f"{Leaf(leaf).name} never paused; {box.describe()}"
+        seen: dict[str, object] = {"paused": (pause.paused_lp, pause.paused_leaf)}
+        if race.order == "serialised":
+            # LP1 spins on the guest's ordering (the kernel's pamt_lock) and never reaches
+            # the module while DEMOTE holds its locks
+            box.wait_progress(1, race.pamt_add, PHASE_TURN)
+            seen["pamt_add_calls_while_paused"] = log.count(Leaf.TDH_PHYMEM_PAMT_ADD, 1)
+            seen["held_while_paused"] = len(module.locks) > 0
+            pause.resume()
+            seen["demote"] = log.wait_for(0, Leaf.TDH_MEM_PAGE_DEMOTE)  # the race's only one
+            seen["pamt_add"] = log.wait_for(1, Leaf.TDH_PHYMEM_PAMT_ADD)
+            return seen
+        other_lp, other_leaf = ((1, Leaf.TDH_PHYMEM_PAMT_ADD) if lp == 0
+                                else (0, Leaf.TDH_MEM_PAGE_DEMOTE))
+        winner_before = log.count(leaf, lp)
+        loser_before = log.count(other_leaf, other_lp)
+        box.set_go(0)
+        # the loser comes back while the winner still sits at its pause point
+        seen["loser"] = log.wait_for(other_lp, other_leaf, nth=loser_before + 1)
+        seen["winner_returned_first"] = log.count(leaf, lp) != winner_before
+        pause.resume()
+        seen["winner"] = log.wait_for(lp, leaf, nth=winner_before + 1)
+        seen["retry"] = log.wait_for(other_lp, other_leaf, nth=loser_before + 2)
+        return seen
+
+    return run
+
+
+@pytest.mark.parametrize("order", ["demote-first", "pamt-add-first", "serialised"])
+def test_seed_race_through_the_whole_stack(runtime: QemuRuntime, elf: Path,
+                                           order: str) -> None:
+    race = record_race(order)
+    recs = race.script.records
+    # the recording is the seed's result, in-process
+    if order == "demote-first":
+        assert recs[race.pamt_add].regs_out.rax == BUSY_RCX == 0x8000020000000001
+        assert recs[race.demote].regs_out.rax == 0
+    elif order == "pamt-add-first":
+        assert recs[race.demote].regs_out.rax == BUSY_R12 == 0x800002000000000C
+        assert recs[race.pamt_add].regs_out.rax == 0
+    else:
+        assert recs[race.demote].regs_out.rax == 0 == recs[race.pamt_add].regs_out.rax
+    assert DPAMT_A1 >> 21 == PAMT_ADD_PA >> 21  # A1 and the PAMT.ADD target share a 2MB range
+    assert recs[race.pamt_add].regs_in.rcx == (DPAMT_A1 & ~0x1FFFFF) | 1
+    assert (recs[race.demote].regs_in.r12, recs[race.demote].regs_in.r13) == (DPAMT_A1,
+                                                                              DPAMT_B1)
+    expected = _demoted(race.module, race)
+    assert expected == _expected_after_race(race)
+    lp, leaf = race.paused_leaf
+    pauses: list[PauseHandle] = []
+
+    def arm(module: TdxModule) -> None:
+        pauses.append(module.control.pause(lp=lp, leaf=leaf, point="locked"))
+
+    run = replay(runtime, elf, race.script, arm=arm, host=_race_host(race, pauses),
+                 inspect=lambda module, ram: _demoted(module, race), reference=race.module)
+    run.assert_clean(race.script)
+    seen = run.host_result
+    assert isinstance(seen, dict)
+    assert seen["paused"] == (lp, leaf)
+    if order == "demote-first":
+        assert seen["loser"] == BUSY_RCX and not seen["winner_returned_first"]
+        assert (seen["winner"], seen["retry"]) == (0, 0)
+    elif order == "pamt-add-first":
+        assert seen["loser"] == BUSY_R12 and not seen["winner_returned_first"]
+        assert (seen["winner"], seen["retry"]) == (0, 0)
+    else:
+        assert seen["pamt_add_calls_while_paused"] == 0 and seen["held_while_paused"]
+        assert (seen["demote"], seen["pamt_add"]) == (0, 0)
+    assert run.state == expected
+    assert run.problems == []
