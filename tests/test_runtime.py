@@ -289,3 +289,4 @@ def test_cold_provision_and_rebuild_broken(tmp_path):
     rt2 = qr.ensure_root(tmp_path, log.append)
     assert any("broken" in m for m in log) and rt2.qemu.is_file()
     assert not (tmp_path / "qemu-root.tmp").exists()
+    shutil.rmtree(rt2.root)  # ~500 MB: don't leave it to pytest's basetemp rotation

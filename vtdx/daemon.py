@@ -33,7 +33,6 @@ from vtdx.transport import Server
 
 log = logging.getLogger(__name__)
 
-_regs_tuple = attrgetter(*REG_NAMES)
 
 
 class Backend(Protocol):
@@ -130,7 +129,7 @@ class Daemon:
         if backend is None:
             return Result.VMFAILINVALID, regs_in
         try:
-            return Result.VMSUCCEED, _regs_tuple(backend.seamcall(vcpu, Regs(*regs_in)))
+            return Result.VMSUCCEED, backend.seamcall(vcpu, Regs(*regs_in)).as_tuple()
         except Exception as e:  # noqa: BLE001 - a backend bug must not kill the vCPU thread
             log.exception("backend failed on vCPU %d", vcpu)
             self._errors.append(f"backend raised {type(e).__name__}: {e}")

@@ -7,7 +7,8 @@ One fixed record keeps the wire frame, the module and the trace in step.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, fields, replace
+from dataclasses import dataclass, replace
+from operator import attrgetter
 
 MASK64 = (1 << 64) - 1
 
@@ -38,11 +39,15 @@ class Regs:
     r15: int = 0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) & MASK64)
+        # Frames from the wire are already 64-bit: check cheaply, mask only when needed
+        # (this runs once per SEAMCALL on the daemon's hot path).
+        values = _get_all(self)
+        if min(values) < 0 or max(values) > MASK64:
+            for name, value in zip(REG_NAMES, values, strict=True):
+                setattr(self, name, value & MASK64)
 
     def as_tuple(self) -> tuple[int, ...]:
-        return astuple(self)
+        return _get_all(self)
 
     @classmethod
     def from_tuple(cls, values: tuple[int, ...] | list[int]) -> Regs:
@@ -53,3 +58,6 @@ class Regs:
 
     def to_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in REG_NAMES}
+
+
+_get_all = attrgetter(*REG_NAMES)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import operator
 import os
 import threading
 import time
@@ -25,8 +24,6 @@ from vtdx.errors import VtdxError
 from vtdx.regs import REG_NAMES, Regs
 
 TRACE_FILE = "trace.jsonl"
-#: Fast register read-out (Regs.as_tuple goes through dataclasses.astuple: ~40 us a call).
-_regs_tuple = operator.attrgetter(*REG_NAMES)
 
 #: (rip, rsp, cr3) of the vCPU that issued the call being observed, if the daemon knows it.
 CpuContext = Callable[[int], "tuple[int, int, int] | None"]
@@ -135,7 +132,7 @@ class TraceRecorder:
         self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs, duration_s: float
     ) -> dict[str, Any]:
         """The trace record of one call (``seq`` is assigned when it is logged)."""
-        vin, vout = _regs_tuple(regs_in), _regs_tuple(regs_out)
+        vin, vout = regs_in.as_tuple(), regs_out.as_tuple()
         ins = {n: _hex(v) for n, v in zip(REG_NAMES, vin, strict=True) if v}
         outs = {
             n: _hex(b)
