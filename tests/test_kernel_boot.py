@@ -8,8 +8,10 @@ the facade) gives fewer than 2 TDX keyids; tdx_enable() "MOVDIR64B is required f
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,10 +58,19 @@ def assert_tdx_up(res: RunResult, smp: int) -> None:
     assert not [ln for ln in res.console.lines if "kvm_intel:" in ln]
 
 
-def test_boot_smp2_2g() -> None:
-    res = boot(2, 2 * GiB)
+def test_boot_smp2_2g(tmp_path: Path) -> None:
+    saved = tmp_path / "trace.jsonl"
+    res = boot(2, 2 * GiB, save_trace=saved)
     assert_tdx_up(res, 2)
     assert res.console.keyid_range == (16, 32)
+    # The trace outlives the run directory and `vtdx trace FILE` reads it: one LP.INIT per
+    # CPU, each issued by the kernel's tdx_cpu_enable (arch/x86/virt/vmx/tdx/tdx.c).
+    out = subprocess.run([sys.executable, "-m", "vtdx", "trace", str(saved), "--json",
+                          "--leaf", "TDH.SYS.LP.INIT"], capture_output=True, text=True,
+                         check=True).stdout
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["lp"] for r in recs) == [0, 1]
+    assert all(r["caller"].startswith("tdx_cpu_enable+") for r in recs), recs
 
 
 def test_boot_smp4_6g_ram_above_4g() -> None:

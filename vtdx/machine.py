@@ -30,6 +30,7 @@ from vtdx.errors import VtdxError
 from vtdx.memory import GuestRam
 from vtdx.platform import Profile
 from vtdx.qemu_runtime import QemuRuntime
+from vtdx.trace import TRACE_FILE
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
 
@@ -76,6 +77,7 @@ class Machine:
         stats: bool = False,
         cpu: str = INTEL_CPU,
         vmlinux: str | Path | None = None,
+        save_trace: str | Path | None = None,
     ) -> None:
         self.kernel = Path(kernel)
         self.initrd = Path(initrd) if initrd else None
@@ -94,6 +96,8 @@ class Machine:
         self.cpu = cpu
         #: vmlinux (or System.map) of the guest kernel: trace records name the calling function.
         self.vmlinux = Path(vmlinux) if vmlinux else None
+        #: Copy the run's SEAMCALL trace here before the run directory is removed.
+        self.save_trace = Path(save_trace) if save_trace else None
         self.run_dir: Path | None = None
         self.ram: GuestRam | None = None
         self.daemon: Daemon | None = None
@@ -301,5 +305,8 @@ class Machine:
             self.ram.close()
             self.ram = None
         if self.run_dir is not None:
+            trace = self.run_dir / TRACE_FILE
+            if self.save_trace is not None and trace.is_file():
+                shutil.copyfile(trace, self.save_trace)
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None

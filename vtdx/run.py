@@ -179,6 +179,8 @@ class RunOptions:
     timeout: float = 300.0
     #: Echo the guest console to ``out`` as it arrives.
     stream: bool = True
+    #: Keep the SEAMCALL trace (JSON lines) here after the run; `vtdx trace FILE` reads it.
+    save_trace: Path | None = None
 
     def validate(self) -> None:
         if not self.kernel.is_file():
@@ -186,6 +188,9 @@ class RunOptions:
         for what, p in (("vmlinux", self.vmlinux), ("initrd", self.initrd)):
             if p is not None and not p.is_file():
                 raise VtdxError(f"{what} {p} not found")
+        if self.save_trace is not None and not self.save_trace.parent.is_dir():
+            raise VtdxError(f"--save-trace {self.save_trace}: no such directory "
+                            f"{self.save_trace.parent}")
         if self.kernel_src is not None and not (self.kernel_src / "Makefile").is_file():
             raise VtdxError(f"--kernel-src {self.kernel_src}: not a kernel tree")
         if not 1 <= self.smp <= 64:
@@ -395,7 +400,7 @@ async def run_async(opts: RunOptions, out: TextIO | None,
     async with machine_factory(
         opts.kernel, initrd=initrd, append=opts.cmdline(), smp=opts.smp, mem=opts.mem,
         profile=opts.profile(), backend=backend, on_console=on_console, cpu=CPU_MODEL,
-        vmlinux=opts.vmlinux,
+        vmlinux=opts.vmlinux, save_trace=opts.save_trace,
     ) as machine:
         if out is not None and getattr(machine, "inspect", None) is not None:
             # Where to attach while it runs: `vtdx console`, qmp-shell, `vtdx trace`.

@@ -44,7 +44,8 @@ def options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(kernel=kernel, vmlinux=vmlinux, initrd=args.initrd, smp=args.smp,
                       mem=parse_size(args.mem), append=args.append or "",
                       kernel_src=args.kernel_src, tdx_keyids=tdx_keyids, movdir64b=movdir64b,
-                      checks=args.checks, timeout=args.timeout, stream=not args.quiet)
+                      checks=args.checks, timeout=args.timeout, stream=not args.quiet,
+                      save_trace=args.save_trace)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,5 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="give up after S seconds (default 300)")
     p.add_argument("--quiet", action="store_true", help="do not echo the guest console")
+    p.add_argument("--save-trace", type=Path, default=None, metavar="FILE",
+                   help="keep the SEAMCALL trace (JSON lines) in FILE; `vtdx trace FILE` reads it")
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
