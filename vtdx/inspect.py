@@ -302,13 +302,9 @@ class Inspector:
         return rows
 
     def _effective(self, pa: int) -> tuple[int, P.PamtEntry]:
-        """The entry pamt_walk() stops at: a PT_REG (huge page) parent, else the 4K entry."""
-        pm = self.module.pamt
-        for lv in (P.LEVEL_1G, P.LEVEL_2M):
-            e = pm.get(pa, lv)
-            if e.pt == P.PT_REG:
-                return lv, e
-        return P.LEVEL_4K, pm.get(pa, P.LEVEL_4K)
+        """The entry pamt_walk() stops at (PamtManager.leaf: a huge page, or with Dynamic
+        PAMT a 2M range without a page pair), else the 4K entry."""
+        return self.module.pamt.leaf(pa)
 
     def pamt_summary(self) -> dict[str, Any]:
         """Pages per level and page type, per TDMR and in total.

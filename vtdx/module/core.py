@@ -242,6 +242,15 @@ class TdxModule:
             hook()
 
     @property
+    def dynamic_pamt_enabled(self) -> bool:
+        """Dynamic PAMT (TDH.SYS.CONFIG); held by the PAMT manager, whose walk depends on it."""
+        return self.pamt.dynamic
+
+    @dynamic_pamt_enabled.setter
+    def dynamic_pamt_enabled(self, value: bool) -> None:
+        self.pamt.dynamic = bool(value)
+
+    @property
     def max_pa(self) -> int:
         return self.profile.phys_bits
 

@@ -6,8 +6,13 @@ from what TDH.SYS.TDMR.INIT leaves behind: PT_NDA everywhere, except 4 KB entrie
 TDMR reserved area, which read as PT_RSVD. So memory is proportional to pages that TDs use,
 and a 16 GiB host costs a few TDMR records.
 
-Walks follow pamt_walk(): shared locks on the 1 GB and 2 MB parents, the requested mode on
-the leaf, stopping early at a PT_REG parent (a huge page) or at a requested level.
+Walks follow pamt_walk() of the Dynamic-PAMT-capable module (intel/tdx-module commit
+1666adc4, pamt_manager.c): shared locks on the 1 GB and 2 MB parents, the requested mode on
+the leaf, stopping early at a requested level or at a parent that has no child level: a
+1 GB entry that is not PT_NDA; a 2 MB entry that is not PT_NDA, or, with Dynamic PAMT, that
+is not a PT_PAMT node (a 2 MB range whose 4 KB entries live in a page pair the host added
+with TDH.PHYMEM.PAMT.ADD; without one the range has no 4 KB level). Every leaf that walks the
+PAMT (TD leaves, TDH.PHYMEM.PAGE.RDMD) uses this one walk.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ PT_TDR = 4
 PT_TDCX = 5
 PT_TDVPR = 6
 PT_EPT = 8
+#: A 2 MB entry holding a Dynamic PAMT page pair (pamt_non_leaf_entry_t); page_type_t value
+#: in the tdx-module tree that has Dynamic PAMT (commit 1666adc4), which RDMD reports in RCX.
+PT_PAMT = 15
 PAGE_TYPE_NAMES = {PT_NDA: "PT_NDA", PT_RSVD: "PT_RSVD", PT_REG: "PT_REG", PT_TDR: "PT_TDR",
-                   PT_TDCX: "PT_TDCX", PT_TDVPR: "PT_TDVPR", PT_EPT: "PT_EPT"}
+                   PT_TDCX: "PT_TDCX", PT_TDVPR: "PT_TDVPR", PT_EPT: "PT_EPT",
+                   PT_PAMT: "PT_PAMT"}
 
 LEVEL_4K = 0
 LEVEL_2M = 1
@@ -114,6 +123,8 @@ class PamtManager:
         self._bases: list[int] = []
         #: Per level: page index (pa >> shift) -> entry, only for non-default entries.
         self._entries: tuple[dict[int, PamtEntry], ...] = ({}, {}, {})
+        #: Dynamic PAMT (TDH.SYS.CONFIG R8 bit 16); the module's ``dynamic_pamt_enabled``.
+        self.dynamic = False
 
     # -- configuration -------------------------------------------------------------------
     def configure(self, tdmrs: list[Tdmr]) -> None:
@@ -124,6 +135,7 @@ class PamtManager:
 
     def reset(self) -> None:
         self.configure([])
+        self.dynamic = False
 
     # -- lookups -------------------------------------------------------------------------
     def tdmr_for(self, pa: int) -> Tdmr | None:
@@ -192,30 +204,40 @@ class PamtManager:
     def materialised(self) -> int:
         return sum(len(d) for d in self._entries)
 
-    # -- walks with TDX locks --------------------------------------------------------------
+    # -- walks -----------------------------------------------------------------------------
+    def ends_walk(self, entry: PamtEntry, level: int) -> bool:
+        """True if ``entry`` (a 1 GB or 2 MB entry) has no child level for pamt_walk()."""
+        if level == LEVEL_2M and self.dynamic:
+            return entry.pt != PT_PAMT
+        return entry.pt != PT_NDA
+
+    def leaf(self, pa: int) -> tuple[int, PamtEntry]:
+        """(level, entry) a walk to 4 KB stops at, without locks (for inspection)."""
+        for level in (LEVEL_1G, LEVEL_2M):
+            e = self.get(pa, level)
+            if self.ends_walk(e, level):
+                return level, e
+        return LEVEL_4K, self.get(pa, LEVEL_4K)
+
     def walk(self, ctx: CallContext, pa: int, exclusive: bool, operand_id: int,
              target_level: int | None = None) -> tuple[int, PamtEntry]:
-        """Lock and return (leaf level, entry) for ``pa`` like the module's pamt_walk().
+        """Lock and return (level reached, entry) for ``pa`` like the module's pamt_walk().
 
-        Parents are locked shared; the leaf shared or exclusive. A lock conflict raises
-        TDX_OPERAND_BUSY | ``operand_id``. Locks are released by the call context.
+        Parents are locked shared; the entry returned shared or exclusive (a parent that ends
+        the walk is promoted). The walk stops at ``target_level`` (default 4 KB) or earlier
+        where ``ends_walk`` says so. A lock conflict raises TDX_OPERAND_BUSY | ``operand_id``.
+        Locks are released by the call context.
         """
         busy = st.TDX_OPERAND_BUSY + operand_id
         target = LEVEL_4K if target_level is None else target_level
-        key1g = ("pamt", LEVEL_1G, pa >> SHIFT[LEVEL_1G])
-        ctx.lock(key1g, False, busy)
-        e1g = self.get(pa, LEVEL_1G)
-        if e1g.pt == PT_REG or target == LEVEL_1G:
-            if exclusive:
-                ctx.promote(key1g, busy)
-            return LEVEL_1G, e1g
-        key2m = ("pamt", LEVEL_2M, pa >> SHIFT[LEVEL_2M])
-        ctx.lock(key2m, False, busy)
-        e2m = self.get(pa, LEVEL_2M)
-        if e2m.pt == PT_REG or target == LEVEL_2M:
-            if exclusive:
-                ctx.promote(key2m, busy)
-            return LEVEL_2M, e2m
+        for level in (LEVEL_1G, LEVEL_2M):
+            key = ("pamt", level, pa >> SHIFT[level])
+            ctx.lock(key, False, busy)
+            e = self.get(pa, level)
+            if target == level or self.ends_walk(e, level):
+                if exclusive:
+                    ctx.promote(key, busy)
+                return level, e
         ctx.lock(("pamt", LEVEL_4K, pa >> SHIFT[LEVEL_4K]), exclusive, busy)
         return LEVEL_4K, self.get(pa, LEVEL_4K)
 

@@ -17,6 +17,7 @@ from typing import Any
 from vtdx.abi import status as st
 from vtdx.module import sept as S
 from vtdx.module.errors import TdxError
+from vtdx.module.pamt import PT_PAMT  # 2MB node holding a Dynamic PAMT page pair
 
 PAGE = 4096
 SZ_2M = 2 << 20
@@ -24,7 +25,6 @@ SZ_1G = 1 << 30
 
 # PAMT page types (pamt_manager.h page_type_t).
 PT_NDA, PT_RSVD, PT_REG, PT_TDR, PT_TDCX, PT_TDVPR, PT_EPT = 0, 1, 3, 4, 5, 6, 8
-PT_PAMT = 10  # 2MB node holding a Dynamic PAMT page pair (auto_gen_2_0)
 PT_NAMES = {PT_NDA: "NDA", PT_RSVD: "RSVD", PT_REG: "REG", PT_TDR: "TDR", PT_TDCX: "TDCX",
             PT_TDVPR: "TDVPR", PT_EPT: "EPT", PT_PAMT: "PAMT"}
 LVL_4K, LVL_2M, LVL_1G = 0, 1, 2
@@ -142,7 +142,7 @@ class TdRegistry:
 
 
 # ----------------------------------------------------------------------------------------
-# PAMT walk with TDX locks (pamt_manager.c pamt_walk / pamt_unwalk, DPAMT-aware version)
+# PAMT walk with TDX locks: pamt.PamtManager.walk (pamt_manager.c pamt_walk, DPAMT-aware)
 # ----------------------------------------------------------------------------------------
 
 def pamt_key(level: int, pa: int) -> tuple[str, int, int]:
@@ -248,32 +248,16 @@ class TdEnv:
         self.pamt.set(pa, level, pt, owner, bepoch)
 
     def walk(self, ctx: Any, pa: int, exclusive: bool, target: int) -> PamtWalk:
-        """pamt_walk (DPAMT-aware): 1G shared, 2M shared (EX if it is the leaf), 4K leaf.
+        """pamt_walk to ``target`` with the module's shared walk (PamtManager.walk, which
+        stops at a 2MB entry without a page pair when Dynamic PAMT is on).
 
         Raises TdxFail(TDX_OPERAND_BUSY) without operand id; callers add theirs.
         """
-        pamt = self.pamt
-        locks = self.module.locks
-        k1 = pamt_key(LVL_1G, pa)
-        if not ctx.try_lock(k1, SH):
-            raise TdxFail(st.TDX_OPERAND_BUSY)
-        e1g = pamt.get(pa, LVL_1G)
-        if e1g.pt != PT_NDA or target == LVL_1G:
-            if exclusive and not locks.try_promote(k1, ctx.id):
-                raise TdxFail(st.TDX_OPERAND_BUSY)
-            return PamtWalk(LVL_1G, e1g, pa)
-        k2 = pamt_key(LVL_2M, pa)
-        if not ctx.try_lock(k2, SH):
-            raise TdxFail(st.TDX_OPERAND_BUSY)
-        e2m = pamt.get(pa, LVL_2M)
-        stop = (e2m.pt != PT_PAMT) if self.dpamt else (e2m.pt != PT_NDA)
-        if stop or target == LVL_2M:
-            if exclusive and not locks.try_promote(k2, ctx.id):
-                raise TdxFail(st.TDX_OPERAND_BUSY)
-            return PamtWalk(LVL_2M, e2m, pa)
-        if not ctx.try_lock(pamt_key(LVL_4K, pa), exclusive):
-            raise TdxFail(st.TDX_OPERAND_BUSY)
-        return PamtWalk(LVL_4K, pamt.get(pa, LVL_4K), pa)
+        try:
+            level, entry = self.pamt.walk(ctx, pa, exclusive, 0, target)
+        except TdxError as e:
+            raise TdxFail(e.status) from None
+        return PamtWalk(level, entry, pa)
 
     def metadata_check_and_lock(self, ctx: Any, pa: int, exclusive: bool, expected_pt: int,
                                 target: int, operand: int) -> PamtWalk:
