@@ -22,11 +22,9 @@ from vtdx.module.td_common import (
     LVL_4K,
     PT_NDA,
     PT_PAMT,
-    SH,
     SZ_2M,
     DpamtNode,
     TdEnv,
-    TdxFail,
     fail,
     td_leaf,
 )
@@ -55,27 +53,11 @@ def pamt_add(env: TdEnv, ctx: Any, regs: Any) -> None:
     hpa0, hpa1 = regs.rdx, regs.r8
     _check_pair_page(env, hpa0, st.OPERAND_ID_RDX)
     _check_pair_page(env, hpa1, st.OPERAND_ID_R8)
-    if not env.pamt.block_ready(pa):
-        raise fail(st.TDX_OPERAND_ADDR_RANGE_ERROR, st.OPERAND_ID_RCX)
-    try:
-        w = env.walk(ctx, pa, EX, LVL_2M)
-    except TdxFail as e:
-        raise fail(e.status, st.OPERAND_ID_RCX) from None
+    w = env.ready_walk(ctx, pa, EX, LVL_2M, st.OPERAND_ID_RCX)
     if w.level != LVL_2M or w.entry.pt != PT_NDA:
         raise fail(st.TDX_HPA_RANGE_NOT_FREE, st.OPERAND_ID_RCX)
-    for hpa, operand in ((hpa0, st.OPERAND_ID_RDX), (hpa1, st.OPERAND_ID_R8)):
-        if hpa >> 21 == pa >> 21:
-            continue  # inside the range being added: already locked exclusive
-        try:
-            pw = env.walk(ctx, hpa, SH, LVL_4K)
-        except TdxFail as e:
-            raise fail(e.status, operand) from None
-        if pw.entry.pt != PT_NDA:
-            raise fail(st.TDX_PAGE_NOT_FREE, operand)
-    if env.bitmap_get(hpa0):
-        raise fail(st.TDX_PAGE_NOT_FREE, st.OPERAND_ID_RDX)
-    if env.bitmap_get(hpa1) or hpa1 == hpa0:
-        raise fail(st.TDX_PAGE_NOT_FREE, st.OPERAND_ID_R8)
+    # pair pages inside the range being added are already locked exclusive: not walked again
+    env.check_lock_pair_free(ctx, hpa0, st.OPERAND_ID_RDX, hpa1, st.OPERAND_ID_R8, pa)
     ctx.checkpoint("locked")
     env.dp.bitmap.update((hpa0 >> 12, hpa1 >> 12))
     env.memory.zero(hpa0, 4096)
@@ -89,12 +71,7 @@ def pamt_remove(env: TdEnv, ctx: Any, regs: Any) -> None:
     if not env.dpamt:
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RAX)
     pa = _check_range(env, regs.rcx)
-    if not env.pamt.block_ready(pa):
-        raise fail(st.TDX_OPERAND_ADDR_RANGE_ERROR, st.OPERAND_ID_RCX)
-    try:
-        w = env.walk(ctx, pa, EX, LVL_2M)
-    except TdxFail as e:
-        raise fail(e.status, st.OPERAND_ID_RCX) from None
+    w = env.ready_walk(ctx, pa, EX, LVL_2M, st.OPERAND_ID_RCX)
     node = env.dp.node(pa)
     if w.level != LVL_2M or w.entry.pt != PT_PAMT or node is None:
         raise fail(st.TDX_NO_PAMT_PAGE_PAIR, st.OPERAND_ID_RCX)

@@ -16,7 +16,13 @@ from typing import Any
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.module import sept as S
-from vtdx.module.mem_sept import td_handle, tracking_required, verify_page_info
+from vtdx.module.mem_sept import (
+    check_blocked_and_tracked,
+    lock_gpa_entry,
+    td_handle,
+    tracking_required,
+    verify_page_info,
+)
 from vtdx.module.td_common import (
     EX,
     LVL_2M,
@@ -28,7 +34,6 @@ from vtdx.module.td_common import (
     SH,
     DpamtNode,
     TdEnv,
-    TdxFail,
     fail,
     pamt_key,
     septe_fail,
@@ -73,11 +78,7 @@ def page_aug(env: TdEnv, ctx: Any, regs: Any) -> None:
     """TDH.MEM.PAGE.AUG(RCX = GPA | level, RDX = TDR, R8 = page HPA): a PENDING page."""
     rcx, rdx, page_pa = regs.rcx, regs.rdx, regs.r8
     regs.rcx = regs.rdx = 0
-    td = td_handle(env, ctx, rdx, SH)
-    env.tdcs(ctx, td, SH, Leaf.TDH_MEM_PAGE_AUG)
-    gpa, level = verify_page_info(rcx, 0, 1)
-    w = env.lock_sept_walk(ctx, td, gpa, level, st.OPERAND_ID_RCX, SH)
-    env.lock_septe(ctx, td, w, st.OPERAND_ID_RCX)
+    td, level, w = lock_gpa_entry(env, ctx, rcx, rdx, Leaf.TDH_MEM_PAGE_AUG, 0, 1, SH)
     if w.entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MEM_PAGE_AUG]:
         raise septe_fail(st.TDX_EPT_ENTRY_STATE_INCORRECT, st.OPERAND_ID_RCX, w)
     env.check_lock_free_range(ctx, page_pa, st.OPERAND_ID_R8, level)
@@ -94,21 +95,13 @@ def page_remove(env: TdEnv, ctx: Any, regs: Any) -> None:
     """TDH.MEM.PAGE.REMOVE(RCX = GPA | level, RDX = TDR) -> RCX = removed page HPA."""
     rcx, rdx = regs.rcx, regs.rdx
     regs.rcx = regs.rdx = 0
-    td = td_handle(env, ctx, rdx, SH)
-    env.tdcs(ctx, td, SH, Leaf.TDH_MEM_PAGE_REMOVE)
-    gpa, level = verify_page_info(rcx, 0, 2)
-    w = env.lock_sept_walk(ctx, td, gpa, level, st.OPERAND_ID_RCX, SH)
-    env.lock_septe(ctx, td, w, st.OPERAND_ID_RCX)
+    td, level, w = lock_gpa_entry(env, ctx, rcx, rdx, Leaf.TDH_MEM_PAGE_REMOVE, 0, 2, SH)
     if not w.entry.is_leaf or w.entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MEM_PAGE_REMOVE]:
         raise septe_fail(st.TDX_EPT_ENTRY_STATE_INCORRECT, st.OPERAND_ID_RCX, w)
     page_pa = w.entry.hpa
     if not ctx.try_lock(pamt_key(level, page_pa), EX):
         raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_RCX)
-    if tracking_required(td, w.entry.state):
-        if w.entry.state not in S.ANY_BLOCKED:
-            raise septe_fail(st.TDX_GPA_RANGE_NOT_BLOCKED, st.OPERAND_ID_RCX, w)
-        if not env.tlb_tracked(td, env.pamt.get(page_pa, level).bepoch):
-            raise fail(st.TDX_TLB_TRACKING_NOT_DONE, st.OPERAND_ID_RCX)
+    check_blocked_and_tracked(env, td, w, page_pa, level)
     ctx.checkpoint("locked")
     w.entry.state, w.entry.hpa = S.FREE, 0
     td.chldcnt -= 1 << (9 * level)
@@ -123,20 +116,12 @@ def page_demote(env: TdEnv, ctx: Any, regs: Any) -> None:
     R12/R13 = Dynamic PAMT page pair when DPAMT is on and a 2MB page is split)."""
     rcx, rdx, sept_pa, hpa0, hpa1 = regs.rcx, regs.rdx, regs.r8, regs.r12, regs.r13
     regs.rcx = regs.rdx = 0
-    td = td_handle(env, ctx, rdx, SH)
-    env.tdcs(ctx, td, SH, Leaf.TDH_MEM_PAGE_DEMOTE)
-    gpa, level = verify_page_info(rcx, 1, 2)
-    w = env.lock_sept_walk(ctx, td, gpa, level, st.OPERAND_ID_RCX, SH)
-    env.lock_septe(ctx, td, w, st.OPERAND_ID_RCX)
+    td, level, w = lock_gpa_entry(env, ctx, rcx, rdx, Leaf.TDH_MEM_PAGE_DEMOTE, 1, 2, SH)
     entry = w.entry
     if entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MEM_PAGE_DEMOTE]:
         raise septe_fail(st.TDX_EPT_ENTRY_STATE_INCORRECT, st.OPERAND_ID_RCX, w)
     page_pa = entry.hpa
-    if tracking_required(td, entry.state):
-        if entry.state not in S.ANY_BLOCKED:
-            raise septe_fail(st.TDX_GPA_RANGE_NOT_BLOCKED, st.OPERAND_ID_RCX, w)
-        if not env.tlb_tracked(td, env.pamt.get(page_pa, level).bepoch):
-            raise fail(st.TDX_TLB_TRACKING_NOT_DONE, st.OPERAND_ID_RCX)
+    check_blocked_and_tracked(env, td, w, page_pa, level)
     # Step 2: the new S-EPT page
     env.check_lock_private(ctx, sept_pa, st.OPERAND_ID_R8, EX, PT_NDA)
     # Step 4: pamt_demote -- exclusive lock on the demoted page's PAMT entry ...
@@ -153,17 +138,7 @@ def page_demote(env: TdEnv, ctx: Any, regs: Any) -> None:
             raise fail(st.TDX_OPERAND_ADDR_RANGE_ERROR, st.OPERAND_ID_R12)
         if not env.pamt.block_ready(hpa1):
             raise fail(st.TDX_OPERAND_ADDR_RANGE_ERROR, st.OPERAND_ID_R13)
-        for hpa, operand in ((hpa0, st.OPERAND_ID_R12), (hpa1, st.OPERAND_ID_R13)):
-            try:
-                pw = env.walk(ctx, hpa, SH, LVL_4K)
-            except TdxFail as e:
-                raise fail(e.status, operand) from None
-            if pw.entry.pt != PT_NDA:
-                raise fail(st.TDX_PAGE_NOT_FREE, operand)
-        if env.bitmap_get(hpa0):
-            raise fail(st.TDX_PAGE_NOT_FREE, st.OPERAND_ID_R12)
-        if env.bitmap_get(hpa1) or hpa1 == hpa0:
-            raise fail(st.TDX_PAGE_NOT_FREE, st.OPERAND_ID_R13)
+        env.check_lock_pair_free(ctx, hpa0, st.OPERAND_ID_R12, hpa1, st.OPERAND_ID_R13)
     ctx.checkpoint("locked")
     # Commit: the split S-EPT page, PAMT children, parent entry -> non-leaf.
     assert td.sept is not None
@@ -196,11 +171,7 @@ def page_promote(env: TdEnv, ctx: Any, regs: Any) -> None:
     leaves back into one; RCX = freed S-EPT page, with DPAMT RDX/R8 = freed PAMT pair."""
     rcx, rdx = regs.rcx, regs.rdx
     regs.rcx = regs.rdx = 0
-    td = td_handle(env, ctx, rdx, SH)
-    env.tdcs(ctx, td, SH, Leaf.TDH_MEM_PAGE_PROMOTE)
-    gpa, level = verify_page_info(rcx, 1, 2)
-    w = env.lock_sept_walk(ctx, td, gpa, level, st.OPERAND_ID_RCX, SH)
-    env.lock_septe(ctx, td, w, st.OPERAND_ID_RCX)
+    td, level, w = lock_gpa_entry(env, ctx, rcx, rdx, Leaf.TDH_MEM_PAGE_PROMOTE, 1, 2, SH)
     entry = w.entry
     if entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MEM_PAGE_PROMOTE]:
         raise septe_fail(st.TDX_EPT_ENTRY_STATE_INCORRECT, st.OPERAND_ID_RCX, w)

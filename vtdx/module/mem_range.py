@@ -13,7 +13,7 @@ from typing import Any
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.module import sept as S
-from vtdx.module.mem_sept import td_handle, tracking_required, verify_page_info
+from vtdx.module.mem_sept import lock_gpa_entry, tracking_required
 from vtdx.module.td_common import (
     EX,
     LVL_4K,
@@ -37,11 +37,7 @@ def range_block(env: TdEnv, ctx: Any, regs: Any) -> None:
     """TDH.MEM.RANGE.BLOCK(RCX = GPA | level, RDX = TDR)."""
     rcx, rdx = regs.rcx, regs.rdx
     regs.rcx = regs.rdx = 0
-    td = td_handle(env, ctx, rdx, SH)
-    env.tdcs(ctx, td, SH, Leaf.TDH_MEM_RANGE_BLOCK)
-    gpa, level = verify_page_info(rcx, 0, td.sept_root_level)
-    w = env.lock_sept_walk(ctx, td, gpa, level, st.OPERAND_ID_RCX, EX)
-    env.lock_septe(ctx, td, w, st.OPERAND_ID_RCX)
+    td, level, w = lock_gpa_entry(env, ctx, rcx, rdx, Leaf.TDH_MEM_RANGE_BLOCK, 0, None, EX)
     if w.entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MEM_RANGE_BLOCK]:
         code = (st.TDX_GPA_RANGE_ALREADY_BLOCKED if w.entry.state in S.ANY_BLOCKED
                 else st.TDX_EPT_ENTRY_STATE_INCORRECT)
@@ -57,11 +53,7 @@ def range_unblock(env: TdEnv, ctx: Any, regs: Any) -> None:
     """TDH.MEM.RANGE.UNBLOCK(RCX = GPA | level, RDX = TDR)."""
     rcx, rdx = regs.rcx, regs.rdx
     regs.rcx = regs.rdx = 0
-    td = td_handle(env, ctx, rdx, SH)
-    env.tdcs(ctx, td, SH, Leaf.TDH_MEM_RANGE_UNBLOCK)
-    gpa, level = verify_page_info(rcx, 0, td.sept_root_level)
-    w = env.lock_sept_walk(ctx, td, gpa, level, st.OPERAND_ID_RCX, EX)
-    env.lock_septe(ctx, td, w, st.OPERAND_ID_RCX)
+    td, level, w = lock_gpa_entry(env, ctx, rcx, rdx, Leaf.TDH_MEM_RANGE_UNBLOCK, 0, None, EX)
     if w.entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MEM_RANGE_UNBLOCK]:
         raise septe_fail(st.TDX_EPT_ENTRY_STATE_INCORRECT, st.OPERAND_ID_RCX, w)
     if tracking_required(td, w.entry.state):

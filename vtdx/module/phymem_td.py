@@ -41,12 +41,7 @@ def page_reclaim(env: TdEnv, ctx: Any, regs: Any) -> None:
     regs.rcx = regs.rdx = 0
     if not env.hpa_check(pa, 4096):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
-    if not env.pamt.block_ready(pa):
-        raise fail(st.TDX_OPERAND_ADDR_RANGE_ERROR, st.OPERAND_ID_RCX)
-    try:
-        w = env.walk(ctx, pa, EX, LVL_4K)
-    except TdxFail as e:
-        raise fail(e.status, st.OPERAND_ID_RCX) from None
+    w = env.ready_walk(ctx, pa, EX, LVL_4K, st.OPERAND_ID_RCX)
     pt, owner, level = w.entry.pt, w.entry.owner, w.level
     if pt in (PT_NDA, PT_RSVD, PT_PAMT):
         raise fail(st.TDX_PAGE_METADATA_INCORRECT, st.OPERAND_ID_RCX)

@@ -247,27 +247,31 @@ class TdEnv:
     def set_entry(self, pa: int, level: int, pt: int, owner: int = 0, bepoch: int = 0) -> None:
         self.pamt.set(pa, level, pt, owner, bepoch)
 
-    def walk(self, ctx: Any, pa: int, exclusive: bool, target: int) -> PamtWalk:
+    def walk(self, ctx: Any, pa: int, exclusive: bool, target: int, operand: int) -> PamtWalk:
         """pamt_walk to ``target`` with the module's shared walk (PamtManager.walk, which
         stops at a 2MB entry without a page pair when Dynamic PAMT is on).
 
-        Raises TdxFail(TDX_OPERAND_BUSY) without operand id; callers add theirs.
+        A failed walk (TDX_OPERAND_BUSY) reports ``operand``, the operand whose page it is.
         """
         try:
             level, entry = self.pamt.walk(ctx, pa, exclusive, 0, target)
         except TdxError as e:
-            raise TdxFail(e.status) from None
+            raise fail(e.status, operand) from None
         return PamtWalk(level, entry, pa)
+
+    def ready_walk(self, ctx: Any, pa: int, exclusive: bool, target: int,
+                   operand: int) -> PamtWalk:
+        """The PAMT block of ``pa`` initialised (else TDX_OPERAND_ADDR_RANGE_ERROR), then the
+        locked walk: how non_shared_hpa_metadata_check_and_lock opens, and how
+        TDH.PHYMEM.PAMT.ADD/REMOVE and TDH.PHYMEM.PAGE.RECLAIM open their own walks."""
+        if not self.pamt.block_ready(pa):
+            raise fail(st.TDX_OPERAND_ADDR_RANGE_ERROR, operand)
+        return self.walk(ctx, pa, exclusive, target, operand)
 
     def metadata_check_and_lock(self, ctx: Any, pa: int, exclusive: bool, expected_pt: int,
                                 target: int, operand: int) -> PamtWalk:
         """non_shared_hpa_metadata_check_and_lock (walk_to_target_size = true)."""
-        if not self.pamt.block_ready(pa):
-            raise fail(st.TDX_OPERAND_ADDR_RANGE_ERROR, operand)
-        try:
-            w = self.walk(ctx, pa, exclusive, target)
-        except TdxFail as e:
-            raise fail(e.status, operand) from None
+        w = self.ready_walk(ctx, pa, exclusive, target, operand)
         if w.level != target:
             code = st.TDX_PAGE_METADATA_INCORRECT
             if (self.dpamt and w.level == LVL_2M and w.entry.pt == PT_NDA
@@ -311,6 +315,23 @@ class TdEnv:
         """dynamic_pamt_4k_bitmap_get: a PAMT page, or a TDMR reserved page (the module sets
         reserved pages' bits at TDMR init, pamt_4kb_bitmap_init)."""
         return (pa >> 12) in self.dp.bitmap or self.pamt.default_pt(pa, LVL_4K) == PT_RSVD
+
+    def check_lock_pair_free(self, ctx: Any, hpa0: int, op0: int, hpa1: int, op1: int,
+                             locked_2m: int | None = None) -> None:
+        """A Dynamic PAMT page pair about to become a range's 4KB PAMT level must be free:
+        each page PAMT-walked shared to 4KB (the lock that makes PAMT.ADD and DEMOTE collide)
+        and PT_NDA, then neither page already a PAMT page and the two distinct. TDH.PHYMEM.
+        PAMT.ADD and DEMOTE's pamt_demote check the pair the same way; PAMT.ADD passes the
+        2MB range it holds exclusive as ``locked_2m`` and its pages are not walked again."""
+        for hpa, operand in ((hpa0, op0), (hpa1, op1)):
+            if locked_2m is not None and hpa >> 21 == locked_2m >> 21:
+                continue
+            if self.walk(ctx, hpa, SH, LVL_4K, operand).entry.pt != PT_NDA:
+                raise fail(st.TDX_PAGE_NOT_FREE, operand)
+        if self.bitmap_get(hpa0):
+            raise fail(st.TDX_PAGE_NOT_FREE, op0)
+        if self.bitmap_get(hpa1) or hpa1 == hpa0:
+            raise fail(st.TDX_PAGE_NOT_FREE, op1)
 
     def inc_page_count(self, pa: int) -> None:
         """pamt_inc_nl_page_count on the 2MB node of a newly assigned 4KB page."""

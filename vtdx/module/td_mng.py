@@ -247,13 +247,20 @@ def _td_field(td: TdState, field_id: int) -> int | None:
     return td.fields.get(field_id)
 
 
-def mng_rd(env: TdEnv, ctx: Any, regs: Any) -> None:
-    """TDH.MNG.RD(RCX = TDR PA, RDX = field id) -> R8 = value."""
+def _locked_field(env: TdEnv, ctx: Any, regs: Any, leaf: int) -> tuple[TdState, int]:
+    """TDH.MNG.RD and TDH.MNG.WR open alike: TDR (RCX) shared, TDCS with OP_STATE shared,
+    then the field id in RDX must name a field. Returns the TD and the field's value."""
     td = _tdr(env, ctx, regs.rcx, st.OPERAND_ID_RCX, SH)
-    env.tdcs(ctx, td, SH, 11)
+    env.tdcs(ctx, td, SH, leaf)
     value = _td_field(td, regs.rdx)
     if value is None:
         raise fail(st.TDX_METADATA_FIELD_ID_INCORRECT, st.OPERAND_ID_RDX)
+    return td, value
+
+
+def mng_rd(env: TdEnv, ctx: Any, regs: Any) -> None:
+    """TDH.MNG.RD(RCX = TDR PA, RDX = field id) -> R8 = value."""
+    _, value = _locked_field(env, ctx, regs, Leaf.TDH_MNG_RD)
     ctx.checkpoint("locked")
     regs.rdx = regs.rdx
     regs.r8 = value
@@ -261,11 +268,7 @@ def mng_rd(env: TdEnv, ctx: Any, regs: Any) -> None:
 
 def mng_wr(env: TdEnv, ctx: Any, regs: Any) -> None:
     """TDH.MNG.WR(RCX = TDR PA, RDX = field id, R8 = value, R9 = mask) -> R8 = old value."""
-    td = _tdr(env, ctx, regs.rcx, st.OPERAND_ID_RCX, SH)
-    env.tdcs(ctx, td, SH, 13)
-    old = _td_field(td, regs.rdx)
-    if old is None:
-        raise fail(st.TDX_METADATA_FIELD_ID_INCORRECT, st.OPERAND_ID_RDX)
+    td, old = _locked_field(env, ctx, regs, Leaf.TDH_MNG_WR)
     if regs.rdx in (FIELD_ATTRIBUTES, FIELD_XFAM, FIELD_NUM_VCPUS, FIELD_MAX_VCPUS,
                     FIELD_TSC_MULTIPLIER):
         raise fail(st.TDX_METADATA_FIELD_NOT_WRITABLE, st.OPERAND_ID_RDX)
