@@ -860,15 +860,24 @@ static int msr_row(uint32_t index)
     return -1;
 }
 
+/* The vCPU of an RDMSR/WRMSR the facade answers, its row in *row; NULL leaves the
+ * instruction to TCG: an MSR without a row is not ours, and at CPL > 0 TCG raises #GP(0). */
+static vcpu_t *msr_site(unsigned int vcpu, int *row)
+{
+    if (vcpu >= g.nvcpus)
+        return NULL;
+    vcpu_t *v = &g.vcpus[vcpu];
+    *row = msr_row((uint32_t)rd(v, R_RCX));
+    return *row < 0 || cpl(v) > 0 ? NULL : v;
+}
+
 static void on_rdmsr(unsigned int vcpu, void *ud)
 {
     uint64_t pc = (uintptr_t)ud;
-    if (vcpu >= g.nvcpus)
+    int i;
+    vcpu_t *v = msr_site(vcpu, &i);
+    if (!v)
         return;
-    vcpu_t *v = &g.vcpus[vcpu];
-    int i = msr_row((uint32_t)rd(v, R_RCX));
-    if (i < 0 || cpl(v) > 0)
-        return; /* not ours, or CPL > 0: TCG raises #GP(0) */
     uint64_t val = v->msr_store[i];
     wr(v, R_RAX, val & 0xffffffffull);
     wr(v, R_RDX, val >> 32);
@@ -878,11 +887,9 @@ static void on_rdmsr(unsigned int vcpu, void *ud)
 static void on_wrmsr(unsigned int vcpu, void *ud)
 {
     uint64_t pc = (uintptr_t)ud;
-    if (vcpu >= g.nvcpus)
-        return;
-    vcpu_t *v = &g.vcpus[vcpu];
-    int i = msr_row((uint32_t)rd(v, R_RCX));
-    if (i < 0 || cpl(v) > 0)
+    int i;
+    vcpu_t *v = msr_site(vcpu, &i);
+    if (!v)
         return;
     switch (g.msr_rows[i].flags) {
     case VTDX_MSR_STORE:

@@ -23,13 +23,6 @@ from vtdx.qemu_runtime import QemuRuntime
 pytestmark = pytest.mark.stack
 
 
-@pytest.fixture(scope="module")
-def runtime() -> QemuRuntime:
-    try:
-        return QemuRuntime.find()
-    except VtdxError as e:
-        pytest.skip(f"QEMU runtime not provisioned: {e}")
-
 
 def test_parse_size() -> None:
     assert parse_size("512M") == 512 << 20
@@ -46,7 +39,7 @@ def test_machine_run_dir_qmp_and_cleanup(runtime: QemuRuntime) -> None:
     async def run() -> tuple[Path, int, int]:
         async with Machine(elf, append="smp=2 test=roundtrip iters=100000000", smp=2,
                            mem="256M", backend="echo", runtime=runtime, on_console=seen.append,
-                           extra_args=["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]) as m:
+                           extra_args=list(testguest.EXIT_DEVICE)) as m:
             run_dir = m.run_dir
             assert run_dir is not None
             assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700

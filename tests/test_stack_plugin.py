@@ -16,22 +16,13 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from vtdx import testguest
-from vtdx.errors import VtdxError
 from vtdx.machine import Machine
 from vtdx.qemu_runtime import QemuRuntime
 
 pytestmark = pytest.mark.stack
 
 SEAMCALL = bytes.fromhex("660f01cf")
-EXIT_DEVICE = ["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
 
-
-@pytest.fixture(scope="module")
-def runtime() -> QemuRuntime:
-    try:
-        return QemuRuntime.find()
-    except VtdxError as e:
-        pytest.skip(f"QEMU runtime not provisioned: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def _boot(runtime: QemuRuntime, elf: Path, append: str, *, smp: int, mem: str = 
           backend: str = "echo", timeout: float = 60) -> tuple[testguest.TgResult, int, Machine]:
     async def run() -> tuple[testguest.TgResult, int, Machine]:
         async with Machine(elf, append=f"smp={smp} {append}", smp=smp, mem=mem,
-                           backend=backend, runtime=runtime, extra_args=EXIT_DEVICE) as m:
+                           backend=backend, runtime=runtime, extra_args=testguest.EXIT_DEVICE) as m:
             status = await m.wait(timeout)
             return testguest.parse_output(m.console_text()), status, m
     return asyncio.run(run())
@@ -125,7 +116,7 @@ def test_killed_daemon_fails_next_seamcall_and_names_cause(runtime: QemuRuntime,
     async def run() -> tuple[testguest.TgResult, int, list[str], float]:
         async with Machine(elf, append="smp=2 test=nomodule", smp=2, mem="256M",
                            backend="echo", runtime=runtime, daemon_process=True,
-                           extra_args=EXIT_DEVICE) as m:
+                           extra_args=testguest.EXIT_DEVICE) as m:
             while not (await asyncio.wait_for(m.console.get(), 30)).startswith("TG BOOT"):
                 pass
             await asyncio.sleep(0.2)  # SEAMCALLs are succeeding now
@@ -166,7 +157,7 @@ def test_hung_daemon_times_out_to_vmfailinvalid(runtime: QemuRuntime, elf: Path)
         t0 = time.monotonic()
         async with Machine(elf, append="smp=2 test=nomodule", smp=2, mem="256M",
                            backend=hung, runtime=runtime, reply_timeout=1.0,
-                           extra_args=EXIT_DEVICE) as m:
+                           extra_args=testguest.EXIT_DEVICE) as m:
             try:
                 status = await m.wait(30)
             finally:

@@ -62,15 +62,7 @@ from vtdx.seamscript import PHASE_TURN, Mailbox, Mismatch, Record, Script
 
 pytestmark = pytest.mark.stack
 
-EXIT_DEVICE = ["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
 
-
-@pytest.fixture(scope="module")
-def runtime() -> QemuRuntime:
-    try:
-        return QemuRuntime.find()
-    except VtdxError as e:
-        pytest.skip(f"QEMU runtime not provisioned: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +179,7 @@ def replay(runtime: QemuRuntime, elf: Path, script: Script, *,
     async def run() -> StackRun:
         async with Machine(elf, append=f"smp={SMP} test=script", smp=SMP, mem=MEM,
                            profile=profile or stack_profile(), backend=backend,
-                           runtime=runtime, extra_args=EXIT_DEVICE) as m:
+                           runtime=runtime, extra_args=testguest.EXIT_DEVICE) as m:
             assert m.ram is not None and m.daemon is not None
             module, box = made[0], Mailbox(m.ram)
 

@@ -18,17 +18,9 @@ import pytest
 
 from vtdx import testguest
 from vtdx.errors import VtdxError
-from vtdx.qemu_runtime import QemuRuntime
 
 SPIKE = Path("/work/shared/spikes/tdx-platform-spike.c")
 
-
-@pytest.fixture(scope="module")
-def runtime() -> QemuRuntime:
-    try:
-        return QemuRuntime.find()
-    except VtdxError as e:
-        pytest.fail(f"{e} (scripts/bootstrap does this)")
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,10 @@ def build(out_dir: Path | None = None, *, cache: Path | None = None,
     return out
 
 
+#: The device the guest's final `out 0 -> 0xf4` goes to (ends QEMU with EXIT_STATUS_DONE).
+EXIT_DEVICE = ("-device", "isa-debug-exit,iobase=0xf4,iosize=4")
+
+
 def qemu_args(elf: Path, append: str, *, smp: int = 1, mem: str = "256M") -> list[str]:
     """QEMU arguments (after the runtime's command prefix) that boot the guest."""
     if not any(tok.startswith("smp=") for tok in append.split()):
@@ -137,7 +141,7 @@ def qemu_args(elf: Path, append: str, *, smp: int = 1, mem: str = "256M") -> lis
     return ["-M", "q35", "-cpu", "max", "-smp", str(smp), "-m", mem,
             "-kernel", str(elf), "-append", append,
             "-serial", "stdio", "-display", "none", "-monitor", "none", "-no-reboot",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
+            *EXIT_DEVICE]
 
 
 _LINE = re.compile(r"^TG (\S+)((?: \S+=\S*)*)\s*$")

@@ -1,0 +1,17 @@
+"""Fixtures shared by the whole-stack tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from vtdx.errors import VtdxError
+from vtdx.qemu_runtime import QemuRuntime
+
+
+@pytest.fixture(scope="session")
+def runtime() -> QemuRuntime:
+    """The provisioned QEMU + plugin; missing is a failure, not a skip (bootstrap makes it)."""
+    try:
+        return QemuRuntime.find()
+    except VtdxError as e:
+        pytest.fail(f"{e} (scripts/bootstrap does this)")
