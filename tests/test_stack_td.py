@@ -18,8 +18,6 @@ record waits for. Statuses from intel/tdx-module: tdh_phymem_pamt_add.c (BUSY | 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from stack_td_scenarios import (
     record_race,
     stack_profile,
 )
+from test_td_support import expected_mrtd
 
 from vtdx import testguest
 from vtdx.abi.leaves import Leaf
@@ -270,10 +269,6 @@ def lifecycle() -> Lifecycle:
     return record_lifecycle()
 
 
-def _mrtd_block(name: bytes, gpa: int) -> bytes:
-    return name.ljust(16, b"\0") + struct.pack("<Q", gpa) + bytes(104)
-
-
 def test_td_life_replayed_through_the_whole_stack(runtime: QemuRuntime, elf: Path,
                                                   lifecycle: Lifecycle) -> None:
     script = lifecycle.script
@@ -287,13 +282,7 @@ def test_td_life_replayed_through_the_whole_stack(runtime: QemuRuntime, elf: Pat
         assert leaf in leaves, Leaf(leaf).name
     assert script.lps == {0, 1}
     # the measurement the in-process module took, from an independent SHA-384
-    want_mrtd = hashlib.sha384()
-    for gpa, image in IMAGES.items():
-        want_mrtd.update(_mrtd_block(b"MEM.PAGE.ADD", gpa))
-        for off in range(0, 4096, 256):
-            want_mrtd.update(_mrtd_block(b"MR.EXTEND", gpa + off))
-            want_mrtd.update(image[off:off + 256])
-    assert lifecycle.mrtd == want_mrtd.digest()
+    assert lifecycle.mrtd == expected_mrtd(IMAGES)
 
     mrtd: list[bytes] = []
 

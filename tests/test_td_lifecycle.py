@@ -9,20 +9,13 @@ tdh_mr_extend.c, crypto/sha384.h).
 
 from __future__ import annotations
 
-import hashlib
-import struct
-
 import pytest
-from test_td_support import make_world
+from test_td_support import expected_mrtd, make_world
 
 from vtdx.abi.leaves import Leaf
 from vtdx.module.invariants import check_invariants
 from vtdx.module.td_common import PT_NDA, PT_RSVD, env_of
 from vtdx.regs import Regs
-
-
-def _block(name: bytes, gpa: int) -> bytes:
-    return name.ljust(16, b"\0") + struct.pack("<Q", gpa) + bytes(104)
 
 
 @pytest.mark.parametrize("dpamt", [False, True], ids=["static-pamt", "dynamic-pamt"])
@@ -49,13 +42,7 @@ def test_td_life_ends_with_every_page_free(dpamt: bool) -> None:
     for gpa, image in images.items():
         h.add_page(td, gpa, image)
     h.finalize(td)
-    expect = hashlib.sha384()
-    for gpa, image in images.items():
-        expect.update(_block(b"MEM.PAGE.ADD", gpa))
-        for off in range(0, 4096, 256):
-            expect.update(_block(b"MR.EXTEND", gpa + off))
-            expect.update(image[off:off + 256])
-    assert env_of(m).td.tds[td.tdr].mrtd == expect.digest()
+    assert env_of(m).td.tds[td.tdr].mrtd == expected_mrtd(images)
     # runtime: EPT violations fault pages in at 4KB and 2MB
     h.aug(td, 0x10_0000, level=0)
     h.aug(td, 0x20_0000, level=1)

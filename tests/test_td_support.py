@@ -6,6 +6,8 @@ with TDH.SYS.CONFIG R8 bit 16 set when Dynamic PAMT is wanted (RFC v5 patch 23).
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
 
 from linux_tdmr import LinuxHost, q35_memblocks
@@ -58,3 +60,20 @@ def make_world(*, dpamt: bool = True, smp: int = 4, mem: int = 24 * GiB) -> Worl
                    dpamt=dpamt, tdcs_pages=p.tdcs_base_size // 4096,
                    tdvps_pages=p.tdvps_base_size // 4096, keyid_shift=p.hkid_start_bit)
     return World(m, host, ctl.attach(m))
+
+
+def expected_mrtd(images: dict[int, bytes]) -> bytes:
+    """MRTD after PAGE.ADD + 16 MR.EXTENDs of each 4 KB image, computed independently of the
+    model: one 128-byte block per operation (name, GPA, zeros), then each 256-byte chunk
+    (tdh_mem_page_add.c, tdh_mr_extend.c)."""
+
+    def block(name: bytes, gpa: int) -> bytes:
+        return name.ljust(16, b"\0") + struct.pack("<Q", gpa) + bytes(104)
+
+    h = hashlib.sha384()
+    for gpa, image in images.items():
+        h.update(block(b"MEM.PAGE.ADD", gpa))
+        for off in range(0, 4096, 256):
+            h.update(block(b"MR.EXTEND", gpa + off))
+            h.update(image[off:off + 256])
+    return h.digest()
