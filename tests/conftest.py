@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vtdx.errors import VtdxError
-from vtdx.qemu_runtime import QemuRuntime
+from vtdx.host.qemu import QemuRuntime
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from vtdx.abi import fields as fl
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.abi.status import decode
-from vtdx.memory import PhysMemory
-from vtdx.regs import Regs
+from vtdx.platform.memory import PhysMemory
 
 PAGE = 4096
 MiB = 1 << 20

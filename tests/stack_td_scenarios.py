@@ -1,4 +1,4 @@
-"""TD scenarios recorded in-process as SEAMCALL scripts (vtdx.seamscript), no tests here.
+"""TD scenarios recorded in-process as SEAMCALL scripts (vtdx.testing.seamscript), no tests here.
 
 Each scenario runs against a fresh in-process ``TdxModule`` whose platform matches the
 whole-stack VM (smp 2, 2 GiB, Dynamic PAMT and DEMOTE_NOINTERRUPT on): module init as
@@ -22,13 +22,13 @@ from linux_tdmr import LinuxHost, q35_memblocks
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
-from vtdx.memory import SparseMemory
+from vtdx.abi.regs import Regs
 from vtdx.module import TdxModule
 from vtdx.module.td_common import env_of
-from vtdx.module.td_host import KvmHost, PageAllocator
-from vtdx.platform import Profile, Region
-from vtdx.regs import Regs
-from vtdx.seamscript import BARRIER, CONCURRENT, WAIT_GO, Recorder, Script
+from vtdx.platform.memory import SparseMemory
+from vtdx.platform.profile import Profile, Region
+from vtdx.testing.seamscript import BARRIER, CONCURRENT, WAIT_GO, Recorder, Script
+from vtdx.testing.td_host import KvmHost, PageAllocator
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -2,9 +2,9 @@
 
 import pytest
 
-from vtdx.memory import PhysAddrError, SparseMemory
-from vtdx.platform import GiB, Profile, Region, q35_ram_layout
-from vtdx.regs import REG_NAMES, Regs
+from vtdx.abi.regs import REG_NAMES, Regs
+from vtdx.platform.memory import PhysAddrError, SparseMemory
+from vtdx.platform.profile import GiB, Profile, Region, q35_ram_layout
 
 
 def test_regs_mask_and_order():

@@ -18,9 +18,9 @@ from test_td_support import World, make_world
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.module import sept as S
 from vtdx.module.td_common import PT_PAMT, PT_REG, env_of
-from vtdx.regs import Regs
 
 GUEST_2M_HPA = 0x511A00 << 12
 DPAMT_A1 = 0x1B090C << 12  # R12

@@ -8,9 +8,9 @@ from test_dpamt_demote_race import DPAMT_A1, DPAMT_B1, GPA, GUEST_2M_HPA, Scenar
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.module import sept as S
 from vtdx.module.td_common import PT_REG, env_of
-from vtdx.regs import Regs
 
 
 def test_promote_returns_sept_page_and_dpamt_pair() -> None:

@@ -17,10 +17,10 @@ from test_td_support import GiB, MiB, make_world
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
+from vtdx.module.leaves.phymem import RDMD_NON_LEAF
 from vtdx.module.locks import EXCLUSIVE
 from vtdx.module.pamt import PT_NDA, PT_PAMT, PT_REG, PT_RSVD
-from vtdx.module.phymem import RDMD_NON_LEAF
-from vtdx.regs import Regs
 
 RANGE = 6 * GiB + 64 * MiB          # a free 2MB range (no TD, no pair yet)
 PAGE = RANGE + 0x5000               # a 4K page inside it

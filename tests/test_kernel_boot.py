@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from vtdx import kernel_build
 from vtdx.abi.leaves import Leaf
-from vtdx.platform import GiB
-from vtdx.run import EXIT_OK, EXIT_TDX_REFUSED, RunOptions, RunResult, run
+from vtdx.host import kernel as kernel_build
+from vtdx.platform.profile import GiB
+from vtdx.session.run import EXIT_OK, EXIT_TDX_REFUSED, RunOptions, RunResult, run
 
 ART = kernel_build.default_kernel()
 pytestmark = [
@@ -129,7 +129,7 @@ def test_cpu_offline_online() -> None:
 
 
 def _tracking_factory(seen: list[object]):  # noqa: ANN202
-    from vtdx.machine import Machine
+    from vtdx.session.machine import Machine
 
     def factory(*a: object, **kw: object) -> Machine:
         m = Machine(*a, **kw)  # type: ignore[arg-type]
@@ -150,7 +150,7 @@ def test_panic_is_detected_and_everything_cleaned_up() -> None:
     """init exiting panics the kernel ("Attempted to kill init!"): one-line verdict, exit 1."""
     import asyncio
 
-    from vtdx.run import EXIT_FAILED, run_async
+    from vtdx.session.run import EXIT_FAILED, run_async
 
     assert ART is not None
     seen: list[object] = []
@@ -176,7 +176,7 @@ def test_timeout_kills_qemu_and_cleans_up() -> None:
     """A guest that never finishes (init waits on console input) hits --timeout."""
     import asyncio
 
-    from vtdx.run import EXIT_FAILED, run_async
+    from vtdx.session.run import EXIT_FAILED, run_async
 
     assert ART is not None
     seen: list[object] = []

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vtdx import kernel_build as kb
 from vtdx.errors import VtdxError
+from vtdx.host import kernel as kb
 
 INDEX = """\
 Package: linux-source-7.3

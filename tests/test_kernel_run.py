@@ -9,18 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from vtdx import cli, initramfs
+from vtdx.cli import main as cli
 from vtdx.errors import VtdxError
-from vtdx.platform import GiB, MiB
-from vtdx.run import (
+from vtdx.host import initramfs
+from vtdx.platform.profile import GiB, MiB
+from vtdx.session.run import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TDX_REFUSED,
     ConsoleLog,
     RunOptions,
     judge,
-    parse_size,
 )
+from vtdx.units import parse_size
 
 # Console lines as Linux 7.3 (arch/x86/virt/vmx/tdx/tdx.c) prints them.
 OK_BOOT = """\
@@ -61,7 +62,7 @@ def feed(text: str) -> ConsoleLog:
 
 @pytest.mark.parametrize("text,want", [("2G", 2 * GiB), ("6144M", 6 * GiB), ("512MiB", 512 * MiB),
                                        ("2048", 2 * GiB), ("4g", 4 * GiB),
-                                       (str(3 * GiB), 3 * GiB)])
+                                       ("3072", 3 * GiB), ("1T", 1 << 40)])
 def test_parse_size(text: str, want: int) -> None:
     assert parse_size(text) == want
 
@@ -170,11 +171,11 @@ def test_recorder_keeps_the_state_from_before_the_kernels_sys_disable() -> None:
     """Linux 7.3's syscore shutdown hook runs TDH.SYS.DISABLE at poweroff and the module
     resets; the run summary must still show what the booted kernel set up."""
     from vtdx.abi.leaves import Leaf
-    from vtdx.memory import SparseMemory
+    from vtdx.abi.regs import Regs
     from vtdx.module import TdxModule
-    from vtdx.platform import Profile
-    from vtdx.regs import Regs
-    from vtdx.run import CallStats, _Recorder
+    from vtdx.platform.memory import SparseMemory
+    from vtdx.platform.profile import Profile
+    from vtdx.session.run import CallStats, _Recorder
 
     prof = Profile.from_vm(2, 2 * GiB)
     module = TdxModule(prof, SparseMemory(prof.ram))
@@ -196,7 +197,7 @@ def test_recorder_keeps_the_state_from_before_the_kernels_sys_disable() -> None:
 
 
 def test_run_command_options(tmp_path: Path) -> None:
-    from vtdx.commands import run as run_cmd
+    from vtdx.cli import run as run_cmd
 
     parser = cli.build_parser()
     k = tmp_path / "bzImage"

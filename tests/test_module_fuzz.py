@@ -19,10 +19,10 @@ from test_module_init import ARRAY_PA, INFO_PA, boot, good_tdmr, make
 from vtdx.abi import fields as fl
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf, encode
+from vtdx.abi.regs import REG_NAMES, Regs
 from vtdx.module import SysState, TdxModule
-from vtdx.module.invariants import check_invariants as td_invariants
 from vtdx.module.pamt import LEVELS
-from vtdx.regs import REG_NAMES, Regs
+from vtdx.testing.invariants import check_invariants as td_invariants
 
 MiB = 1 << 20
 GiB = 1 << 30

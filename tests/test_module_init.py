@@ -29,12 +29,12 @@ from linux_tdmr import (
 from vtdx.abi import fields as fl
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf, encode
-from vtdx.memory import SparseMemory
+from vtdx.abi.regs import Regs
 from vtdx.module import SysState, TdxModule
 from vtdx.module.locks import EXCLUSIVE
 from vtdx.module.pamt import PT_NDA, PT_REG, PT_RSVD
-from vtdx.platform import Profile, Region
-from vtdx.regs import Regs
+from vtdx.platform.memory import SparseMemory
+from vtdx.platform.profile import Profile, Region
 
 MiB = 1 << 20
 INFO_PA = 0x100_0000

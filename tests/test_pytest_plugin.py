@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vtdx.guest_agent import (
+from vtdx.harness.guest_agent import (
     AGENT,
     GUEST_BIN,
     AgentError,
@@ -26,8 +26,8 @@ from vtdx.guest_agent import (
     PayloadSet,
     agent_initramfs,
 )
-from vtdx.initramfs import _is_static
-from vtdx.payloads import KtapResult, build_payloads, sources
+from vtdx.host.initramfs import _is_static
+from vtdx.host.payloads import KtapResult, build_payloads, sources
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "ci"
@@ -40,7 +40,7 @@ def _pytest(*args: str, cwd: Path = REPO, timeout: float = 900) -> subprocess.Co
 
 
 def _default_kernel() -> Path | None:
-    from vtdx import kernel_build
+    from vtdx.host import kernel as kernel_build
 
     art = kernel_build.default_kernel(None)
     return art.bzimage if art else None
@@ -234,7 +234,7 @@ def test_example_suite_green_on_the_default_kernel() -> None:
 
 
 BROKEN = '''
-from vtdx.vm import Vm
+from vtdx.harness.vm import Vm
 
 
 def test_expects_three_lp_inits(vtdx_vm: Vm) -> None:

@@ -14,12 +14,12 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
-from vtdx.memory import SparseMemory
+from vtdx.abi.regs import Regs
 from vtdx.module import TdxModule
-from vtdx.platform import GiB, Profile
-from vtdx.qmp import EVENT_SEAMCALL_ERROR, InspectEndpoint
-from vtdx.regs import Regs
-from vtdx.trace import read_trace, reg_in, reg_out
+from vtdx.observe.qmp import EVENT_SEAMCALL_ERROR, InspectEndpoint
+from vtdx.observe.trace import read_trace, reg_in, reg_out
+from vtdx.platform.memory import SparseMemory
+from vtdx.platform.profile import GiB, Profile
 
 MEM = 6 * GiB
 
@@ -255,8 +255,8 @@ def test_pamt_summary_equals_a_page_by_page_count(tmp_path: Path):
     with entries changed at every level, inside and outside reserved areas."""
     from collections import Counter
 
-    from vtdx.inspect import Inspector
     from vtdx.module import pamt as P
+    from vtdx.observe.inspect import Inspector
 
     profile = Profile.from_vm(2, GiB)
     mem = SparseMemory(profile.ram)

@@ -15,10 +15,10 @@ import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 from tmux_util import Tmux
 
-from vtdx import kernel_build
 from vtdx.abi import status as st
-from vtdx.qmp import EVENT_SEAMCALL_ERROR
-from vtdx.trace import read_trace
+from vtdx.host import kernel as kernel_build
+from vtdx.observe.qmp import EVENT_SEAMCALL_ERROR
+from vtdx.observe.trace import read_trace
 
 pytestmark = [pytest.mark.kernel, pytest.mark.stack]
 
@@ -35,7 +35,7 @@ def kernel():
     art = kernel_build.default_kernel()
     if art is None:
         pytest.skip("no kernel built (scripts/test runs `vtdx build-kernel` first)")
-    from vtdx import initramfs
+    from vtdx.host import initramfs
 
     return art, initramfs.ensure_initramfs()
 
@@ -69,7 +69,7 @@ def fn(symbolic: str | None) -> str:
 
 
 def boot(kernel, body, append: str = APPEND, mem: str = "2G"):
-    from vtdx.machine import Machine
+    from vtdx.session.machine import Machine
 
     art, initrd = kernel
 

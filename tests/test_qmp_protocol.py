@@ -1,5 +1,5 @@
-"""The QMP wire protocol of vtdx.qmp over a real Unix socket: greeting, negotiation, id echo,
-argument checking, error classes, events, streaming input and survival of bad input."""
+"""The QMP wire protocol of vtdx.observe.qmp over a real Unix socket: greeting, negotiation,
+id echo, argument checking, error classes, events, streaming input and survival of bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from vtdx.qmp import Arg, Command, JsonSplitter, QmpError, QmpServer, QmpServerThread
+from vtdx.observe.qmp import Arg, Command, JsonSplitter, QmpError, QmpServer, QmpServerThread
 
 
 def toy_commands() -> list[Command]:

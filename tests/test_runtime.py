@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from vtdx import qemu_runtime as qr
-from vtdx import testguest
 from vtdx.errors import VtdxError
+from vtdx.host import qemu as qr
+from vtdx.testing import testguest
 
 # A self-contained plugin (not the vtdx one, which needs a daemon): proves that a plugin
 # built by setup loads into the provisioned QEMU and that its API calls resolve.
@@ -266,7 +266,7 @@ def test_repo_plugin_builds_against_provisioned_qemu(tmp_path):
 
 
 def test_setup_cli_adopts(tmp_path, capsys):
-    from vtdx.cli import main
+    from vtdx.cli.main import main
 
     cache = _adopting_cache(tmp_path)
     assert main(["setup", "--cache", str(cache), "--no-system-qemu"]) == 0

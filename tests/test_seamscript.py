@@ -21,11 +21,11 @@ from stack_td_scenarios import (
 )
 
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
-from vtdx.memory import SparseMemory
 from vtdx.module import TdxModule
-from vtdx.regs import Regs
-from vtdx.seamscript import (
+from vtdx.platform.memory import SparseMemory
+from vtdx.testing.seamscript import (
     BARRIER,
     CONCURRENT,
     HEADER_SIZE,

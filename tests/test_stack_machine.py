@@ -1,4 +1,4 @@
-"""``vtdx.machine.Machine``: private run directory, QEMU's QMP socket, cleanup.
+"""``vtdx.session.machine.Machine``: private run directory, QEMU's QMP socket, cleanup.
 
 Real QEMU + plugin + daemon with the freestanding test guest (a long roundtrip run that
 the test stops through QEMU's own QMP socket, as an inspection client would).
@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient, QMPError
 
-from vtdx import testguest
 from vtdx.errors import VtdxError
-from vtdx.machine import Machine, parse_size
-from vtdx.qemu_runtime import QemuRuntime
+from vtdx.host.qemu import QemuRuntime
+from vtdx.session.machine import Machine
+from vtdx.testing import testguest
+from vtdx.units import parse_size
 
 pytestmark = pytest.mark.stack
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.stack
 def test_parse_size() -> None:
     assert parse_size("512M") == 512 << 20
     assert parse_size("4G") == 4 << 30
-    assert parse_size(4096) == 4096
+    assert parse_size("2048") == 2 << 30  # a bare number is MiB, as QEMU's -m reads it
     with pytest.raises(VtdxError):
         parse_size("lots")
 

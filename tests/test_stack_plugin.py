@@ -1,8 +1,8 @@
 """Whole stack: real QEMU + the vtdx plugin + the daemon + the freestanding test guest.
 
 The guest (guest/testguest) checks every SEAMCALL result itself and reports per CPU; these
-tests boot it through ``vtdx.machine.Machine`` with the echo backend (its contract is in
-vtdx.daemon.EchoBackend) and check the reports, the fault vectors/RIPs against the guest
+tests boot it through ``vtdx.session.machine.Machine`` with the echo backend (its contract is in
+vtdx.runtime.daemon.EchoBackend) and check the reports, the fault vectors/RIPs against the guest
 image, and what QEMU prints. Each run takes well under a second of guest time.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from vtdx import testguest
-from vtdx.machine import Machine
-from vtdx.qemu_runtime import QemuRuntime
+from vtdx.host.qemu import QemuRuntime
+from vtdx.session.machine import Machine
+from vtdx.testing import testguest
 
 pytestmark = pytest.mark.stack
 

@@ -44,20 +44,20 @@ from stack_td_scenarios import (
 )
 from test_td_support import expected_mrtd
 
-from vtdx import testguest
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
-from vtdx.machine import Machine
-from vtdx.memory import GuestRam
+from vtdx.host.qemu import QemuRuntime
 from vtdx.module import TdxModule
 from vtdx.module import sept as S
 from vtdx.module.control import PauseHandle
-from vtdx.module.invariants import check_invariants, fingerprint
 from vtdx.module.td_common import PT_EPT, PT_NDA, PT_PAMT, PT_REG, PT_RSVD, env_of
-from vtdx.platform import Profile
-from vtdx.qemu_runtime import QemuRuntime
-from vtdx.regs import Regs
-from vtdx.seamscript import PHASE_TURN, Mailbox, Mismatch, Record, Script
+from vtdx.platform.memory import GuestRam
+from vtdx.platform.profile import Profile
+from vtdx.session.machine import Machine
+from vtdx.testing import testguest
+from vtdx.testing.invariants import check_invariants, fingerprint
+from vtdx.testing.seamscript import PHASE_TURN, Mailbox, Mismatch, Record, Script
 
 pytestmark = pytest.mark.stack
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from vtdx.errors import VtdxError
-from vtdx.memory import SparseMemory
-from vtdx.platform import GiB, Region
-from vtdx.symbols import CallerResolver, GuestVirt, SymbolTable
+from vtdx.observe.symbols import CallerResolver, GuestVirt, SymbolTable
+from vtdx.platform.memory import SparseMemory
+from vtdx.platform.profile import GiB, Region
 
 LINK_BASE = 0xFFFFFFFF81000000
 SLIDE = 0x2A00000  # a KASLR slide: multiple of 2 MiB
@@ -196,7 +196,7 @@ def test_bad_files(tmp_path: Path):
 def test_real_vmlinux_and_system_map_agree():
     """The built kernel: pyelftools on vmlinux and the System.map fallback give the same
     function for addresses inside the TDX host code, at any KASLR slide."""
-    from vtdx import kernel_build
+    from vtdx.host import kernel as kernel_build
 
     art = kernel_build.default_kernel()
     if art is None:

@@ -9,8 +9,8 @@ import pytest
 from test_dpamt_demote_race import BUSY_RCX, Scenario
 
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
-from vtdx.regs import Regs
 
 
 def test_pause_matches_lp_leaf_and_point_only() -> None:

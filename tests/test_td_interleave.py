@@ -15,8 +15,8 @@ from test_td_support import make_world
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
-from vtdx.module.invariants import check_invariants
-from vtdx.regs import Regs
+from vtdx.abi.regs import Regs
+from vtdx.testing.invariants import check_invariants
 
 SZ_2M = 2 << 20
 WINDOW = 0x4000_0000  # GPA window with S-EPT tables ready down to the PD level

@@ -13,9 +13,9 @@ import pytest
 from test_td_support import expected_mrtd, make_world
 
 from vtdx.abi.leaves import Leaf
-from vtdx.module.invariants import check_invariants
+from vtdx.abi.regs import Regs
 from vtdx.module.td_common import PT_NDA, PT_RSVD, env_of
-from vtdx.regs import Regs
+from vtdx.testing.invariants import check_invariants
 
 
 @pytest.mark.parametrize("dpamt", [False, True], ids=["static-pamt", "dynamic-pamt"])

@@ -16,9 +16,9 @@ from test_td_support import World, make_world
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
-from vtdx.module.invariants import check_invariants, fingerprint
-from vtdx.module.td_host import Td, td_params
-from vtdx.regs import Regs
+from vtdx.abi.regs import Regs
+from vtdx.testing.invariants import check_invariants, fingerprint
+from vtdx.testing.td_host import Td, td_params
 
 OP_ATTRIBUTES, OP_XFAM, OP_EPTP, OP_MAX_VCPUS, OP_CPUID = 64, 65, 67, 68, 69
 OP_SEPT_TREE, OP_TD_EPOCH = 146, 169

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from linux_tdmr import LinuxHost, q35_memblocks
 
 from vtdx.abi.leaves import Leaf
-from vtdx.memory import SparseMemory
+from vtdx.abi.regs import Regs
 from vtdx.module import TdxModule
 from vtdx.module import control as ctl
-from vtdx.module.invariants import check_invariants
-from vtdx.module.td_host import KvmHost, PageAllocator
-from vtdx.platform import Profile
-from vtdx.regs import Regs
+from vtdx.platform.memory import SparseMemory
+from vtdx.platform.profile import Profile
+from vtdx.testing.invariants import check_invariants
+from vtdx.testing.td_host import KvmHost, PageAllocator
 
 GiB = 1 << 30
 MiB = 1 << 20

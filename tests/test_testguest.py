@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vtdx import testguest
 from vtdx.errors import VtdxError
+from vtdx.testing import testguest
 
 SPIKE = Path("/work/shared/spikes/tdx-platform-spike.c")
 

@@ -12,12 +12,10 @@ from linux_tdmr import LinuxHost, q35_memblocks
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
-from vtdx.memory import SparseMemory
 from vtdx.module import TdxModule
-from vtdx.platform import GiB, Profile
-from vtdx.regs import Regs
-from vtdx.trace import (
+from vtdx.observe.trace import (
     TraceRecorder,
     filter_trace,
     format_record,
@@ -26,6 +24,8 @@ from vtdx.trace import (
     reg_in,
     reg_out,
 )
+from vtdx.platform.memory import SparseMemory
+from vtdx.platform.profile import GiB, Profile
 
 
 @pytest.fixture

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from vtdx import facade, protocol
+from vtdx.abi.regs import MASK64, Regs
 from vtdx.abi.status import TDX_OPERAND_INVALID
-from vtdx.daemon import Daemon, EchoBackend, rotl64
-from vtdx.memory import GuestRam, PhysAddrError, SparseMemory
-from vtdx.platform import GiB, MiB, Profile, q35_ram_layout
-from vtdx.protocol import (
+from vtdx.platform.memory import GuestRam, PhysAddrError, SparseMemory
+from vtdx.platform.profile import GiB, MiB, Profile, q35_ram_layout
+from vtdx.resources import asset
+from vtdx.runtime import platform_rows as facade
+from vtdx.runtime import protocol
+from vtdx.runtime.daemon import Daemon, EchoBackend, rotl64
+from vtdx.runtime.protocol import (
     CALL,
     CONTROL_VCPU,
     RET,
@@ -37,10 +40,6 @@ from vtdx.protocol import (
     Welcome,
     unpack_ret,
 )
-from vtdx.regs import MASK64, Regs
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 # --------------------------------------------------------------------------- C and Python agree
 
@@ -67,7 +66,7 @@ def test_c_wire_layout_matches_python(tmp_path: Path) -> None:
     src = tmp_path / "layout.c"
     src.write_text(C_LAYOUT)
     exe = tmp_path / "layout"
-    subprocess.run(["gcc", "-I", str(REPO / "qemu_plugin"), "-o", str(exe), str(src)],
+    subprocess.run(["gcc", "-I", str(asset("qemu_plugin")), "-o", str(exe), str(src)],
                    check=True)
     got = dict(line.rsplit(" ", 1) for line in subprocess.check_output([exe], text=True)
                .splitlines())

@@ -1,5 +1,5 @@
 import sys
 
-from vtdx.cli import main
+from vtdx.cli.main import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ e.g. TDH.SYS.TDMR.INIT) and returns -EIO.
 import pytest
 
 from vtdx.abi import status as st
-from vtdx.vm import Fault, Vm
+from vtdx.harness.vm import Fault, Vm
 
 
 def seamcall_failed(leaf: int, status: int) -> str:

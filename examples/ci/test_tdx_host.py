@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from vtdx.vm import Vm
+from vtdx.harness.vm import Vm
 
 #: Kernel log lines that mean the kernel hit a bug, whatever the subsystem.
 KERNEL_TROUBLE = re.compile(r"WARNING:|BUG:|Oops|Call Trace:|Kernel panic")

@@ -16,26 +16,26 @@ another LP's SEAMCALL runs and meets those locks.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from vtdx.abi import leaves as lv
 from vtdx.abi import status as st
-from vtdx.memory import PhysMemory
+from vtdx.abi.regs import Regs
+from vtdx.module.context import CallContext, Controller, LeafSpec, Observer, copy_regs
 from vtdx.module.errors import TdxError
 from vtdx.module.faults import FaultInjector
-from vtdx.module.locks import EXCLUSIVE, SHARED, LockTable
+from vtdx.module.leaves import leaf_table
+from vtdx.module.locks import LockTable
 from vtdx.module.pamt import PamtManager
-from vtdx.platform import Profile
-from vtdx.regs import Regs
+from vtdx.module.state import LpState, SysState
+from vtdx.platform.memory import PhysMemory
+from vtdx.platform.profile import Profile
 
 MASK64 = (1 << 64) - 1
 _RESERVED_RAX = lv.RESERVED_MASK
@@ -43,140 +43,10 @@ _ALLOWED_BEFORE_READY = frozenset(int(x) for x in lv.ALLOWED_BEFORE_READY)
 _LP_SHUTDOWN = int(lv.Leaf.TDH_SYS_LP_SHUTDOWN)
 _OPERAND_INVALID_RAX = st.TDX_OPERAND_INVALID + st.OPERAND_ID_RAX
 
-#: Key ownership table states (KOT_STATE_* in tdx_global_data.h).
-KOT_FREE = 0
-KOT_ASSIGNED = 1
-KOT_FLUSHED = 2
-KOT_RESERVED = 3
-
-
-class SysState(IntEnum):
-    """Module-wide state (sysinit_state_e in tdx_global_data.h)."""
-
-    SYSINIT_PENDING = 0
-    SYSINIT_DONE = 1
-    SYSCONFIG_DONE = 2
-    SYS_READY = 3
-    SYS_SHUTDOWN = 4
-
-
-@dataclass(slots=True)
-class LpState:
-    """Per logical processor state (the module's local data)."""
-
-    lp: int
-    package: int
-    initialized: bool = False
-    busy: bool = False
-
-    def to_dict(self) -> dict[str, object]:
-        return {"lp": self.lp, "package": self.package, "initialized": self.initialized,
-                "busy": self.busy}
-
-
-Handler = Callable[["CallContext"], int | None]
-
-
-@dataclass(frozen=True, slots=True)
-class LeafSpec:
-    """A registered leaf: its handler and the highest version it accepts."""
-
-    leaf: int
-    handler: Handler
-    max_version: int = 0
-
-
-class Controller(Protocol):
-    """Control-point hook (implemented by vtdx.module.control, owned by TD)."""
-
-    def checkpoint(self, ctx: CallContext, name: str) -> None: ...
-
-
-Observer = Callable[[int, int, Regs, Regs, float], None]
-
-
-def _copy_regs(r: Regs) -> Regs:
-    """Fast copy (the inputs are already 64-bit, so skip Regs.__post_init__)."""
-    o = object.__new__(Regs)
-    o.rax, o.rcx, o.rdx, o.rbx, o.rsi, o.rdi = r.rax, r.rcx, r.rdx, r.rbx, r.rsi, r.rdi
-    o.r8, o.r9, o.r10, o.r11, o.r12, o.r13 = r.r8, r.r9, r.r10, r.r11, r.r12, r.r13
-    o.r14, o.r15 = r.r14, r.r15
-    return o
-
-
-class CallContext:
-    """One SEAMCALL in flight: inputs, outputs, and the TDX locks it holds."""
-
-    __slots__ = ("module", "lp", "leaf", "version", "regs", "out", "id", "_held", "lp_state")
-
-    def __init__(self, module: TdxModule, lp: int, leaf: int, version: int, regs: Regs,
-                 out: Regs, call_id: int) -> None:
-        self.module = module
-        self.lp = lp
-        self.leaf = leaf
-        self.version = version
-        self.regs = regs
-        self.out = out
-        self.id = call_id
-        self.lp_state = module.lps[lp]
-        self._held: list[Hashable] = []
-
-    # -- TDX locks ---------------------------------------------------------------------
-    def try_lock(self, key: Hashable, exclusive: bool) -> bool:
-        ok = self.module.locks.try_acquire(key, EXCLUSIVE if exclusive else SHARED, self.id)
-        if ok:
-            self._held.append(key)
-        return ok
-
-    def lock(self, key: Hashable, exclusive: bool, busy_status: int) -> None:
-        """Take a lock or abandon the call with ``busy_status``."""
-        if not self.try_lock(key, exclusive):
-            raise TdxError(busy_status)
-
-    def promote(self, key: Hashable, busy_status: int) -> None:
-        if not self.module.locks.try_promote(key, self.id):
-            raise TdxError(busy_status)
-
-    def unlock(self, key: Hashable) -> None:
-        """Release one lock early (most handlers just let the call end)."""
-        if key in self._held:
-            self._held.remove(key)
-            self.module.locks.release(key, self.id)
-
-    def release_all(self) -> None:
-        locks = self.module.locks
-        for key in reversed(self._held):
-            locks.release(key, self.id)
-        self._held.clear()
-
-    @property
-    def held(self) -> tuple[Hashable, ...]:
-        return tuple(self._held)
-
-    # -- hooks -------------------------------------------------------------------------
-    def checkpoint(self, name: str) -> None:
-        """Control point; a no-op unless a controller is installed."""
-        controller = self.module.controller
-        if controller is not None:
-            controller.checkpoint(self, name)
-
-    # -- physical memory -----------------------------------------------------------------
-    def read(self, pa: int, size: int) -> bytes:
-        """Read host memory; unbacked addresses read as all-ones, like a read with no target."""
-        mem = self.module.memory
-        if mem.contains(pa, size):
-            return mem.read(pa, size)
-        return b"\xff" * size
-
-    def read_u64(self, pa: int) -> int:
-        return int.from_bytes(self.read(pa, 8), "little")
-
-
 class TdxModule:
     """A model of Intel's TDX module for one platform profile and one physical memory."""
 
-    def __init__(self, profile: Profile, memory: PhysMemory, *,
-                 families: tuple[str, ...] | None = None) -> None:
+    def __init__(self, profile: Profile, memory: PhysMemory) -> None:
         self.profile = profile
         self.memory = memory
         self.cond = threading.Condition()
@@ -198,23 +68,12 @@ class TdxModule:
         self.ext: dict[str, Any] = {}
         self.call_counts: dict[int, int] = {}
         self.status_counts: dict[int, int] = {}
-        self._table: dict[int, LeafSpec] = {}
-        from vtdx.module.families import FAMILIES
-
-        for name in families if families is not None else FAMILIES:
-            self.register_family(name)
+        self._table: dict[int, LeafSpec] = leaf_table()
         self.reset()
 
     # -- registration ----------------------------------------------------------------------
     def register(self, spec: LeafSpec) -> None:
         self._table[spec.leaf] = spec
-
-    def register_family(self, module_name: str) -> None:
-        """Import ``vtdx.module.<name>`` (or a dotted path) and register its ``LEAVES``."""
-        path = module_name if "." in module_name else f"vtdx.module.{module_name}"
-        mod = importlib.import_module(path)
-        for spec in mod.LEAVES:
-            self.register(spec)
 
     @property
     def leaves(self) -> dict[int, LeafSpec]:
@@ -282,7 +141,7 @@ class TdxModule:
     def seamcall(self, lp: int, regs: Regs) -> Regs:
         """Run one SEAMCALL from logical processor ``lp``; never raises."""
         t0 = time.perf_counter()
-        out = _copy_regs(regs)
+        out = copy_regs(regs)
         rax = regs.rax
         leaf = rax & 0xFFFF
         with self.cond:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from vtdx.abi import status as st
 
 if TYPE_CHECKING:
-    from vtdx.module.core import CallContext
+    from vtdx.module.context import CallContext
 
 PT_NDA = 0
 PT_RSVD = 1

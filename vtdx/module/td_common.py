@@ -433,7 +433,7 @@ def td_leaf(leaf: int, fn: Any, max_version: int = 0) -> Any:
     writes results in place. A TdxFail carrying extended info sets RCX/RDX before the
     dispatcher turns the status into RAX.
     """
-    from vtdx.module.core import LeafSpec
+    from vtdx.module.context import LeafSpec
 
     def handler(ctx: Any) -> int | None:
         env = env_of(ctx.module)

@@ -1,0 +1,91 @@
+"""``vtdx run``: boot a Linux TDX-host kernel on vtdx, stream its console, judge and summarise.
+
+Exit status: 0 TDX initialised (and the kernel's PAMT size equals vtdx's accounting),
+3 the kernel booted but refused TDX (its reason is printed in one line), 1 anything else
+(panic/oops, timeout, QEMU died, failed in-guest check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vtdx.errors import VtdxError
+from vtdx.host import kernel as kernel_build
+from vtdx.session.run import RunOptions
+from vtdx.session.run import run as run_vm
+from vtdx.units import parse_size
+
+PROFILES = ("default", "no-movdir64b", "one-keyid")
+
+
+def options(args: argparse.Namespace) -> RunOptions:
+    kernel, vmlinux = args.kernel, args.vmlinux
+    if kernel is None:
+        art = kernel_build.default_kernel(args.cache)
+        if art is None:
+            raise VtdxError("no kernel given and none built from the current "
+                            "guest/kernel/tdx-host.config: run `vtdx build-kernel` "
+                            "or pass --kernel BZIMAGE")
+        kernel, vmlinux = art.bzimage, vmlinux or art.vmlinux
+    elif vmlinux is None and (kernel.parent / "vmlinux").is_file():
+        vmlinux = kernel.parent / "vmlinux"
+    if vmlinux is None and args.kernel_src is not None:
+        if not (args.kernel_src / "vmlinux").is_file():
+            raise VtdxError(f"--kernel-src {args.kernel_src}: no vmlinux there "
+                            "(pass --vmlinux for an out-of-tree build)")
+        vmlinux = args.kernel_src / "vmlinux"
+    tdx_keyids = args.tdx_keyids
+    movdir64b = not args.no_movdir64b
+    if args.profile == "no-movdir64b":
+        movdir64b = False
+    elif args.profile == "one-keyid":
+        tdx_keyids = 1 if tdx_keyids is None else tdx_keyids
+    return RunOptions(kernel=kernel, vmlinux=vmlinux, initrd=args.initrd, smp=args.smp,
+                      mem=parse_size(args.mem), append=args.append or "",
+                      kernel_src=args.kernel_src, tdx_keyids=tdx_keyids, movdir64b=movdir64b,
+                      checks=args.checks, timeout=args.timeout, stream=not args.quiet,
+                      save_trace=args.save_trace)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = options(args)
+    res = run_vm(opts, out=sys.stdout)
+    print(res.summary, flush=True)
+    if res.exit_code:
+        print(f"vtdx run: {res.verdict}", file=sys.stderr)
+    return res.exit_code
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="boot a Linux TDX-host kernel on vtdx",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", type=Path, default=None, metavar="BZIMAGE",
+                   help="kernel image (default: the one `vtdx build-kernel` built)")
+    p.add_argument("--vmlinux", type=Path, default=None, metavar="F",
+                   help="matching vmlinux, for symbolising SEAMCALL callers")
+    p.add_argument("--initrd", type=Path, default=None, metavar="F",
+                   help="initramfs (default: vtdx's busybox initramfs with the checks)")
+    p.add_argument("--smp", type=int, default=2, metavar="N", help="vCPUs (default 2)")
+    p.add_argument("--mem", default="2G", metavar="SIZE", help="RAM, e.g. 2G or 6144M")
+    p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
+    p.add_argument("--kernel-src", type=Path, default=None, metavar="DIR",
+                   help="the kernel's (in-tree) build directory: its vmlinux names "
+                   "SEAMCALL callers when --vmlinux is not given")
+    p.add_argument("--checks", default="tdx", metavar="LIST",
+                   help="in-guest checks, comma separated: tdx, hotplug (default: tdx)")
+    p.add_argument("--profile", choices=PROFILES, default="default",
+                   help="platform profile: no-movdir64b / one-keyid lack what Linux needs")
+    p.add_argument("--tdx-keyids", type=int, default=None, metavar="N",
+                   help="number of TDX private keyids the platform reports (default 16)")
+    p.add_argument("--no-movdir64b", action="store_true",
+                   help="hide MOVDIR64B from CPUID (the kernel then refuses TDX)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="give up after S seconds (default 300)")
+    p.add_argument("--quiet", action="store_true", help="do not echo the guest console")
+    p.add_argument("--save-trace", type=Path, default=None, metavar="FILE",
+                   help="keep the SEAMCALL trace (JSON lines) in FILE; `vtdx trace FILE` reads it")
+    p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)

@@ -1,0 +1,35 @@
+"""``vtdx setup``: provision the QEMU runtime and build the TCG plugin (idempotent)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from vtdx.host import qemu as qemu_runtime
+
+
+def _log(msg: str) -> None:
+    print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    rt = qemu_runtime.setup(args.cache, _log, mirror=args.mirror,
+                            use_system=not args.no_system_qemu)
+    print(f"QEMU {rt.version_str} ({rt.root or rt.qemu}), plugin {rt.plugin_path}, "
+          f"{time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("setup", help="provision QEMU >= 11.1 and build the TCG plugin",
+                              description=__doc__)
+    p.add_argument("--cache", type=Path, default=None,
+                   help="cache directory (default: $VTDX_CACHE or ~/.cache/vtdx)")
+    p.add_argument("--mirror", default=None,
+                   help="Debian mirror for the private root (default: from apt's sources)")
+    p.add_argument("--no-system-qemu", action="store_true",
+                   help="use the private root even if a suitable system QEMU exists")
+    p.set_defaults(func=run)

@@ -1,0 +1,450 @@
+"""A booted vtdx machine driven from synchronous code (pytest tests, scripts).
+
+``Vm`` boots ``Machine`` (QEMU + plugin + daemon) on an event loop in a background thread,
+so the machine keeps running between test functions, and offers what a kernel test needs:
+
+    vm.run("cat /proc/cpuinfo")  -> CommandResult (unpacks as rc, stdout), via the guest agent
+    vm.dmesg()                   -> the kernel log, read in the guest (not scraped)
+    vm.payload("tdx-state")      -> KtapResult of an in-guest program from guest/payloads
+    vm.vtdx                      -> the vtdx QMP endpoint: status, tdmrs, pamt, trace, inject
+    vm.trace                     -> the SEAMCALL trace (JSONL in the run directory)
+    vm.console_tail(40)          -> the serial console as the kernel printed it
+
+Faults that must hit during boot (TDMR.INIT, KEY.CONFIG, LP.INIT) cannot be injected over
+QMP in time, so ``BootSpec.faults`` arms them in the module before QEMU starts; ``after``
+lets a fault strike the N+1-th matching call (a TDMR half initialized).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vtdx.errors import VtdxError
+from vtdx.harness.guest_agent import (
+    AGENT_APPEND,
+    AgentError,
+    CommandFailed,
+    CommandResult,
+    GuestAgent,
+    PayloadSet,
+    agent_initramfs,
+    agent_machine_class,
+)
+from vtdx.host.payloads import KtapResult, build_payloads, kernel_headers
+
+#: Same base as ``vtdx run``: serial console, no hibernation (the kernel refuses TDX while
+#: it is possible), reboot at once on panic (QEMU runs with -no-reboot, so it exits).
+BASE_APPEND = "console=ttyS0 nohibernate panic=-1"
+_TIMESTAMP = re.compile(r"^\[\s*[\d.]+\]\s*")
+
+
+def parse_status(value: int | str) -> int:
+    """A TDX status from a number or a name such as ``TDX_SYS_BUSY`` or ``OPERAND_BUSY+RCX``."""
+    from vtdx.observe.qmp import QmpError, _status_arg
+
+    try:
+        return _status_arg(value)
+    except QmpError as e:
+        raise VtdxError(e.desc) from None
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Make ``count`` calls of ``leaf`` (on ``lp``) return ``status``, once ``after``
+    matching calls have succeeded. Armed in the module before the machine boots."""
+
+    status: int | str
+    leaf: int | str | None = None
+    count: int | None = 1
+    lp: int | None = None
+    after: int = 0
+
+    def arm(self, module: Any) -> None:
+        from vtdx.observe.trace import parse_leaf
+
+        status = parse_status(self.status)
+        leaf = parse_leaf(self.leaf) if self.leaf is not None else None
+        lps = {self.lp} if self.lp is not None else None
+        if self.after <= 0:
+            module.faults.add(status, leaf, count=self.count, lps=lps)
+            return
+        seen = 0
+        lock = threading.Lock()
+
+        def observe(lp: int, lf: int, _in: Any, _out: Any, _s: float) -> None:
+            nonlocal seen
+            if (leaf is not None and lf != leaf) or (lps is not None and lp not in lps):
+                return
+            with lock:
+                seen += 1
+                if seen == self.after:  # the next matching call gets the status
+                    module.faults.add(status, leaf, count=self.count, lps=lps)
+
+        module.add_observer(observe)
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Everything that makes two machines different (the pool key for reuse)."""
+
+    kernel: Path
+    vmlinux: Path | None = None
+    smp: int = 2
+    mem: str = "2G"
+    append: str = ""
+    faults: tuple[Fault, ...] = ()
+    boot_timeout: float = 300.0
+    #: Source tree of the kernel: payloads are built against its UAPI headers (KVM).
+    kernel_src: Path | None = None
+
+    def cmdline(self) -> str:
+        return f"{BASE_APPEND} {AGENT_APPEND} {self.append}".strip()
+
+
+# --------------------------------------------------------------------------- QMP
+
+
+class VtdxControl:
+    """A small synchronous client of vtdx's QMP endpoint (the same socket ``vtdx console``
+    and qmp-shell use), so tests assert on exactly what a person inspecting would see."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 30.0) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _recv_msg(self) -> dict[str, Any]:
+        assert self._sock is not None
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line, self._buf = self._buf[:nl], self._buf[nl + 1:]
+                if line.strip():
+                    msg = json.loads(line)
+                    if "event" not in msg:
+                        return msg
+                continue
+            data = self._sock.recv(1 << 20)
+            if not data:
+                raise VtdxError(f"vtdx QMP socket {self.path} closed")
+            self._buf += data
+
+    def _connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except OSError as e:
+            s.close()
+            raise VtdxError(f"vtdx QMP socket {self.path}: {e.strerror}") from None
+        self._sock, self._buf = s, b""
+        self._recv_msg()  # greeting
+        self._sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+        self._recv_msg()
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command; its ``return`` value, or VtdxError with the QMP error text."""
+        args = {k: v for k, v in arguments.items() if v is not None}
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            assert self._sock is not None
+            try:
+                self._sock.sendall(json.dumps({"execute": command, "arguments": args}).encode()
+                                   + b"\n")
+                reply = self._recv_msg()
+            except OSError as e:
+                self.close()
+                raise VtdxError(f"vtdx QMP: {e}") from None
+        if "error" in reply:
+            raise VtdxError(f"{command}: {reply['error'].get('desc')}")
+        return reply.get("return")
+
+    # -- the queries of vtdx/qmp.py, by name
+
+    def status(self) -> dict[str, Any]:
+        return self.execute("query-vtdx-status")
+
+    def tdmrs(self) -> list[dict[str, Any]]:
+        return self.execute("query-vtdx-tdmrs")
+
+    def pamt(self, **kw: Any) -> Any:
+        return self.execute("query-vtdx-pamt", **kw)
+
+    def tds(self) -> list[dict[str, Any]]:
+        return self.execute("query-vtdx-tds")
+
+    def locks(self) -> dict[str, Any]:
+        return self.execute("query-vtdx-locks")
+
+    def stats(self) -> dict[str, Any]:
+        return self.execute("query-vtdx-stats")
+
+    def trace(self, count: int = 20, **kw: Any) -> list[dict[str, Any]]:
+        return self.execute("query-vtdx-trace", count=count, **kw)
+
+    def faults(self) -> list[dict[str, Any]]:
+        return self.execute("query-vtdx-faults")
+
+    def inject(self, status: int | str, leaf: int | str | None = None, *,
+               count: int | None = None, lp: int | None = None,
+               probability: float | None = None) -> int:
+        """Arm a fault rule now; its id (for ``inject_clear``)."""
+        r = self.execute("vtdx-inject", status=status, leaf=leaf, count=count, lp=lp,
+                         probability=probability)
+        return int(r["id"])
+
+    def inject_clear(self, rule_id: int | None = None) -> int:
+        return int(self.execute("vtdx-inject-clear", rule_id=rule_id)["removed"])
+
+    @contextlib.contextmanager
+    def injecting(self, status: int | str, leaf: int | str | None = None,
+                  **kw: Any) -> Iterator[int]:
+        """``with vm.vtdx.injecting("TDX_SYS_BUSY", "TDH.SYS.LP.INIT", lp=1): ...``"""
+        rid = self.inject(status, leaf, **kw)
+        try:
+            yield rid
+        finally:
+            with contextlib.suppress(VtdxError):  # a count-limited rule removes itself
+                self.inject_clear(rid)
+
+
+# --------------------------------------------------------------------------- trace
+
+
+class TraceView:
+    """The run's SEAMCALL trace file, read incrementally (records are never rewritten)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._records: list[dict[str, Any]] = []
+        self._offset = 0
+
+    def records(self) -> list[dict[str, Any]]:
+        """All records so far (a torn last line is left for the next read)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self._records
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                self._records.append(json.loads(line))
+        self._offset += end
+        return self._records
+
+    def mark(self) -> int:
+        """A position: ``since(mark)`` returns only the calls made after it."""
+        return len(self.records())
+
+    def since(self, mark: int = 0, **filters: Any) -> list[dict[str, Any]]:
+        return self.select(self.records()[mark:], **filters)
+
+    def last(self, count: int = 20, **filters: Any) -> list[dict[str, Any]]:
+        out = self.select(self.records(), **filters)
+        return out[-count:] if count > 0 else []
+
+    @staticmethod
+    def select(recs: list[dict[str, Any]], leaf: str | int | None = None,
+               lp: int | None = None, ok: bool | None = None,
+               status: str | None = None) -> list[dict[str, Any]]:
+        from vtdx.observe.trace import parse_leaf
+
+        want = parse_leaf(leaf) if leaf is not None else None
+        return [r for r in recs
+                if (want is None or r.get("leaf") == want)
+                and (lp is None or r.get("lp") == lp)
+                and (ok is None or r.get("ok") == ok)
+                and (status is None or status.upper() in str(r.get("status-name")).upper())]
+
+    def count(self, leaf: str | int | None = None, **filters: Any) -> int:
+        return len(self.since(0, leaf=leaf, **filters))
+
+    @staticmethod
+    def format(recs: list[dict[str, Any]]) -> str:
+        from vtdx.observe.trace import format_record
+
+        return "\n".join(format_record(r).splitlines()[0] for r in recs)
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+@dataclass(repr=False)
+class Vm:
+    """One booted machine with the guest agent (see the module docstring)."""
+
+    spec: BootSpec
+    cache: Path | None = None
+    payloads: PayloadSet | None = None
+    boot_seconds: float = 0.0
+    machine: Any = None
+    module: Any = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _agent: GuestAgent | None = None
+    _vtdx: VtdxControl | None = None
+    _trace: TraceView | None = None
+    commands: list[CommandResult] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # short: pytest prints it in every failing test's traceback
+        state = "running" if self.alive else "stopped"
+        return (f"Vm({self.spec.kernel}, smp={self.spec.smp}, mem={self.spec.mem}, "
+                f"faults={len(self.spec.faults)}, {state})")
+
+    # -- lifecycle
+
+    def start(self) -> Vm:
+        from vtdx.module import TdxModule
+
+        if not self.spec.kernel.is_file():
+            raise VtdxError(f"kernel {self.spec.kernel} not found")
+        headers = kernel_headers(self.spec.kernel_src, self.cache) if self.spec.kernel_src \
+            else None
+        payloads = self.payloads or PayloadSet(build_payloads(self.cache, headers=headers))
+        initrd = agent_initramfs(self.cache, payloads)
+        t0 = time.monotonic()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vtdx-vm",
+                                        daemon=True)
+        self._thread.start()
+
+        def backend(profile: Any, memory: Any) -> Any:
+            self.module = TdxModule(profile, memory)
+            for f in self.spec.faults:
+                f.arm(self.module)
+            return self.module
+
+        self.machine = agent_machine_class()(
+            self.spec.kernel, initrd=initrd, append=self.spec.cmdline(), smp=self.spec.smp,
+            mem=self.spec.mem, backend=backend, vmlinux=self.spec.vmlinux)
+        try:
+            self._call(self.machine.start(), timeout=120)
+            self._agent = GuestAgent.connect(self.machine.agent_path)
+            self._agent.wait_ready(self.spec.boot_timeout, alive=lambda: self.alive)
+        except BaseException as e:
+            tail = self.console_tail(25)
+            self.stop()
+            if isinstance(e, VtdxError):
+                raise VtdxError(f"{e}\n--- guest console (last lines) ---\n{tail}") from None
+            raise
+        self._vtdx = VtdxControl(self.machine.vtdx_qmp_path)
+        self._trace = TraceView(self.machine.run_dir / "trace.jsonl")
+        self.boot_seconds = time.monotonic() - t0
+        return self
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        """Stop QEMU and the daemon, remove the run directory (idempotent)."""
+        for closer in (self._agent, self._vtdx):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer.close()
+        self._agent = self._vtdx = None
+        if self.machine is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._call(self.machine.stop(), timeout=30)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> Vm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def alive(self) -> bool:
+        q = getattr(self.machine, "qemu", None)
+        return q is not None and q.returncode is None
+
+    # -- the guest
+
+    def run(self, cmd: str, timeout: float = 60.0, check: bool = False) -> CommandResult:
+        """Run ``cmd`` in the guest (busybox sh); ``check`` raises on non-zero status."""
+        if self._agent is None or not self.alive:
+            raise AgentError("the machine is not running\n" + self.console_tail(15))
+        res = self._agent.run(cmd, timeout)
+        self.commands.append(res)
+        if check and res.rc:
+            raise CommandFailed(res)
+        return res
+
+    def put(self, path: str, data: bytes, mode: int = 0o755, chunk: int = 12 << 10) -> None:
+        """Copy a file into the guest (e.g. a test binary of your own) through the agent."""
+        import base64
+        import shlex
+
+        q = shlex.quote(path)
+        self.run(f": > {q}", check=True)
+        for off in range(0, len(data), chunk):
+            b64 = base64.b64encode(data[off:off + chunk]).decode()
+            self.run(f"echo {b64} | base64 -d >> {q}", check=True)
+        self.run(f"chmod {mode:o} {q}", check=True)
+
+    def dmesg(self) -> str:
+        return self.run("dmesg", check=True).stdout
+
+    def payload(self, name: str, *args: str | int, timeout: float = 120.0) -> KtapResult:
+        """Run /vtdx/bin/<name> and parse its KTAP output."""
+        argv = " ".join([name, *(str(a) for a in args)])
+        res = self.run(argv, timeout=timeout)
+        return KtapResult.parse(argv, res.rc, res.stdout, res.stderr)
+
+    def tdx_log(self) -> list[str]:
+        """The kernel's TDX host lines (pr_fmt "virt/tdx: "), without timestamps."""
+        return [_TIMESTAMP.sub("", ln) for ln in self.dmesg().splitlines() if "virt/tdx: " in ln]
+
+    def pamt_ranges(self) -> list[tuple[int, int]]:
+        """(first PFN, pages) of each TDMR's PAMT as the module was given it: the kernel
+        allocates one TDMR's 4K/2M/1G PAMT areas as one contiguous block."""
+        out = []
+        for t in self.vtdx.tdmrs():
+            areas = [(a["base"], a["base"] + a["size"]) for a in t["pamt"] if a["size"]]
+            if areas:
+                lo, hi = min(a for a, _ in areas), max(b for _, b in areas)
+                out.append((lo >> 12, (hi - lo) >> 12))
+        return out
+
+    def console_tail(self, lines: int = 40) -> str:
+        got = list(getattr(self.machine, "console_lines", []) or [])
+        return "\n".join(got[-lines:])
+
+    @property
+    def vtdx(self) -> VtdxControl:
+        if self._vtdx is None:
+            raise VtdxError("the machine is not running")
+        return self._vtdx
+
+    @property
+    def trace(self) -> TraceView:
+        if self._trace is None:
+            raise VtdxError("the machine is not running")
+        return self._trace

@@ -1,0 +1,158 @@
+"""In-guest test programs (guest/payloads/*.c): static builds and their KTAP results.
+
+The guest has no compiler and no libc beyond busybox, so each payload is linked statically
+with the host gcc and placed in the agent's initramfs (``/vtdx/bin``). Builds are cached by
+the content of the sources and the compiler version. Results are KTAP v1 (the format of
+kselftest and KUnit), parsed here so a pytest assertion can show the kernel developer the
+exact lines they would read on a console.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vtdx.errors import VtdxError
+from vtdx.resources import asset
+
+PAYLOAD_SRC = asset("guest", "payloads")
+CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra")
+
+
+def sources(src_dir: Path = PAYLOAD_SRC) -> dict[str, Path]:
+    """Payload name -> its .c file (headers in the same directory are shared)."""
+    return {p.stem: p for p in sorted(src_dir.glob("*.c"))}
+
+
+def build_payloads(cache: Path | None = None, src_dir: Path = PAYLOAD_SRC,
+                   headers: Path | None = None, cc: str = "gcc") -> dict[str, bytes]:
+    """Build every payload (or reuse the cached build); name -> static ELF bytes.
+
+    ``headers``: an installed kernel header tree (``make headers_install``) for payloads
+    that use the booted kernel's UAPI (KVM ioctls); default: the host's /usr/include.
+    """
+    from vtdx.host.qemu import cache_dir
+
+    if shutil.which(cc) is None:
+        raise VtdxError(f"{cc} not found: the in-guest payloads need a C compiler "
+                        "(install gcc and libc6-dev)")
+    ver = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                         check=False).stdout.splitlines()[:1]
+    h = hashlib.sha256("\0".join([*ver, *CFLAGS, str(headers or "")]).encode())
+    for p in sorted([*src_dir.glob("*.c"), *src_dir.glob("*.h")]):
+        h.update(p.name.encode() + p.read_bytes())
+    out_dir = cache_dir(cache) / "payloads" / h.hexdigest()[:16]
+    srcs = sources(src_dir)
+    if not all((out_dir / n).is_file() for n in srcs):
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        inc = ["-isystem", str(headers / "include")] if headers else []
+        for name, src in srcs.items():
+            r = subprocess.run([cc, *CFLAGS, *inc, "-I", str(src_dir), "-o", str(tmp / name),
+                                str(src)], capture_output=True, text=True, check=False)
+            if r.returncode:
+                err = (r.stderr.strip().splitlines() or ["?"])[-1]
+                hint = " (static libc missing? install libc6-dev)" if "-lc" in r.stderr else ""
+                raise VtdxError(f"building payload {name}: {err}{hint}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    return {n: (out_dir / n).read_bytes() for n in srcs}
+
+
+def kernel_headers(src: Path, cache: Path | None = None) -> Path:
+    """The UAPI headers of a kernel tree (``make headers``, cached): the directory to pass
+    as ``build_payloads(headers=...)``. Payloads then see the booted kernel's KVM ABI, not
+    the host distribution's older one."""
+    from vtdx.host.kernel import kernel_version
+    from vtdx.host.qemu import cache_dir
+
+    src = src.resolve()
+    if not (src / "Makefile").is_file() or not (src / "include" / "uapi").is_dir():
+        raise VtdxError(f"{src}: not a Linux source tree (no Makefile / include/uapi)")
+    key = hashlib.sha256(f"{src}\0{kernel_version(src)}".encode()).hexdigest()[:16]
+    out = cache_dir(cache) / "headers" / key
+    if not (out / "usr" / "include" / "linux" / "kvm.h").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        # `headers` (not headers_install, which needs rsync) leaves them in O=/usr/include.
+        r = subprocess.run(["make", "-s", "-C", str(src), f"O={out}", "headers"],
+                           capture_output=True, text=True, check=False)
+        if r.returncode:
+            err = (r.stderr.strip().splitlines() or ["?"])[-1]
+            raise VtdxError(f"make headers in {src}: {err}")
+    return out / "usr"
+
+
+# --------------------------------------------------------------------------- KTAP
+
+_RESULT = re.compile(r"^\s*(ok|not ok) (\d+)(?: -)? ?([^#]*?)\s*(?:#\s*(.*))?$")
+_DIAG = re.compile(r"^\s*#\s*([\w.-]+):\s*(.*)$")
+
+
+@dataclass
+class KtapCase:
+    ok: bool
+    number: int
+    name: str
+    directive: str = ""
+
+    @property
+    def skipped(self) -> bool:
+        return self.directive.upper().startswith("SKIP")
+
+
+@dataclass
+class KtapResult:
+    """One payload run: its exit status, KTAP test lines and ``# key: value`` diagnostics."""
+
+    cmd: str
+    rc: int
+    text: str
+    cases: list[KtapCase] = field(default_factory=list)
+    diag: dict[str, str] = field(default_factory=dict)
+    planned: int | None = None
+    stderr: str = ""
+
+    @classmethod
+    def parse(cls, cmd: str, rc: int, text: str, stderr: str = "") -> KtapResult:
+        res = cls(cmd, rc, text, stderr=stderr)
+        for line in text.splitlines():
+            if m := _RESULT.match(line):
+                res.cases.append(KtapCase(m[1] == "ok", int(m[2]), m[3], m[4] or ""))
+            elif m := re.match(r"^\s*1\.\.(\d+)", line):
+                res.planned = int(m[1])
+            elif m := _DIAG.match(line):
+                res.diag.setdefault(m[1], m[2])
+        return res
+
+    @property
+    def failed(self) -> list[KtapCase]:
+        return [c for c in self.cases if not c.ok]
+
+    @property
+    def ok(self) -> bool:
+        """Every planned test ran and passed, and the program exited 0."""
+        complete = self.planned is None or len(self.cases) == self.planned
+        return self.rc == 0 and bool(self.cases) and complete and not self.failed
+
+    def case(self, name: str) -> KtapCase:
+        for c in self.cases:
+            if c.name == name:
+                return c
+        raise KeyError(f"no KTAP test {name!r} in {self.cmd!r}")
+
+    def describe(self) -> str:
+        head = f"$ {self.cmd}  (exit status {self.rc})"
+        tail = f"\n[stderr]\n{self.stderr}" if self.stderr else ""
+        return f"{head}\n{self.text.rstrip()}{tail}\n"
+
+    def assert_ok(self) -> KtapResult:
+        """Raise AssertionError carrying the full KTAP output unless everything passed."""
+        if not self.ok:
+            bad = ", ".join(c.name for c in self.failed) or "incomplete run"
+            raise AssertionError(f"in-guest payload failed ({bad}):\n{self.describe()}")
+        return self

@@ -1,0 +1,42 @@
+"""Every leaf the module answers, one file per leaf family (Intel's api_calls/, grouped).
+
+``LEAF_TABLE`` is the dispatcher's table, in the spirit of tdx_vmm_dispatcher.c's switch:
+each family exports ``LEAVES`` (a list of ``LeafSpec``) and is named here once, so the link
+from a leaf number to its handler is an import an editor can follow.
+"""
+
+from __future__ import annotations
+
+from vtdx.module.context import LeafSpec
+from vtdx.module.leaves import (
+    dpamt,
+    mem_page,
+    mem_range,
+    mem_sept,
+    mr,
+    phymem,
+    phymem_td,
+    sys_config,
+    sys_init,
+    sys_key,
+    sys_lp,
+    sys_rd,
+    sys_shutdown,
+    sys_tdmr,
+    td_mng,
+    td_vp,
+)
+
+_FAMILIES = (sys_init, sys_lp, sys_config, sys_key, sys_tdmr, sys_rd, sys_shutdown, phymem,
+             td_mng, td_vp, mem_sept, mem_page, mem_range, mr, phymem_td, dpamt)
+
+
+def leaf_table() -> dict[int, LeafSpec]:
+    """Leaf number -> spec for every modelled leaf; a leaf named twice is a bug."""
+    table: dict[int, LeafSpec] = {}
+    for family in _FAMILIES:
+        for spec in family.LEAVES:
+            if spec.leaf in table:
+                raise AssertionError(f"leaf {spec.leaf:#x} registered twice")
+            table[spec.leaf] = spec
+    return table

@@ -1,0 +1,193 @@
+"""TDH.SYS.RD and TDH.SYS.RDALL: read global metadata (tdh_sys_rd.c, tdh_sys_rdall.c,
+metadata_generic.c, metadata_sys.c).
+
+Values come from the platform profile (vtdx.platform.profile.Profile) and module state; field ids
+and shapes from vtdx.abi.fields. SYS.RD: RDX = field id in, next field id out; R8 = value.
+SYS.RDALL: RDX = 4 KB-aligned buffer for a metadata list, R8 = first field id in / next out.
+
+Differs from Intel's md_dump_list(): the model writes one sequence per lookup-table row,
+where the module merges consecutive rows of the same class and element size into one
+sequence. Both are valid metadata lists; Linux 7.3 does not call RDALL.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from vtdx.abi import fields as fl
+from vtdx.abi import status as st
+from vtdx.abi.leaves import Leaf
+from vtdx.module.context import CallContext, LeafSpec
+
+if TYPE_CHECKING:
+    from vtdx.module.core import TdxModule
+
+_FIELD_NA = fl.FIELD_ID_NA
+_CPUID_ARRAYS = ("CPUID_CONFIG_LEAVES", "CPUID_CONFIG_VALUES")
+
+
+def global_values(m: TdxModule) -> dict[str, list[int]]:
+    """Every global field's elements as the module would report them now."""
+    p = m.profile
+    major, minor, update = p.module_version
+    cpuid_leaves = []
+    cpuid_values = []
+    for (leaf, sub), (eax, ebx, ecx, edx) in p.cpuid_config:
+        cpuid_leaves.append(leaf | (sub << 32))
+        cpuid_values += [eax | (ebx << 32), ecx | (edx << 32)]
+    cmrs = [c for c in p.cmrs if c.size]
+    v: dict[str, list[int]] = {
+        "NUM_PKGS": [p.num_packages],
+        "PKG_FMS": [p.cpu_fms if i < p.num_packages else 0 for i in range(8)],
+        "VENDOR_ID": [0x8086],
+        "BUILD_DATE": [p.build_date],
+        "BUILD_NUM": [p.build_num],
+        "MINOR_VERSION": [minor],
+        "MAJOR_VERSION": [major],
+        "UPDATE_VERSION": [update],
+        "INTERNAL_VERSION": [0],
+        "MODULE_HV": [0],
+        "MIN_UPDATE_HV": [0],
+        "NO_DOWNGRADE": [0],
+        "NUM_HANDOFF_PAGES": [0],
+        "SYS_ATTRIBUTES": [m.sys_attributes],
+        "NUM_TDX_FEATURES": [1],
+        "TDX_FEATURES0": [p.features0],
+        "NUM_CMRS": [len(cmrs)],
+        "CMR_BASE": [c.base for c in cmrs] + [0] * (32 - len(cmrs)),
+        "CMR_SIZE": [c.size for c in cmrs] + [0] * (32 - len(cmrs)),
+        "MAX_TDMRS": [p.max_tdmrs],
+        "MAX_RESERVED_PER_TDMR": [p.max_reserved_per_tdmr],
+        "PAMT_4K_ENTRY_SIZE": [p.pamt_entry_sizes[0]],
+        "PAMT_2M_ENTRY_SIZE": [p.pamt_entry_sizes[1]],
+        "PAMT_1G_ENTRY_SIZE": [p.pamt_entry_sizes[2]],
+        "TDR_BASE_SIZE": [p.tdr_base_size],
+        "TDCS_BASE_SIZE": [p.tdcs_base_size],
+        "TDVPS_BASE_SIZE": [p.tdvps_base_size],
+        "ATTRIBUTES_FIXED0": [p.attributes_fixed0],
+        "ATTRIBUTES_FIXED1": [p.attributes_fixed1],
+        "XFAM_FIXED0": [p.xfam_fixed0],
+        "XFAM_FIXED1": [p.xfam_fixed1],
+        "NUM_CPUID_CONFIG": [len(cpuid_leaves)],
+        "CONFIG_FLAGS_FIXED0": [p.config_flags_fixed0],
+        "CONFIG_FLAGS_FIXED1": [p.config_flags_fixed1],
+        "MAX_VCPUS_PER_TD": [p.max_vcpus_per_td],
+        "CPUID_CONFIG_LEAVES": cpuid_leaves,
+        "CPUID_CONFIG_VALUES": cpuid_values,
+    }
+    if p.dynamic_pamt:
+        v["PAMT_PAGE_BITMAP_ENTRY_BITS"] = [p.pamt_bitmap_entry_bits]
+    return v
+
+
+def _mask(f: fl.FieldDef) -> int:
+    return (1 << (8 * f.size)) - 1
+
+
+def _elements(values: dict[str, list[int]]) -> list[int]:
+    """Readable element ids in context order."""
+    out = []
+    for f in fl.GLOBAL_FIELDS:
+        vals = values.get(f.name)
+        if vals is None:
+            continue
+        n = len(vals) if f.name in _CPUID_ARRAYS else f.count
+        out += [f.element_id(i) for i in range(n)]
+    return out
+
+
+class _Catalogue:
+    """Field values plus the context order, cached per module (the profile is immutable)."""
+
+    __slots__ = ("key", "values", "ids", "next_of")
+
+    def __init__(self, m: TdxModule) -> None:
+        self.key = m.sys_attributes
+        self.values = global_values(m)
+        self.ids = _elements(self.values)
+        self.next_of = {
+            (fl.class_code(fid), fl.field_code(fid)): (self.ids[k + 1] if k + 1 < len(self.ids)
+                                                        else _FIELD_NA)
+            for k, fid in enumerate(self.ids)
+        }
+
+
+def catalogue(m: TdxModule) -> _Catalogue:
+    cat = m.ext.get("sys_rd")
+    if cat is None or cat.key != m.sys_attributes:
+        cat = m.ext["sys_rd"] = _Catalogue(m)
+    return cat
+
+
+def tdh_sys_rd(ctx: CallContext) -> int:
+    m, out = ctx.module, ctx.out
+    out.rdx = _FIELD_NA
+    out.r8 = 0
+    if not ctx.lp_state.initialized:
+        return st.TDX_SYS_LP_INIT_NOT_DONE
+    field_id = ctx.regs.rdx & ~fl.CONTEXT_MASK  # context code is implicit (SYS = 0)
+    cat = catalogue(m)
+    values = cat.values
+    if fl.is_null(field_id):
+        out.rdx = cat.ids[0] if cat.ids else _FIELD_NA
+        return st.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT
+    if field_id & fl.SINGLE_ELEMENT_MBZ:
+        return st.TDX_METADATA_FIELD_ID_INCORRECT
+    hit = fl.lookup_global(field_id)
+    if hit is None or hit[0].name not in values:
+        return st.TDX_METADATA_FIELD_ID_INCORRECT
+    f, idx = hit
+    vals = values[f.name]
+    if idx >= len(vals):  # CPUID config entries past NUM_CPUID_CONFIG
+        return st.TDX_METADATA_FIELD_SKIP
+    out.r8 = vals[idx] & _mask(f)
+    out.rdx = cat.next_of.get((fl.class_code(field_id), fl.field_code(field_id)), _FIELD_NA)
+    return st.TDX_SUCCESS
+
+
+RDALL_BUF = 4096
+
+
+def tdh_sys_rdall(ctx: CallContext) -> int:
+    """Dump fields from R8 on as a metadata list: u16 size, u16 sequences, u32 0, then per
+    sequence a field id header (last-element / last-field counts set) and u64 elements."""
+    m, out = ctx.module, ctx.out
+    out.r8 = _FIELD_NA
+    if not ctx.lp_state.initialized:
+        return st.TDX_SYS_LP_INIT_NOT_DONE
+    buf_pa = ctx.regs.rdx
+    if not m.shared_hpa_ok(buf_pa, RDALL_BUF):
+        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RDX
+    values = catalogue(m).values
+    start = ctx.regs.r8 & ~fl.CONTEXT_MASK
+    fields = [f for f in fl.GLOBAL_FIELDS if f.name in values]
+    if not fl.is_null(start):
+        hit = fl.lookup_global(start)
+        if hit is None or hit[0] not in fields:
+            return st.TDX_METADATA_FIELD_ID_INCORRECT
+        fields = fields[fields.index(hit[0]):]
+    body = bytearray()
+    nseq = 0
+    next_id = _FIELD_NA
+    for f in fields:
+        vals = values[f.name]
+        if 8 + len(body) + 8 + 8 * len(vals) > RDALL_BUF:
+            next_id = f.field_id
+            break
+        nfields = max(1, len(vals) // f.num_elem)
+        header = f.field_id | ((f.num_elem - 1) << 34) | ((nfields - 1) << 38)
+        body += struct.pack("<Q", header)
+        body += b"".join(struct.pack("<Q", x & _mask(f)) for x in vals)
+        nseq += 1
+    if not m.memory.contains(buf_pa, RDALL_BUF):
+        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RDX
+    m.memory.write(buf_pa, struct.pack("<HHI", 8 + len(body), nseq, 0) + bytes(body))
+    out.r8 = next_id
+    return st.TDX_SUCCESS if next_id == _FIELD_NA else st.TDX_METADATA_LIST_OVERFLOW
+
+
+LEAVES = [
+    LeafSpec(Leaf.TDH_SYS_RD, tdh_sys_rd),
+    LeafSpec(Leaf.TDH_SYS_RDALL, tdh_sys_rdall),
+]

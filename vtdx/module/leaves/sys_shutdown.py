@@ -1,0 +1,55 @@
+"""TDH.SYS.SHUTDOWN (tdh_sys_shutdown.c, used by Linux 7.3 before a module update) and
+TDH.SYS.DISABLE (Linux 7.3 tdx_sys_disable() on reboot/kexec).
+
+SYS.DISABLE is not in the open-source 1.5 module; modelled from the Linux series' description
+(lkml 2603.2): it frees and resets everything so the next kernel can initialise the module
+from scratch, and answers TDX_SYS_BUSY while other TDH.SYS.* calls are in flight. Enumerated
+by TDX_FEATURES0 bit 53; without it the leaf is unknown (TDX_OPERAND_INVALID | RAX).
+"""
+
+from __future__ import annotations
+
+from vtdx.abi import status as st
+from vtdx.abi.leaves import Leaf
+from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module.leaves.sys_init import SYS_LOCK
+from vtdx.module.state import SysState
+
+MODULE_HV = 0
+MIN_UPDATE_HV = 0
+NO_DOWNGRADE = False
+
+
+def _others_busy(ctx: CallContext) -> bool:
+    return any(s.busy for s in ctx.module.lps if s.lp != ctx.lp)
+
+
+def tdh_sys_shutdown(ctx: CallContext) -> int:
+    m = ctx.module
+    hv = ctx.regs.rcx
+    if hv < MIN_UPDATE_HV or hv > MODULE_HV or (NO_DOWNGRADE and hv != MODULE_HV):
+        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
+    ctx.lock(SYS_LOCK, True, st.TDX_SYS_BUSY)
+    ctx.checkpoint("locked")
+    if _others_busy(ctx):  # another LP is inside the module
+        return st.TDX_SYS_BUSY
+    m.state = SysState.SYS_SHUTDOWN
+    return st.TDX_SUCCESS
+
+
+def tdh_sys_disable(ctx: CallContext) -> int:
+    m = ctx.module
+    if not m.profile.sys_disable:
+        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RAX
+    ctx.lock(SYS_LOCK, True, st.TDX_SYS_BUSY)
+    ctx.checkpoint("locked")
+    if _others_busy(ctx):
+        return st.TDX_SYS_BUSY
+    m.reset()
+    return st.TDX_SUCCESS
+
+
+LEAVES = [
+    LeafSpec(Leaf.TDH_SYS_SHUTDOWN, tdh_sys_shutdown),
+    LeafSpec(Leaf.TDH_SYS_DISABLE, tdh_sys_disable),
+]

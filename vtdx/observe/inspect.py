@@ -1,0 +1,569 @@
+"""Read-only views of the TDX module model as plain dicts: what QMP and the console show.
+
+On hardware the PAMT and S-EPT are encrypted; here every query reads the model under the
+module mutex, so an answer is one consistent snapshot (with the machine paused through QMP,
+nothing moves between two queries either). Queries never mutate the model: the S-EPT is
+walked with ``peek``, PAMT defaults are computed instead of materialised.
+
+Large answers are aggregated, not enumerated: the PAMT summary of a 6 GiB machine is
+computed from the TDMR geometry plus the sparse entries that differ from their defaults,
+never by visiting 1.5 M page frames.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from vtdx.abi import leaves
+from vtdx.abi import status as st
+from vtdx.module import pamt as P
+from vtdx.module import sept as SEPT
+from vtdx.module import td_common as TDC
+from vtdx.module.faults import FaultInjector
+from vtdx.observe.trace import TraceRecorder
+
+#: Upper bound of page frames one ``query-vtdx-pamt`` range returns (keeps replies small).
+MAX_PAMT_RANGE = 4096
+#: Upper bound of S-EPT leaf mappings one ``query-vtdx-sept`` lists.
+MAX_SEPT_LIST = 4096
+
+
+class InspectError(Exception):
+    """A query argument that names nothing (unknown TD, page outside every TDMR...)."""
+
+    def __init__(self, desc: str, cls: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.cls = cls
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+@dataclass(slots=True)
+class InflightCall:
+    call_id: int
+    lp: int
+    leaf: int
+    point: str
+    since: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"call": self.call_id, "lp": self.lp, "leaf": leaves.leaf_name(self.leaf),
+                "point": self.point, "waiting-s": round(time.monotonic() - self.since, 3)}
+
+
+class InflightTracker:
+    """Wraps the module's control-point controller to know which calls wait inside it.
+
+    Another thread can only see TDX locks held while their call waits at a control point
+    (otherwise the call holds the module mutex and no query runs), so this registry names
+    every lock holder a query can meet: call id -> LP, leaf, point.
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.inner = module.controller
+        self.calls: dict[int, InflightCall] = {}
+        module.controller = self
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def checkpoint(self, ctx: Any, name: str) -> None:
+        self.calls[ctx.id] = InflightCall(ctx.id, ctx.lp, ctx.leaf, name, time.monotonic())
+        try:
+            inner = self.inner
+            if inner is not None:
+                inner.checkpoint(ctx, name)
+        finally:
+            self.calls.pop(ctx.id, None)
+
+    def __getattr__(self, name: str) -> Any:  # pause(), clear()... reach the real controller
+        if self.inner is None:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class RecordingFaultInjector(FaultInjector):
+    """FaultInjector that remembers, per LP, whether its latest call was injected.
+
+    The trace observer runs on the same vCPU thread right after the call, so it can mark
+    the record ``injected`` without the module having to report it.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._injected: dict[int, bool] = {}
+
+    def check(self, lp: int, leaf: int) -> int | None:
+        status = super().check(lp, leaf)
+        self._injected[lp] = status is not None
+        return status
+
+    def take_injected(self, lp: int) -> bool:
+        return self._injected.pop(lp, False)
+
+
+def install_fault_recorder(module: Any) -> RecordingFaultInjector:
+    """Swap in a recording injector, keeping existing rules and seed."""
+    old = module.faults
+    if isinstance(old, RecordingFaultInjector):
+        return old
+    new = RecordingFaultInjector(seed=old.seed, rules=list(old.rules))
+    module.faults = new
+    return new
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _names(mapping: dict[int, str], value: int) -> str:
+    return mapping.get(value, str(value))
+
+
+LIFECYCLE_NAMES = {TDC.TD_HKID_ASSIGNED: "HKID_ASSIGNED", TDC.TD_KEYS_CONFIGURED:
+                   "KEYS_CONFIGURED", TDC.TD_BLOCKED: "BLOCKED", TDC.TD_TEARDOWN: "TEARDOWN"}
+OP_STATE_NAMES = {TDC.OP_UNINITIALIZED: "UNINITIALIZED", TDC.OP_INITIALIZED: "INITIALIZED",
+                  TDC.OP_RUNNABLE: "RUNNABLE"}
+
+
+def _pt_name(pt: int) -> str:
+    """``PT_REG`` style; td_common knows the TD-only types (TDVPX, PAMT)."""
+    if pt in TDC.PT_NAMES:
+        return "PT_" + TDC.PT_NAMES[pt]
+    return P.PAGE_TYPE_NAMES.get(pt, f"PT_{pt}")
+
+
+# --------------------------------------------------------------------------- inspector
+
+
+class Inspector:
+    """Queries over one module (and optionally its trace) returning plain data."""
+
+    def __init__(
+        self,
+        module: Any,
+        recorder: TraceRecorder | None = None,
+        tracker: InflightTracker | None = None,
+    ) -> None:
+        self.module = module
+        self.recorder = recorder
+        self.tracker = tracker
+
+    @classmethod
+    def attach(cls, module: Any, recorder: TraceRecorder | None = None) -> Inspector:
+        """Install the hooks (in-flight tracker, recording fault injector) and observe."""
+        # The real controller first (control.attach installs it once, as module.control),
+        # so a later control.attach() by a test or the daemon keeps our wrapper in place.
+        from vtdx.module import control
+
+        control.attach(module)
+        tracker = (module.controller if isinstance(module.controller, InflightTracker)
+                   else InflightTracker(module))
+        faults = install_fault_recorder(module)
+        if recorder is not None:
+            if recorder.is_injected is None:
+                recorder.is_injected = faults.take_injected
+            module.add_observer(recorder)
+        return cls(module, recorder, tracker)
+
+    @property
+    def lock(self) -> threading.Condition:
+        return self.module.cond
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        m = self.module
+        p = m.profile
+        with self.lock:
+            tds = self._td_registry()
+            out: dict[str, Any] = {
+                "state": m.state.name,
+                "num-lps": p.num_lps,
+                "num-init-lps": m.num_init_lps,
+                "lps": [
+                    {"lp": s.lp, "package": s.package, "initialized": s.initialized,
+                     "in-call": s.busy}
+                    for s in m.lps
+                ],
+                "keyids": {
+                    "mktme": p.mktme_keyids,
+                    "tdx-start": p.tdx_keyid_start,
+                    "tdx-count": p.tdx_keyids,
+                    "global": m.global_keyid,
+                    "configured-packages": sorted(m.pkg_config),
+                },
+                "dynamic-pamt": bool(m.dynamic_pamt_enabled),
+                "tdmrs": len(m.pamt.tdmrs),
+                "pamt-bytes": sum(m.pamt.pamt_bytes_by_level().values()),
+                "ram-bytes": p.ram_bytes,
+                "tds": len(tds.tds) if tds is not None else 0,
+                "held-locks": len(m.locks),
+                "fault-rules": len(m.faults.rules),
+                "internal-errors": len(m.internal_errors),
+            }
+        if self.recorder is not None:
+            s = self.recorder.stats()
+            out["seamcalls"] = s["calls"]
+            out["seamcall-errors"] = s["errors"]
+        return out
+
+    def tdmrs(self) -> list[dict[str, Any]]:
+        with self.lock:
+            out = []
+            for t in self.module.pamt.tdmrs:
+                out.append({
+                    "index": t.index,
+                    "base": t.base,
+                    "size": t.size,
+                    "end": t.end,
+                    "pamt": [
+                        {"level": P.LEVEL_NAMES[lv], "base": t.pamt_base[lv],
+                         "size": t.pamt_size[lv]}
+                        for lv in P.LEVELS
+                    ],
+                    "reserved": [{"base": t.base + o, "size": s} for o, s in t.reserved],
+                    "initialized-up-to": t.next_init,
+                    "initialized": t.done,
+                })
+            return out
+
+    # -- PAMT ---------------------------------------------------------------------------
+
+    def pamt_page(self, pa: int) -> dict[str, Any]:
+        """Every level of the PAMT for the 4K page at ``pa``, with lock holders."""
+        m = self.module
+        pa &= ~0xFFF
+        with self.lock:
+            t = m.pamt.tdmr_for(pa)
+            if t is None:
+                raise InspectError(f"page 0x{pa >> 12:x} (PA 0x{pa:x}) is not in any TDMR")
+            locks = self._lock_index()
+            levels = []
+            effective = P.LEVEL_4K
+            for lv in (P.LEVEL_1G, P.LEVEL_2M, P.LEVEL_4K):
+                e = m.pamt.get(pa, lv)
+                base = pa & ~(P.PAGE_SIZE[lv] - 1)
+                levels.append({
+                    "level": P.LEVEL_NAMES[lv],
+                    "base": base,
+                    "pt": e.pt,
+                    "pt-name": _pt_name(e.pt),
+                    "owner": e.owner,
+                    "bepoch": e.bepoch,
+                    "materialised": (base >> P.SHIFT[lv]) in m.pamt.entries(lv),
+                    "lock": self._pamt_lock(locks, lv, base),
+                })
+                if e.pt == P.PT_REG and lv != P.LEVEL_4K and effective == P.LEVEL_4K:
+                    effective = lv
+            out = {
+                "pfn": pa >> 12,
+                "pa": pa,
+                "tdmr": t.index,
+                "initialized": m.pamt.block_ready(pa),
+                "reserved": t.is_reserved(pa),
+                "levels": levels,
+                "walk-level": P.LEVEL_NAMES[effective],
+            }
+            dpamt = self._dpamt_of(pa)
+            if dpamt is not None:
+                out["dpamt"] = dpamt
+            return out
+
+    def pamt_range(self, pa: int, count: int) -> list[dict[str, Any]]:
+        """Compact rows (effective entry) for ``count`` consecutive 4K pages from ``pa``."""
+        if not 1 <= count <= MAX_PAMT_RANGE:
+            raise InspectError(f"count must be within 1..{MAX_PAMT_RANGE}")
+        m = self.module
+        pa &= ~0xFFF
+        rows = []
+        with self.lock:
+            locks = self._lock_index()
+            for i in range(count):
+                a = pa + (i << 12)
+                t = m.pamt.tdmr_for(a)
+                if t is None:
+                    rows.append({"pfn": a >> 12, "tdmr": None})
+                    continue
+                lv, e = self._effective(a)
+                row = {"pfn": a >> 12, "tdmr": t.index, "level": P.LEVEL_NAMES[lv],
+                       "pt-name": _pt_name(e.pt), "owner": e.owner, "bepoch": e.bepoch}
+                lk = self._pamt_lock(locks, lv, a & ~(P.PAGE_SIZE[lv] - 1))
+                if lk is not None:
+                    row["lock"] = lk
+                rows.append(row)
+        return rows
+
+    def _effective(self, pa: int) -> tuple[int, P.PamtEntry]:
+        """The entry pamt_walk() stops at (PamtManager.leaf: a huge page, or with Dynamic
+        PAMT a 2M range without a page pair), else the 4K entry."""
+        return self.module.pamt.leaf(pa)
+
+    def pamt_summary(self) -> dict[str, Any]:
+        """Pages per level and page type, per TDMR and in total.
+
+        Cost follows the materialised (non-default) entries, not the page frames: each
+        TDMR starts from its geometry (all PT_NDA, reserved 4K pages PT_RSVD) and the
+        sorted sparse entries inside it replace their defaults.
+        """
+        pm = self.module.pamt
+        with self.lock:
+            tdmrs = list(pm.tdmrs)
+            per_tdmr: list[dict[str, Any]] = [
+                {"index": t.index, "base": t.base, "size": t.size, "initialized": t.done,
+                 "initialized-up-to": t.next_init, "pamt-bytes": sum(t.pamt_size),
+                 "levels": {}}
+                for t in tdmrs
+            ]
+            totals: dict[str, Counter[str]] = {n: Counter() for n in P.LEVEL_NAMES}
+            for lv in P.LEVELS:
+                shift = P.SHIFT[lv]
+                entries = pm.entries(lv)
+                keys = sorted(entries)
+                for t, out in zip(tdmrs, per_tdmr, strict=True):
+                    lo = bisect.bisect_left(keys, t.base >> shift)
+                    hi = bisect.bisect_left(keys, t.end >> shift)
+                    c: Counter[int] = Counter(entries[k].pt for k in keys[lo:hi])
+                    pages = t.size >> shift
+                    rsvd = in_rsvd = 0
+                    if lv == P.LEVEL_4K:  # only 4K entries default to PT_RSVD
+                        for off, sz in t.reserved:
+                            rsvd += sz >> 12
+                            a = (t.base + off) >> 12
+                            in_rsvd += (bisect.bisect_left(keys, a + (sz >> 12), lo, hi)
+                                        - bisect.bisect_left(keys, a, lo, hi))
+                    c[P.PT_RSVD] += rsvd - in_rsvd
+                    c[P.PT_NDA] += pages - rsvd - ((hi - lo) - in_rsvd)
+                    named = {_pt_name(k): v for k, v in sorted(c.items()) if v}
+                    totals[P.LEVEL_NAMES[lv]].update(named)
+                    out["levels"][P.LEVEL_NAMES[lv]] = {"pages": pages, "types": named}
+            return {
+                "tdmrs": per_tdmr,
+                "totals": {k: dict(v) for k, v in totals.items()},
+                "pamt-bytes": sum(sum(t.pamt_size) for t in tdmrs),
+                "pamt-bytes-by-level": pm.pamt_bytes_by_level(),
+                "materialised-entries": pm.materialised,
+                "dynamic-pamt": bool(self.module.dynamic_pamt_enabled),
+            }
+
+    def _dpamt_of(self, pa: int) -> dict[str, Any] | None:
+        """Dynamic PAMT view of ``pa``: the page pair backing its 2M range (the PT_PAMT
+        node), the range's 4K refcount, and whether ``pa`` itself serves as a PAMT page."""
+        if not self.module.dynamic_pamt_enabled:
+            return None
+        env = getattr(self.module, "_td_env", None)
+        dp = getattr(env, "dp", None)
+        base = pa & ~(P.PAGE_SIZE[P.LEVEL_2M] - 1)
+        info: dict[str, Any] = {"range": base, "pair": [], "page-count": 0,
+                                "is-pamt-page": False}
+        if dp is not None:
+            node = dp.node(pa)
+            if node is not None:
+                info["pair"] = [node.hpa0, node.hpa1]
+                info["page-count"] = node.page_count
+            info["is-pamt-page"] = dp.bitmap_get(pa)
+        return info
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def _holder(self, owner: int) -> dict[str, Any]:
+        if self.tracker is not None:
+            call = self.tracker.calls.get(owner)
+            if call is not None:
+                return call.to_dict()
+        return {"call": owner}
+
+    def _lock_index(self) -> dict[str, dict[str, Any]]:
+        """Held locks by ``repr(key)`` (the LockTable's public snapshot form)."""
+        return {d["key"]: d for d in self.module.locks.snapshot()}  # type: ignore[misc]
+
+    def _pamt_lock(
+        self, index: dict[str, dict[str, Any]], level: int, base: int
+    ) -> dict[str, Any] | None:
+        d = index.get(repr(("pamt", level, base >> P.SHIFT[level])))  # pamt.py's lock key
+        if d is None:
+            return None
+        return {"mode": d["mode"], "holders": [self._holder(o) for o in d["owners"]]}
+
+    def locks(self) -> dict[str, Any]:
+        with self.lock:
+            held = []
+            for d in self.module.locks.snapshot():
+                held.append({"key": d["key"], "mode": d["mode"],
+                             "holders": [self._holder(o) for o in d["owners"]]})
+            inflight = ([c.to_dict() for c in self.tracker.calls.values()]
+                        if self.tracker is not None else [])
+            return {"held": held, "waiting-calls": inflight}
+
+    # -- TDs and S-EPT ------------------------------------------------------------------
+
+    def _td_registry(self) -> Any:
+        env = getattr(self.module, "_td_env", None)  # created by the first TD leaf
+        return env.td if env is not None else None
+
+    def tds(self) -> list[dict[str, Any]]:
+        with self.lock:
+            reg = self._td_registry()
+            if reg is None:
+                return []
+            return [self._td_dict(td) for _, td in sorted(reg.tds.items())]
+
+    def _td_dict(self, td: Any) -> dict[str, Any]:
+        sept = td.sept
+        leaves_by_level: Counter[str] = Counter()
+        if sept is not None:
+            for _gpa, lvl, _e in sept.leaves():
+                leaves_by_level[P.LEVEL_NAMES[lvl] if lvl < 3 else str(lvl)] += 1
+        return {
+            "tdr": td.tdr_pa,
+            "hkid": td.hkid,
+            "lifecycle": _names(LIFECYCLE_NAMES, td.lifecycle),
+            "op-state": _names(OP_STATE_NAMES, td.op_state),
+            "fatal": td.fatal,
+            "finalized": td.finalized,
+            "tdcx": list(td.tdcx),
+            "child-pages": td.chldcnt,
+            "max-vcpus": td.max_vcpus,
+            "vcpus": [
+                {"tdvpr": v.tdvpr_pa, "index": v.vcpu_index, "initialized": v.initialized,
+                 "associated-lp": v.associated_lp, "tdvpx": list(v.tdvpx)}
+                for _, v in sorted(td.vcpus.items())
+            ],
+            "attributes": td.attributes,
+            "xfam": td.xfam,
+            "td-epoch": td.td_epoch,
+            "sept": None if sept is None else {
+                "root-level": sept.root_level,
+                "pages": len(sept.pages),
+                "leaves": dict(leaves_by_level),
+            },
+        }
+
+    def _find_td(self, td: int) -> Any:
+        reg = self._td_registry()
+        if reg is None or not reg.tds:
+            raise InspectError("no TD exists", "DeviceNotFound")
+        if td in reg.tds:
+            return reg.tds[td]
+        ordered = [v for _, v in sorted(reg.tds.items())]
+        if 0 <= td < len(ordered):  # small numbers: the TD's position in query-vtdx-tds
+            return ordered[td]
+        raise InspectError(f"no TD with TDR 0x{td:x} (query-vtdx-tds lists them)",
+                           "DeviceNotFound")
+
+    def sept(self, td: int, gpa: int | None = None, count: int = 256) -> dict[str, Any]:
+        """One GPA's S-EPT walk (every level), or the TD's leaf mappings."""
+        with self.lock:
+            t = self._find_td(td)
+            tree = t.sept
+            if tree is None:
+                raise InspectError(f"TD 0x{t.tdr_pa:x} has no S-EPT yet (TDH.MNG.INIT)")
+            if gpa is not None:
+                return {"tdr": t.tdr_pa, "gpa": gpa, "walk": self._walk(t, gpa)}
+            if not 1 <= count <= MAX_SEPT_LIST:
+                raise InspectError(f"count must be within 1..{MAX_SEPT_LIST}")
+            mappings = sorted(tree.leaves(), key=lambda x: x[0])
+            return {
+                "tdr": t.tdr_pa,
+                "root-level": tree.root_level,
+                "pages": len(tree.pages),
+                "leaves": len(mappings),
+                "mappings": [
+                    {"gpa": g, "level": P.LEVEL_NAMES[lv] if lv < 3 else str(lv),
+                     "state": _names(SEPT.STATE_NAMES, e.state), "hpa": e.hpa}
+                    for g, lv, e in mappings[:count]
+                ],
+            }
+
+    def _walk(self, td: Any, gpa: int) -> list[dict[str, Any]]:
+        """secure_ept_walk without side effects: absent entries read as FREE."""
+        tree = td.sept
+        out = []
+        page = tree.root
+        lvl = tree.root_level
+        locks = self._lock_index()
+        while True:
+            idx = SEPT.entry_index(gpa, lvl)
+            e = page.peek(idx)
+            state = e.state if e is not None else SEPT.FREE
+            hpa = e.hpa if e is not None else 0
+            row: dict[str, Any] = {
+                "level": lvl, "sept-page": page.hpa, "index": idx,
+                "state": _names(SEPT.STATE_NAMES, state), "hpa": hpa,
+            }
+            d = locks.get(repr(("septe", td.tdr_pa, page.hpa, idx)))  # td_common's entry lock
+            if d is not None:
+                row["lock"] = {"mode": d["mode"],
+                               "holders": [self._holder(o) for o in d["owners"]]}
+            out.append(row)
+            if lvl == 0 or state not in SEPT.RWX_STATES or (e is not None and e.is_leaf):
+                return out
+            nxt = tree.pages.get(hpa)
+            if nxt is None:
+                return out
+            page = nxt
+            lvl -= 1
+
+    # -- trace, stats, faults -----------------------------------------------------------
+
+    def trace(self, count: int = 20, leaf: int | None = None, lp: int | None = None,
+              errors: bool = False) -> list[dict[str, Any]]:
+        if self.recorder is None:
+            raise InspectError("tracing is off in this daemon")
+        return self.recorder.last(count, leaf=leaf, lp=lp, errors=errors)
+
+    def stats(self) -> dict[str, Any]:
+        m = self.module
+        if self.recorder is not None:
+            out = self.recorder.stats()
+        else:
+            with self.lock:
+                out = {"calls": sum(m.call_counts.values()),
+                       "per-leaf": {leaves.leaf_name(k): {"calls": v}
+                                    for k, v in sorted(m.call_counts.items())}}
+        with self.lock:
+            out["statuses"] = {st.decode(k): v for k, v in sorted(m.status_counts.items())}
+            out["pamt-materialised-entries"] = m.pamt.materialised
+        return out
+
+    def inject(self, status: int, leaf: int | None = None, count: int | None = None,
+               probability: float = 1.0, lps: list[int] | None = None) -> dict[str, Any]:
+        if not st.is_known(status) or (st.base(status) == st.TDX_SUCCESS and status):
+            raise InspectError(f"0x{status:x} is not a status the TDX module returns "
+                               "(see vtdx/abi/status.py)")
+        if leaf is not None and leaf not in self.module.leaves:
+            raise InspectError(f"leaf {leaf} is not implemented by the module")
+        if lps is not None:
+            bad = [x for x in lps if not 0 <= x < len(self.module.lps)]
+            if bad:
+                raise InspectError(f"no such LP: {bad} (the machine has "
+                                   f"{len(self.module.lps)})")
+        rid = self.module.faults.add(status, leaf, count=count, probability=probability,
+                                     lps=set(lps) if lps is not None else None)
+        return {"id": rid, "status-name": st.decode(status)}
+
+    def inject_clear(self, rule_id: int | None = None) -> dict[str, Any]:
+        faults = self.module.faults
+        if rule_id is None:
+            n = len(faults.rules)
+            faults.clear()
+            return {"removed": n}
+        if not faults.remove(rule_id):
+            raise InspectError(f"no fault rule {rule_id}")
+        return {"removed": 1}
+
+    def faults(self) -> list[dict[str, Any]]:
+        rows = self.module.faults.snapshot()
+        for r in rows:
+            r["status-name"] = st.decode(int(r["status"]))  # type: ignore[arg-type]
+            if r["leaf"] is not None:
+                r["leaf-name"] = leaves.leaf_name(int(r["leaf"]))  # type: ignore[arg-type]
+        return rows
+

@@ -1,0 +1,426 @@
+"""``vtdx run``: boot a Linux TDX-host kernel on vtdx and judge the result.
+
+The machine (run directory, shared guest RAM, daemon with the TDX module, QEMU with the
+plugin, cleanup) is ``vtdx.session.machine.Machine``; this module adds what a person running a
+kernel wants: the console streamed live, a verdict (TDX initialised / the kernel's own reason
+for refusing TDX / panic or oops / timeout) and a summary of the module's state that puts the
+kernel's claims next to vtdx's own accounting (PAMT KB, keyids, SEAMCALLs per leaf and LP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
+from vtdx.errors import VtdxError
+from vtdx.module import TdxModule
+from vtdx.platform.profile import GiB, KiB, MiB, Profile
+from vtdx.units import format_size
+
+#: A TDX host is an Intel machine: with TCG's default (AMD) vendor the kernel never sets
+#: X86_FEATURE_MSR_IA32_FEAT_CTL (init_ia32_feat_ctl runs for Intel/Centaur/Zhaoxin only) and
+#: kvm_intel refuses to load ("VMX not enabled (by BIOS) in MSR_IA32_FEAT_CTL").
+CPU_MODEL = "max,vendor=GenuineIntel"
+
+#: Command line every run gets: serial console, no hibernation (the kernel refuses TDX while
+#: hibernation is possible), reboot at once on panic (QEMU runs with -no-reboot, so it exits).
+BASE_APPEND = "console=ttyS0 nohibernate panic=-1"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+#: The kernel booted cleanly but refused (or failed) to initialise TDX.
+EXIT_TDX_REFUSED = 3
+
+# --- the console ------------------------------------------------------------------------------
+
+_TS = r"(?:\[\s*[\d.]+\]\s*)?"
+TDX_OK = re.compile(_TS + r"virt/tdx: TDX-Module initialized")
+PAMT_KB = re.compile(_TS + r"virt/tdx: (\d+) KB allocated for PAMT")
+KEYID_RANGE = re.compile(_TS + r"virt/tdx: BIOS enabled: private KeyID range \[(\d+), (\d+)\)")
+#: Every way arch/x86/virt/vmx/tdx/tdx.c (Linux 7.3) says it will not use TDX: tdx_init's
+#: "initialization failed: too few private KeyIDs available." / "... Hibernation support is
+#: enabled", tdx_enable's "<FEATURE> is required for TDX" / "TDX not supported by the host
+#: platform" / "TDX-Module initialization failed (%d)", "module not loaded", and a failed
+#: SEAMCALL ("SEAMCALL (0x..) failed: ...").
+TDX_REFUSAL = re.compile(
+    _TS + r"(virt/tdx: (?:initialization failed: .*|.* is required for TDX|"
+    r"TDX not supported by the host platform|TDX-Module initialization failed.*|"
+    r"module not loaded|SEAMCALL .*failed.*))$")
+PANIC = re.compile(_TS + r"(Kernel panic - not syncing.*|Oops: .*|BUG: .*|"
+                   r"general protection fault.*|WARNING: CPU: .*|kernel BUG at .*)")
+RESULT = re.compile(r"VTDX-RESULT (\w+)=(.*)$")
+POWER_DOWN = re.compile(_TS + r"reboot: (Power down|Restarting system)")
+
+
+@dataclass
+class ConsoleLog:
+    """What the guest said, parsed line by line as it streams."""
+
+    lines: list[str] = field(default_factory=list)
+    results: dict[str, str] = field(default_factory=dict)
+    tdx_initialized: bool = False
+    pamt_kb: int | None = None
+    keyid_range: tuple[int, int] | None = None
+    refusals: list[str] = field(default_factory=list)
+    panic: str | None = None
+    powered_off: bool = False
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip("\r\n")
+        self.lines.append(line)
+        if m := RESULT.search(line):
+            self.results[m[1]] = m[2].strip()
+        elif TDX_OK.search(line):
+            self.tdx_initialized = True
+        elif m := PAMT_KB.search(line):
+            self.pamt_kb = int(m[1])
+        elif m := KEYID_RANGE.search(line):
+            self.keyid_range = (int(m[1]), int(m[2]))
+        elif m := TDX_REFUSAL.search(line):
+            self.refusals.append(m[1])
+        elif (m := PANIC.search(line)) and self.panic is None:
+            self.panic = m[1]
+        elif POWER_DOWN.search(line):
+            self.powered_off = True
+
+    @property
+    def done(self) -> bool:
+        """The init script finished (it prints ``done=1`` right before powering off)."""
+        return self.results.get("done") == "1"
+
+    @property
+    def refusal_reason(self) -> str | None:
+        """The kernel's first reason: tdx_init's specific line precedes tdx_enable's generic one."""
+        return self.refusals[0] if self.refusals else None
+
+
+# --- SEAMCALL accounting ----------------------------------------------------------------------
+
+
+class CallStats:
+    """Per (LP, leaf) SEAMCALL counts, fed by a ``TdxModule`` observer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_lp_leaf: Counter[tuple[int, int]] = Counter()
+        self.errors: Counter[int] = Counter()
+        #: Leaves in the order the kernel first used them (the summary follows its story).
+        self.order: dict[int, None] = {}
+
+    def observe(self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs,
+                duration_s: float) -> None:
+        with self._lock:
+            self.by_lp_leaf[(lp, leaf)] += 1
+            self.order.setdefault(leaf, None)
+            if regs_out.rax >> 63:
+                self.errors[leaf] += 1
+
+    def count(self, leaf: int, lp: int | None = None) -> int:
+        with self._lock:
+            return sum(n for (p, lf), n in self.by_lp_leaf.items()
+                       if lf == leaf and (lp is None or p == lp))
+
+    def per_leaf(self) -> dict[int, dict[int, int]]:
+        """{leaf: {lp: count}}."""
+        with self._lock:
+            out: dict[int, dict[int, int]] = {leaf: {} for leaf in self.order}
+            for (lp, leaf), n in sorted(self.by_lp_leaf.items()):
+                out[leaf][lp] = n
+        return out
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOptions:
+    kernel: Path
+    vmlinux: Path | None = None
+    initrd: Path | None = None
+    smp: int = 2
+    mem: int = 2 * GiB
+    append: str = ""
+    kernel_src: Path | None = None
+    #: Profile overrides that make the platform lack what the kernel needs.
+    tdx_keyids: int | None = None
+    movdir64b: bool = True
+    checks: str = "tdx"
+    timeout: float = 300.0
+    #: Echo the guest console to ``out`` as it arrives.
+    stream: bool = True
+    #: Keep the SEAMCALL trace (JSON lines) here after the run; `vtdx trace FILE` reads it.
+    save_trace: Path | None = None
+
+    def validate(self) -> None:
+        if not self.kernel.is_file():
+            raise VtdxError(f"kernel {self.kernel} not found (run `vtdx build-kernel`)")
+        for what, p in (("vmlinux", self.vmlinux), ("initrd", self.initrd)):
+            if p is not None and not p.is_file():
+                raise VtdxError(f"{what} {p} not found")
+        if self.save_trace is not None and not self.save_trace.parent.is_dir():
+            raise VtdxError(f"--save-trace {self.save_trace}: no such directory "
+                            f"{self.save_trace.parent}")
+        if self.kernel_src is not None and not (self.kernel_src / "Makefile").is_file():
+            raise VtdxError(f"--kernel-src {self.kernel_src}: not a kernel tree")
+        if not 1 <= self.smp <= 64:
+            raise VtdxError(f"--smp {self.smp}: must be 1..64")
+        if self.mem < 256 * MiB:
+            raise VtdxError(f"--mem {format_size(self.mem)}: need at least 256M")
+        if self.tdx_keyids is not None:
+            base = Profile()
+            room = (1 << base.keyid_bits) - 1 - base.mktme_keyids
+            if not 0 <= self.tdx_keyids <= room:
+                raise VtdxError(f"--tdx-keyids {self.tdx_keyids}: must be 0..{room} "
+                                f"({base.keyid_bits} keyid bits, {base.mktme_keyids} MKTME keyids)")
+        if self.timeout <= 0:
+            raise VtdxError("--timeout must be positive")
+
+    def profile(self) -> Profile:
+        over: dict[str, Any] = {"movdir64b": self.movdir64b}
+        if self.tdx_keyids is not None:
+            over["tdx_keyids"] = self.tdx_keyids
+        name = [n for n, on in (("no-movdir64b", not self.movdir64b),
+                                (f"tdx-keyids-{self.tdx_keyids}", self.tdx_keyids is not None))
+                if on]
+        over["name"] = "+".join(name) or "default"
+        return Profile.from_vm(self.smp, self.mem, **over)
+
+    def cmdline(self) -> str:
+        extra = self.append.strip()
+        checks = "" if "vtdx.checks=" in extra else f" vtdx.checks={self.checks}"
+        return f"{BASE_APPEND}{checks} {extra}".strip()
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    verdict: str
+    console: ConsoleLog
+    boot_s: float
+    snapshot: dict[str, Any]
+    stats: CallStats
+    pamt_module_kb: int | None
+    #: Problems on vtdx's side (daemon errors, model exceptions, QEMU's stderr): shown on failure.
+    diagnostics: list[str] = field(default_factory=list)
+    #: The kernel's shutdown path (syscore tdx_shutdown) ran TDH.SYS.DISABLE; ``snapshot`` is
+    #: the state right before it.
+    disabled_by_kernel: bool = False
+    #: Leaf -> the kernel functions behind its first traced call (needs --vmlinux).
+    callers: dict[int, str] = field(default_factory=dict)
+    summary: str = ""
+
+
+def judge(console: ConsoleLog, pamt_module_kb: int | None, timed_out: bool,
+          qemu_rc: int | None) -> tuple[int, str]:
+    """(exit code, one-line verdict) from what the guest printed and the module's state."""
+    if console.panic:
+        return EXIT_FAILED, f"kernel crashed: {console.panic}"
+    if timed_out:
+        return EXIT_FAILED, "timed out before the guest powered off"
+    if not console.done:
+        why = f"QEMU exited with status {qemu_rc}" if qemu_rc else "QEMU exited"
+        return EXIT_FAILED, f"{why} before the guest's init finished"
+    if not console.tdx_initialized:
+        reason = console.refusal_reason or "no TDX message from the kernel (TDX host code absent?)"
+        return EXIT_TDX_REFUSED, f"kernel refused TDX: {reason}"
+    if console.pamt_kb is None:
+        return EXIT_FAILED, "TDX initialized but the kernel printed no PAMT size"
+    if pamt_module_kb != console.pamt_kb:
+        return EXIT_FAILED, (f"PAMT mismatch: kernel allocated {console.pamt_kb} KB, "
+                             f"vtdx accounts {pamt_module_kb} KB")
+    r = console.results
+    bad = [k for k, v in r.items() if v == "failed" or v.startswith("unsupported")]
+    if r.get("hotplug_tdx_errors", "0") != "0":
+        bad.append(f"hotplug_tdx_errors={r['hotplug_tdx_errors']}")
+    if bad:
+        return EXIT_FAILED, f"in-guest check failed: {', '.join(bad)}"
+    return EXIT_OK, f"TDX-Module initialized, PAMT {console.pamt_kb} KB matches vtdx"
+
+
+def summarize(res: RunResult, opts: RunOptions) -> str:
+    """The human summary printed after the console."""
+    from vtdx.abi.leaves import leaf_name
+
+    snap = res.snapshot
+    word = {EXIT_OK: "PASS", EXIT_TDX_REFUSED: "TDX REFUSED"}.get(res.exit_code, "FAIL")
+    lines = [f"vtdx run: {word}: {res.verdict}",
+             f"  machine:   smp {opts.smp}, mem {format_size(opts.mem)}, profile "
+             f"{opts.profile().name}, boot to poweroff {res.boot_s:.1f} s"]
+    if snap:
+        when = " (before the kernel's TDH.SYS.DISABLE at poweroff)" \
+            if res.disabled_by_kernel else ""
+        lines.append(f"  module:    state {snap.get('state')}{when}, "
+                     f"{snap.get('num_init_lps')}/{opts.smp} LPs initialized")
+        tdmrs = snap.get("tdmrs") or []
+        spans = ", ".join(f"[{t['base']:#x}, {t['base'] + t['size']:#x})" for t in tdmrs)
+        lines.append(f"  TDMRs:     {len(tdmrs)}{': ' + spans if spans else ''}")
+        by_level = snap.get("pamt_bytes") or {}
+        levels = ", ".join(f"{lv} {b // KiB} KB" for lv, b in by_level.items())
+        kernel = "" if res.console.pamt_kb is None else f" (kernel: {res.console.pamt_kb} KB)"
+        total = "none" if res.pamt_module_kb is None else f"{res.pamt_module_kb} KB"
+        lines.append(f"  PAMT:      {levels or '-'}; total {total}{kernel}")
+        k = snap.get("keyids") or {}
+        prof = opts.profile()
+        lines.append(f"  keyids:    TDX [{prof.tdx_keyid_start}, {prof.tdx_keyid_end}), global "
+                     f"{k.get('global')}, configured on packages {k.get('configured_packages')}")
+    per_leaf = res.stats.per_leaf()
+    if per_leaf:
+        lines.append("  SEAMCALLs: leaf: total (per LP)")
+        for leaf, by_lp in per_leaf.items():
+            lps = " ".join(f"lp{lp}:{n}" for lp, n in by_lp.items())
+            errs = res.stats.errors.get(leaf, 0)
+            err = f", {errs} failed" if errs else ""
+            who = f"  {res.callers[leaf]}" if leaf in res.callers else ""
+            lines.append(f"    {leaf_name(leaf):<22} {sum(by_lp.values()):>5} ({lps}{err}){who}")
+    else:
+        lines.append("  SEAMCALLs: none")
+    if res.console.results:
+        lines.append("  guest:     " + " ".join(f"{k}={v}" for k, v in res.console.results.items()
+                                               if k != "done"))
+    online = res.console.results.get("cpus_online")
+    want = "0" if opts.smp == 1 else f"0-{opts.smp - 1}"
+    if online is not None and online != want:
+        lines.append(f"  note:      the guest brought up CPUs {online} of --smp {opts.smp} "
+                     "(kernel CONFIG_NR_CPUS or maxcpus= too small?)")
+    if res.diagnostics:
+        lines.append("  vtdx:      " + "\n             ".join(res.diagnostics[-12:]))
+    return "\n".join(lines)
+
+
+class _Recorder:
+    """The daemon's backend: the TdxModule, plus a snapshot taken right before the kernel
+    tears the module down. Linux 7.3 registers a syscore shutdown hook (tdx_shutdown) that
+    issues TDH.SYS.DISABLE at poweroff, which resets the module; the summary must describe
+    the module as the booted kernel left it, not as the poweroff left it."""
+
+    _TEARDOWN = frozenset({Leaf.TDH_SYS_DISABLE, Leaf.TDH_SYS_SHUTDOWN})
+
+    def __init__(self, module: TdxModule) -> None:
+        self.module = module
+        #: What vtdx.observe.qmp.start_inspect looks for behind a wrapping backend.
+        self.delegate = module
+        self.at_disable: tuple[dict[str, Any], int] | None = None
+        self._lock = threading.Lock()
+
+    def seamcall(self, lp: int, regs: Regs) -> Regs:
+        if regs.rax & 0xFFFF in self._TEARDOWN:
+            with self._lock:
+                if self.at_disable is None:
+                    self.at_disable = self._now()
+        return self.module.seamcall(lp, regs)
+
+    def _now(self) -> tuple[dict[str, Any], int]:
+        with self.module.cond:
+            return self.module.snapshot(), self.module.pamt.pamt_bytes_total()
+
+    def state(self) -> tuple[dict[str, Any], int]:
+        """(snapshot, PAMT bytes) before teardown if the kernel tore the module down, else now."""
+        with self._lock:
+            return self.at_disable if self.at_disable is not None else self._now()
+
+
+def _first_callers(machine: Any) -> dict[int, str]:
+    """Leaf -> "caller <- its caller" from the machine's trace (vtdx.observe.trace symbolises each
+    call from the guest stack while the vCPU waits in it; KASLR is found from the RIP)."""
+    recorder = getattr(getattr(machine, "inspect", None), "recorder", None)
+    if recorder is None:
+        return {}
+    out: dict[int, str] = {}
+    for rec in recorder.last(4096):
+        stack = [str(f).split("+", 1)[0] for f in rec.get("stack") or []]
+        if stack and rec["leaf"] not in out:
+            out[rec["leaf"]] = " <- ".join(stack[:2])
+    return out
+
+
+async def run_async(opts: RunOptions, out: TextIO | None,
+                    machine_factory: Callable[..., Any] | None = None) -> RunResult:
+    """Boot once; the Machine context manager stops QEMU and the daemon and removes the run
+    directory whatever happens (timeout, panic, Ctrl-C)."""
+    from vtdx.host import initramfs
+
+    opts.validate()
+    initrd = opts.initrd or initramfs.ensure_initramfs()
+    if machine_factory is None:
+        from vtdx.session.machine import Machine
+
+        machine_factory = Machine
+    console = ConsoleLog()
+    stats = CallStats()
+    finished = asyncio.Event()
+    backends: list[_Recorder] = []
+
+    def backend(profile: Profile, memory: Any) -> _Recorder:
+        module = TdxModule(profile, memory)
+        module.add_observer(stats.observe)
+        backends.append(_Recorder(module))
+        return backends[-1]
+
+    def on_console(line: str) -> None:
+        console.feed(line)
+        if out is not None and opts.stream:
+            out.write(line + "\n")
+            out.flush()
+        if console.done or console.panic or console.powered_off:
+            finished.set()
+
+    timed_out = False
+    t0 = time.monotonic()
+    async with machine_factory(
+        opts.kernel, initrd=initrd, append=opts.cmdline(), smp=opts.smp, mem=opts.mem,
+        profile=opts.profile(), backend=backend, on_console=on_console, cpu=CPU_MODEL,
+        vmlinux=opts.vmlinux, save_trace=opts.save_trace,
+    ) as machine:
+        if out is not None and getattr(machine, "inspect", None) is not None:
+            # Where to attach while it runs: `vtdx console`, qmp-shell, `vtdx trace`.
+            out.write(f"vtdx: QMP (vtdx) {machine.vtdx_qmp_path}\n"
+                      f"vtdx: QMP (QEMU) {machine.qmp_path}\n")
+            out.flush()
+        exited = asyncio.ensure_future(machine.qemu.wait())
+        seen = asyncio.ensure_future(finished.wait())
+        try:
+            await asyncio.wait({exited, seen}, timeout=opts.timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                # Done/panic seen: give the guest a moment to power off or finish its trace.
+                grace = 1.0 if console.panic else 10.0
+                await asyncio.wait({exited}, timeout=grace)
+            timed_out = not (exited.done() or seen.done())
+        finally:
+            seen.cancel()
+        boot_s = time.monotonic() - t0
+        qemu_rc = machine.qemu.returncode
+        callers = _first_callers(machine)
+        diagnostics = [f"daemon: {e}" for e in machine.daemon.errors] if machine.daemon else []
+        diagnostics += [f"qemu: {ln}" for ln in machine.stderr_lines[-10:] if ln.strip()]
+        if exited.done():
+            with contextlib.suppress(TimeoutError, VtdxError):
+                await machine.wait(timeout=5)  # drains the console readers
+        else:
+            exited.cancel()
+    rec = backends[0] if backends else None
+    snapshot, pamt_bytes = rec.state() if rec else ({}, 0)
+    pamt_kb = pamt_bytes // KiB if snapshot.get("tdmrs") else None
+    code, verdict = judge(console, pamt_kb, timed_out, qemu_rc)
+    if rec:
+        diagnostics += [f"module: {e.strip().splitlines()[-1]}"
+                        for e in rec.module.internal_errors]
+    res = RunResult(code, verdict, console, boot_s, snapshot, stats, pamt_kb, diagnostics,
+                    disabled_by_kernel=bool(rec and rec.at_disable is not None),
+                    callers=callers)
+    res.summary = summarize(res, opts)
+    return res
+
+
+def run(opts: RunOptions, out: TextIO | None = None) -> RunResult:
+    return asyncio.run(run_async(opts, out))
