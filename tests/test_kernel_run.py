@@ -21,7 +21,7 @@ from vtdx.session.run import (
     RunOptions,
     judge,
 )
-from vtdx.units import parse_size
+from vtdx.units import format_size, parse_size
 
 # Console lines as Linux 7.3 (arch/x86/virt/vmx/tdx/tdx.c) prints them.
 OK_BOOT = """\
@@ -219,3 +219,8 @@ def test_run_command_options(tmp_path: Path) -> None:
         other.mkdir()
         (other / "bzImage").write_bytes(b"x")
         opts("--kernel", str(other / "bzImage"), "--kernel-src", str(tmp_path / "nosuch"))
+
+
+@pytest.mark.parametrize("n", [4096, 3 * GiB, 1536 * MiB, 12345, 1 << 40])
+def test_format_size_round_trips(n: int) -> None:
+    assert parse_size(format_size(n)) == n

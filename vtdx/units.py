@@ -16,21 +16,21 @@ MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 
-_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.I)
-_UNITS = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}
+_SIZE = re.compile(r"(\d+)\s*(?:([KMGT])(?:i?B)?|(B))?", re.I)
+_UNITS = {"K": KiB, "M": MiB, "G": GiB, "T": TiB, "B": 1}
 
 
 def parse_size(text: str) -> int:
-    """Bytes from ``2G``, ``6144M``, ``512MiB`` or ``2048`` (a bare number is MiB)."""
+    """Bytes from ``2G``, ``6144M``, ``512MiB``, ``4096B`` or ``2048`` (a bare number is MiB)."""
     m = _SIZE.fullmatch(text.strip())
     if not m:
         raise VtdxError(f"invalid memory size {text!r} (use e.g. 2G or 6144M)")
-    return int(m[1]) * _UNITS[(m[2] or "M").upper()]
+    return int(m[1]) * _UNITS[(m[2] or m[3] or "M").upper()]
 
 
 def format_size(n: int) -> str:
     """The shortest exact QEMU spelling of ``n`` bytes (``2G``, ``1536M``, ``4K``)."""
-    for unit, div in (("T", TiB), ("G", GiB), ("M", MiB)):
+    for unit, div in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
         if n and n % div == 0:
             return f"{n // div}{unit}"
-    return f"{n // KiB}K"
+    return f"{n}B"

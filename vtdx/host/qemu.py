@@ -178,11 +178,14 @@ class QemuRuntime:
             qemu = Path(state["qemu"])
             root = Path(state["root"]) if state.get("root") else None
             version = tuple(int(v) for v in state["version"])
-            src = Path(state.get("plugin_src") or PLUGIN_SRC)
+            recorded = Path(state["plugin_src"]) if state.get("plugin_src") else None
         except (OSError, ValueError, KeyError, TypeError):
             raise VtdxError(f"QEMU runtime not provisioned in {c}; run `vtdx setup`") from None
         if not qemu.is_file() or (root is not None and not (root / _LOADER).is_file()):
             raise VtdxError(f"QEMU runtime in {c} is missing {qemu}; run `vtdx setup`")
+        # The sources `vtdx setup` was given; if that installation is gone (a removed wheel or
+        # checkout), the sources shipped with the vtdx that is running now.
+        src = recorded if recorded is not None and recorded.is_dir() else PLUGIN_SRC
         plugin = plugin_output(c, src)
         if plugin is not None and not plugin.is_file():
             plugin = build_plugin(c, qemu, log or _stderr_log, src)

@@ -30,7 +30,7 @@ from vtdx.observe.trace import TRACE_FILE
 from vtdx.platform.memory import GuestRam
 from vtdx.platform.profile import Profile
 from vtdx.runtime.daemon import BACKENDS, Backend, Daemon, make_backend
-from vtdx.units import parse_size
+from vtdx.units import format_size, parse_size
 
 
 def default_runtime() -> QemuRuntime:
@@ -195,7 +195,7 @@ class Machine:
                 raise VtdxError("a daemon process needs a backend name: " + ", ".join(BACKENDS))
             self.daemon_proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "vtdx.runtime.daemon", "--socket", str(self.socket_path),
-                "--ram", str(self.ram_path), "--smp", str(self.smp), "--mem", str(self.mem),
+                "--ram", str(self.ram_path), "--smp", str(self.smp), "--mem", format_size(self.mem),
                 "--backend", spec, stdout=asyncio.subprocess.PIPE, start_new_session=True)
             assert self.daemon_proc.stdout is not None
             try:

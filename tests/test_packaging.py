@@ -1,0 +1,57 @@
+"""vtdx as a built wheel works outside a checkout: its assets (guest sources, the plugin's C
+sources) are package data found through importlib.resources, and ``vtdx setup`` from the wheel
+provisions QEMU and builds the plugin from the wheel's own sources."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _wheel(tmp: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp), str(REPO)], check=True,
+                   capture_output=True, text=True)
+    (wheel,) = tmp.glob("vtdx-*.whl")
+    return wheel
+
+
+def _install(wheel: Path, target: Path) -> dict[str, str]:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=str(target))
+    return env
+
+
+def test_wheel_carries_the_assets(tmp_path: Path) -> None:
+    names = set(zipfile.ZipFile(_wheel(tmp_path)).namelist())
+    for want in ("vtdx/guest/kernel/tdx-host.config", "vtdx/guest/initramfs/init",
+                 "vtdx/guest/initramfs/agent", "vtdx/guest/testguest/boot.S",
+                 "vtdx/qemu_plugin/wire.h", "vtdx/py.typed"):
+        assert want in names, want
+    assert any(n.startswith("vtdx/guest/payloads/") and n.endswith(".c") for n in names)
+    assert any(n.startswith("vtdx/qemu_plugin/") and n.endswith(".c") for n in names)
+    assert not any(n.startswith(("tests/", "scripts/")) for n in names)
+
+
+@pytest.mark.stack
+def test_setup_from_an_installed_wheel(tmp_path: Path, runtime: object) -> None:
+    """Outside the checkout (cwd elsewhere, the wheel first on the path), `vtdx setup` finds
+    the plugin sources inside the installed package and reports a plugin."""
+    target = tmp_path / "site"
+    env = _install(_wheel(tmp_path / "dist"), target)
+    where = subprocess.run([sys.executable, "-c", "import vtdx.resources as r; "
+                            "print(r.asset('qemu_plugin'))"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(target), where
+    p = subprocess.run([sys.executable, "-m", "vtdx", "setup"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "plugin /" in p.stdout and "Traceback" not in p.stderr
