@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from vtdx.abi import fields as f
+from vtdx.errors import VtdxError
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -67,7 +70,11 @@ class Profile:
     keyid_bits: int = 5
     #: CPU features the facade advertises (the kernel refuses TDX without them).
     movdir64b: bool = True
-    #: TDX module features (TDX_FEATURES0 bits are derived from these, see ``features0``).
+    #: Which public tdx-module tree the model follows where the trees differ: ``"1.5"``
+    #: (intel/tdx-module 1.5.x) or ``"dpamt"`` (the public tree with Dynamic PAMT).
+    generation: str = "1.5"
+    #: TDX module features (TDX_FEATURES0 bits are derived from these, see ``features0``;
+    #: users switch them by the names in ``FEATURES``).
     dynamic_pamt: bool = False
     demote_nointerrupt: bool = False
     no_rbp_mod: bool = True
@@ -112,6 +119,33 @@ class Profile:
         base = cls(num_lps=smp, ram=ram, cmrs=ram)
         return replace(base, **overrides) if overrides else base
 
+    @classmethod
+    def named(cls, name: str, smp: int, mem_bytes: int, features: str = "") -> Profile:
+        """The profile ``name`` (see ``PROFILES``) for a q35 VM, with ``features`` applied."""
+        if name not in PROFILES:
+            raise VtdxError(f"unknown profile {name!r} (choose from {', '.join(PROFILES)})")
+        base = cls.from_vm(smp, mem_bytes, name=name, **PROFILES[name])
+        return base.with_features(features) if features else base
+
+    def with_features(self, spec: str) -> Profile:
+        """Apply ``+name,-name,...`` (a bare ``name`` means ``+name``) to the module features."""
+        changes: dict[str, bool] = {}
+        for item in (x.strip() for x in spec.split(",")):
+            if not item:
+                continue
+            on = not item.startswith("-")
+            name = item.lstrip("+-")
+            if name not in FEATURES:
+                raise VtdxError(f"unknown feature {name!r} (choose from "
+                                f"{', '.join(sorted(FEATURES))})")
+            changes[FEATURES[name]] = on
+        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
+
+    @property
+    def features(self) -> dict[str, bool]:
+        """Every switchable module feature by its user-facing name, on or off."""
+        return {name: bool(getattr(self, attr)) for name, attr in FEATURES.items()}
+
     @property
     def ram_bytes(self) -> int:
         return sum(r.size for r in self.ram)
@@ -130,8 +164,6 @@ class Profile:
     @property
     def features0(self) -> int:
         """TDX_FEATURES0 as the module reports it (bit numbers: vtdx.abi.fields)."""
-        from vtdx.abi import fields as f
-
         bits = {
             f.FEATURES0_TD_PRESERVING: self.td_preserving,
             f.FEATURES0_NO_RBP_MOD: self.no_rbp_mod,
@@ -162,3 +194,23 @@ class Profile:
             out[name] = value
         out["features0"] = self.features0
         return out
+
+
+#: Module features a user switches with ``--features +name,-name``: name -> Profile field.
+#: Each is a TDX_FEATURES0 bit the module reports and whose behaviour the model follows.
+FEATURES: dict[str, str] = {
+    "dynamic-pamt": "dynamic_pamt",            # bit 36: PAMT.ADD/REMOVE, 4K PAMT on demand
+    "demote-nointerrupt": "demote_nointerrupt",  # bit 51: DEMOTE never interrupted
+    "no-rbp-mod": "no_rbp_mod",                # bit 18: the module preserves RBP
+    "topology-enum": "topology_enum",          # bit 20: KVM requires it for any TD
+    "sys-disable": "sys_disable",              # bit 53: TDH.SYS.DISABLE exists
+    "td-preserving": "td_preserving",          # bit 1: TD-preserving module update
+}
+
+#: Named platforms (``--profile NAME``): overrides of the default profile. ``dpamt`` is what
+#: a kernel carrying Dynamic PAMT needs; a kernel without it still boots on static PAMT
+#: (TDH.SYS.CONFIG turns Dynamic PAMT on only when the kernel asks for it).
+PROFILES: dict[str, dict[str, object]] = {
+    "default": {},
+    "dpamt": {"generation": "dpamt", "dynamic_pamt": True, "demote_nointerrupt": True},
+}
