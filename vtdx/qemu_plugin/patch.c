@@ -39,7 +39,8 @@ static site_t *site_lookup_va(uint64_t va) /* table_mu held */
 static bool site_convert(uint64_t pc, unsigned len, vtdx_vcpu_cb_t handler)
 {
     uint64_t hw, hw_end;
-    if (!qemu_plugin_translate_vaddr(pc, &hw) || !qemu_plugin_translate_vaddr(pc + len - 1, &hw_end))
+    if (!qemu_plugin_translate_vaddr(pc, &hw) ||
+        !qemu_plugin_translate_vaddr(pc + len - 1, &hw_end))
         return false;
     uint8_t gadget[MAX_PATCH];
     memset(gadget, 0x90, sizeof gadget);
@@ -98,7 +99,8 @@ static bool fpatch_get(uint64_t pc, const uint8_t *bytes, unsigned len, unsigned
                        uint64_t *hw_out)
 {
     uint64_t hw, hw_end;
-    if (!qemu_plugin_translate_vaddr(pc, &hw) || !qemu_plugin_translate_vaddr(pc + len - 1, &hw_end))
+    if (!qemu_plugin_translate_vaddr(pc, &hw) ||
+        !qemu_plugin_translate_vaddr(pc + len - 1, &hw_end))
         return false;
     *hw_out = hw;
     bool ok = false;
