@@ -33,9 +33,10 @@ ROOT_NAME = "qemu-root"
 STAMP_NAME = ".vtdx-stamp"
 STATE_NAME = "runtime.json"
 PLUGIN_NAME = "vtdx-plugin.so"
-#: Where the plugin sources live (owned by the plugin engineer): every *.c there is compiled.
+#: Where the plugin sources live: every *.c there is one part of the plugin, compiled together
+#: into one shared object; the *.h there (the internal vtdx.h, wire.h, qemu_api.h) are theirs.
 PLUGIN_SRC = asset("qemu_plugin")
-PLUGIN_CFLAGS = ("-shared", "-fPIC", "-O2", "-g", "-Wall", "-Wno-unused-function")
+PLUGIN_CFLAGS = ("-shared", "-fPIC", "-O2", "-g", "-Wall", "-Wextra")
 
 # Paths inside a provisioned root.
 _LOADER = "usr/lib64/ld-linux-x86-64.so.2"
@@ -352,6 +353,8 @@ def ensure_root(cache: Path, log: Log, mirror: str | None = None) -> QemuRuntime
 
 
 def plugin_sources(src: Path = PLUGIN_SRC) -> list[Path]:
+    """Every C source and header of the plugin: the build compiles the *.c, the cache key
+    covers all of them (a header edit rebuilds too)."""
     return sorted(p for p in src.glob("*.[ch]") if p.is_file()) if src.is_dir() else []
 
 

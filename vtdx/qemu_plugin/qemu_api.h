@@ -5,7 +5,7 @@
  * checked against the QEMU 11.1.3 binary with a probe plugin (argument order of every
  * callback type, userdata as the last argument of every register call, register
  * descriptor layout, the discontinuity callback). The build checks that every
- * qemu_plugin_* symbol used here is exported by the QEMU binary (vtdx.qemu_runtime).
+ * qemu_plugin_* symbol used here is exported by the QEMU binary (vtdx.host.qemu).
  */
 #ifndef VTDX_QEMU_API_H
 #define VTDX_QEMU_API_H

@@ -1,6 +1,6 @@
 /*
- * vtdx wire protocol, C side. docs/protocol.md is the description; vtdx/protocol.py is the
- * Python side and tests/test_transport.py checks both agree (sizes, constants).
+ * vtdx wire protocol, C side. docs/protocol.md is the description; vtdx/runtime/protocol.py
+ * is the Python side and tests/test_transport.py checks both agree (sizes, constants).
  * All integers little-endian; every frame has a fixed size.
  */
 #ifndef VTDX_WIRE_H
@@ -11,7 +11,7 @@
 #define VTDX_MAGIC 0x58445456u /* "VTDX" */
 #define VTDX_PROTO_VERSION 1
 #define VTDX_CONTROL_VCPU 0xffffffffu
-#define VTDX_NREGS 14 /* RAX RCX RDX RBX RSI RDI R8..R15 (vtdx.regs.REG_NAMES) */
+#define VTDX_NREGS 14 /* RAX RCX RDX RBX RSI RDI R8..R15 (vtdx.abi.regs.REG_NAMES) */
 
 enum vtdx_kind {
     VTDX_HELLO = 1,    /* plugin -> daemon, once per connection */
