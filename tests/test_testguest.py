@@ -3,7 +3,7 @@
 Without a SEAMCALL-emulating plugin, TCG behaves like hardware for the paths that need no
 TDX: SEAMCALL outside VMX operation is #UD on every CPU, and a CPU without VMX is reported
 (CPUID.1:ECX.VMX clear) instead of touching CR4.VMXE. The whole-stack runs (plugin + daemon
-echo backend) live in the plugin engineer's tests/test_stack_*.py.
+echo backend) live in tests/test_stack_*.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pytest
 from vtdx.errors import VtdxError
 from vtdx.testing import testguest
 
-SPIKE = Path("/work/shared/spikes/tdx-platform-spike.c")
+#: The project's platform spike, in the shared/ folder that sits beside the checkout.
+SPIKE = Path(__file__).resolve().parents[2] / "shared" / "spikes" / "tdx-platform-spike.c"
 
 
 

@@ -1,13 +1,14 @@
 """The platform facade: what the virtual CPU must look like for Linux to use TDX.
 
 TCG's CPU has no VMX, no MOVDIR64B, no MKTME/TME MSRs. The plugin patches them in from
-rows built here from a ``vtdx.platform.profile.Profile`` and sent at connection time, so adding a
-platform fact (a capability MSR KVM reads, a CPUID bit) means adding a row, never C.
+rows built here from a ``vtdx.platform.profile.Profile`` and sent at connection time, so adding
+a platform fact (a capability MSR KVM reads, a CPUID bit) means adding a row, never C.
 
 Row kinds (vtdx.runtime.protocol): CPUID (leaf, subleaf, register, bits to set, bits to clear),
 MSR (index, value, write behaviour: ignore / store / #GP) and FEATURE (instruction
-emulation switches). Values follow the SDM and the reference notes in
-/work/shared/reference/kvm-tdx-without-vmx.md.
+emulation switches). Values follow the SDM and what Linux reads: arch/x86/kvm/vmx/vmx.c
+(setup_vmcs_config, the VMX capability MSRs), arch/x86/virt/vmx/tdx/tdx.c (MKTME keyid
+partitioning, MOVDIR64B) and arch/x86/kernel/cpu/feat_ctl.c (IA32_FEAT_CTL).
 """
 
 from __future__ import annotations
