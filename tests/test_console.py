@@ -11,7 +11,7 @@ from pathlib import Path
 from test_qmp_inspect import booted  # noqa: F401  (fixture)
 from tmux_util import Tmux
 
-from vtdx.observe.console import table
+from vtdx.observe.console.format import table
 
 
 def vtdx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

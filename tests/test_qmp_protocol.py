@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from vtdx.observe.qmp import Arg, Command, JsonSplitter, QmpError, QmpServer, QmpServerThread
+from vtdx.observe.qmp.errors import QmpError
+from vtdx.observe.qmp.framing import JsonSplitter
+from vtdx.observe.qmp.schema import Arg, Command
+from vtdx.observe.qmp.server import QmpServer
+from vtdx.observe.qmp.thread import QmpServerThread
 
 
 def toy_commands() -> list[Command]:
