@@ -30,7 +30,7 @@ from vtdx.errors import VtdxError
 from vtdx.observe.answers import EVENT_SEAMCALL_ERROR, SeamcallErrorData
 from vtdx.observe.console.commands import ConsoleCommands
 from vtdx.observe.console.format import fmt_seamcall_error
-from vtdx.observe.qmp.client import socket_path
+from vtdx.observe.qmp.client import error_reason, socket_path
 
 #: File name of the console's readline history in the vtdx cache.
 HISTORY = "console_history"
@@ -49,7 +49,7 @@ async def connect(sock: Path) -> QMPClient:
     try:
         await asyncio.wait_for(client.connect(str(sock)), 10)
     except (OSError, QMPError, TimeoutError) as e:
-        raise VtdxError(f"cannot connect to {sock}: {e}") from None
+        raise VtdxError(f"vtdx QMP socket {sock}: {error_reason(e)}") from None
     return client
 
 

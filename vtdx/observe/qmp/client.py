@@ -88,7 +88,7 @@ class VtdxClient:
             try:
                 qmp.connect()
             except (QMPError, OSError) as e:
-                raise VtdxError(f"vtdx QMP socket {self.path}: {_reason(e)}") from None
+                raise VtdxError(f"vtdx QMP socket {self.path}: {error_reason(e)}") from None
             qmp.settimeout(self.timeout)
             self._qmp = qmp
         return self._qmp
@@ -126,7 +126,7 @@ class VtdxClient:
                 raise QmpCommandError(command, e.error_class, str(e)) from None
             except (QMPError, OSError, TimeoutError) as e:
                 self._drop()
-                raise VtdxError(f"vtdx QMP socket {self.path}: {command}: {_reason(e)}"
+                raise VtdxError(f"vtdx QMP socket {self.path}: {command}: {error_reason(e)}"
                                 ) from None
             finally:
                 if self._qmp is not None:
@@ -196,8 +196,8 @@ class VtdxClient:
         return cast(QemuStatus, self.execute("query-status"))
 
 
-def _reason(e: BaseException) -> str:
-    """The root cause of a qemu.qmp error in a few words."""
+def error_reason(e: BaseException) -> str:
+    """The root cause of a qemu.qmp or socket error in a few words, for one-line messages."""
     cause = getattr(e, "exc", None)  # ConnectError wraps the OSError
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
