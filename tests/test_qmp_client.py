@@ -27,13 +27,16 @@ def test_typed_queries_match_the_kernel_view(booted):  # noqa: F811
         assert status.get("seamcalls") == len(boot.calls)
         assert [(t["base"], t["size"]) for t in c.tdmrs()] == [(t.base, t.size)
                                                                 for t in boot.tdmrs]
-        page = c.pamt(0x1B090C)
-        assert isinstance(page, dict) and "levels" in page
+        page = c.pamt_page(0x1B090C)
         assert page["pa"] == 0x1B090C000 and page["tdmr"] == 1
-        rows = c.pamt(pa=boot.tdmrs[1].pamt_base[0], count=2)
-        assert isinstance(rows, list) and [r.get("pt-name") for r in rows] == ["PT_RSVD"] * 2
-        summary = c.pamt()
-        assert isinstance(summary, dict) and summary.get("pamt-bytes") == boot.pamt_kb * 1024
+        assert [lv["level"] for lv in page["levels"]] == ["1G", "2M", "4K"]
+        assert c.pamt("0x1b090c") == page == c.pamt_page(pa=0x1B090C000)
+        rows = c.pamt_range(pa=boot.tdmrs[1].pamt_base[0], count=2)
+        assert [r.get("pt-name") for r in rows] == ["PT_RSVD"] * 2
+        assert c.pamt(pa=boot.tdmrs[1].pamt_base[0], count=2) == rows
+        summary = c.pamt_summary()
+        assert summary["pamt-bytes"] == boot.pamt_kb * 1024
+        assert c.pamt() == summary
         last = c.trace(3, leaf="TDH.SYS.TDMR.INIT")
         assert [r["name"] for r in last] == ["TDH.SYS.TDMR.INIT"] * 3
         assert [r["seq"] for r in c.trace(2)] == [len(boot.calls) - 1, len(boot.calls)]

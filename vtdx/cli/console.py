@@ -8,7 +8,7 @@ import asyncio
 from vtdx.observe.console.script import run_commands
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "console",
         help="inspect a running machine (interactive, or -c for scripts)",

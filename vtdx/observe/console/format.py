@@ -21,7 +21,6 @@ from vtdx.observe.answers import (
     QemuStatus,
     SeamcallErrorData,
     SeptAnswer,
-    SeptMappings,
     SeptWalk,
     TdInfo,
     TdmrInfo,
@@ -102,7 +101,7 @@ def fmt_pamt(answer: PamtAnswer) -> str:
         return fmt_pamt_rows(answer)
     if "tdmrs" in answer:
         return fmt_pamt_summary(cast(PamtSummary, answer))
-    return fmt_pamt_page(cast(PamtPage, answer))
+    return fmt_pamt_page(answer)
 
 
 def fmt_pamt_summary(s: PamtSummary) -> str:
@@ -162,7 +161,7 @@ def fmt_sept(answer: SeptAnswer) -> str:
                  _lock(w.get("lock"))] for w in s["walk"]]
         return (f"TD {hx(s['tdr'])} GPA {hx(s['gpa'])}\n"
                 + table(["level", "S-EPT page", "index", "state", "HPA", "lock"], rows))
-    m = cast(SeptMappings, answer)
+    m = answer
     head = (f"TD {hx(m['tdr'])}: root level {m['root-level']}, {m['pages']} S-EPT pages, "
             f"{m['leaves']} leaf mappings")
     return head + "\n" + table(["GPA", "level", "state", "HPA"],

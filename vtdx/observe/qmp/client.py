@@ -31,8 +31,13 @@ from vtdx.observe.answers import (
     InjectClearAnswer,
     LocksAnswer,
     PamtAnswer,
+    PamtPage,
+    PamtRow,
+    PamtSummary,
     QemuStatus,
     SeptAnswer,
+    SeptMappings,
+    SeptWalk,
     TdInfo,
     TdmrInfo,
     TraceRecord,
@@ -145,12 +150,32 @@ class VtdxClient:
         """A page (``pfn`` or ``pa``), ``count`` pages from there, or the summary."""
         return cast(PamtAnswer, self.execute("query-vtdx-pamt", pfn=pfn, pa=pa, count=count))
 
+    def pamt_page(self, pfn: int | str | None = None, *, pa: int | str | None = None
+                  ) -> PamtPage:
+        """One page (``pfn`` or ``pa``) at every PAMT level."""
+        return cast(PamtPage, self.execute("query-vtdx-pamt", pfn=pfn, pa=pa))
+
+    def pamt_range(self, pfn: int | str | None = None, *, pa: int | str | None = None,
+                   count: int) -> list[PamtRow]:
+        """``count`` pages from ``pfn`` or ``pa``, one row each."""
+        return cast(list[PamtRow], self.execute("query-vtdx-pamt", pfn=pfn, pa=pa,
+                                                count=count))
+
+    def pamt_summary(self) -> PamtSummary:
+        return cast(PamtSummary, self.execute("query-vtdx-pamt"))
+
     def tds(self) -> list[TdInfo]:
         return cast(list[TdInfo], self.execute("query-vtdx-tds"))
 
     def sept(self, td: int, gpa: int | None = None, *, count: int | None = None
              ) -> SeptAnswer:
         return cast(SeptAnswer, self.execute("query-vtdx-sept", td=td, gpa=gpa, count=count))
+
+    def sept_walk(self, td: int, gpa: int) -> SeptWalk:
+        return cast(SeptWalk, self.execute("query-vtdx-sept", td=td, gpa=gpa))
+
+    def sept_mappings(self, td: int, count: int | None = None) -> SeptMappings:
+        return cast(SeptMappings, self.execute("query-vtdx-sept", td=td, count=count))
 
     def locks(self) -> LocksAnswer:
         return cast(LocksAnswer, self.execute("query-vtdx-locks"))
