@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient, Runstate
 
 from vtdx.observe.qmp.errors import QmpError
 from vtdx.observe.qmp.framing import MAX_MESSAGE, MAX_NESTING, JsonSplitter
@@ -352,3 +352,33 @@ def test_splitter_limits_nesting_and_resumes_after_the_message():
     assert out == [(nested_array(4), None),
                    (None, "JSON nesting depth limit exceeded (at most 256 levels)"),
                    (b'{"ok": "]]]"}', None)]
+
+
+def test_server_stop_with_clients_attached_is_quiet(sock: str, capfd, caplog):
+    """``vtdx run`` ending (Ctrl-C) while consoles are attached: the clients see the
+    connection close, and nothing (no cancelled-task traceback) is printed."""
+    t = QmpServerThread(QmpServer(sock, toy_commands())).start()
+
+    async def main():
+        qmp = QMPClient("attached")
+        await qmp.connect(sock)
+        raw = await RawClient.connect(sock)
+        await raw.recv()
+        await raw.send(b'{"execute": "qmp_capabilities"')  # half a message, pending
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(t.stop)
+        assert await asyncio.wait_for(raw.reader.read(), 5) == b""
+        for _ in range(100):
+            if qmp.runstate is not Runstate.RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        assert qmp.runstate is Runstate.DISCONNECTING
+        with pytest.raises((EOFError, ConnectionResetError)):  # the server went away
+            await qmp.disconnect()
+
+    with caplog.at_level(logging.WARNING):
+        run(main())
+    assert not os.path.exists(sock)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

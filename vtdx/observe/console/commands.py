@@ -19,7 +19,7 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from vtdx.errors import VtdxError
 from vtdx.observe.answers import InjectAnswer, InjectClearAnswer
 from vtdx.observe.console import format as F
-from vtdx.observe.qmp.client import QmpCommandError, VtdxClient
+from vtdx.observe.qmp.client import QmpCommandError, VtdxClient, error_reason
 
 
 def _int(text: str) -> int:
@@ -200,8 +200,8 @@ class ConsoleCommands:
             answer = await client.execute(req.command, req.arguments or None)
         except ExecuteError as e:
             return f"error: {e}"
-        except QMPError as e:
-            return f"error: connection: {e}"
+        except (QMPError, OSError, EOFError) as e:
+            return f"error: connection: {error_reason(e)}"
         return cmd.render(answer)
 
     def help(self) -> str:

@@ -14,7 +14,9 @@ import contextlib
 import os
 import readline
 import sys
-from collections.abc import Awaitable, Callable
+import termios
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,14 +25,14 @@ from aioconsole.stream import (  # type: ignore[import-untyped]
     NonFileStreamReader,
     NonFileStreamWriter,
 )
-from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
 
 from vtdx.abi import leaves, status
 from vtdx.errors import VtdxError
 from vtdx.observe.answers import EVENT_SEAMCALL_ERROR, SeamcallErrorData
 from vtdx.observe.console.commands import ConsoleCommands
 from vtdx.observe.console.format import fmt_seamcall_error
-from vtdx.observe.qmp.client import error_reason, socket_path
+from vtdx.observe.qmp.client import CLOSED, error_reason, socket_path
 
 #: File name of the console's readline history in the vtdx cache.
 HISTORY = "console_history"
@@ -65,14 +67,20 @@ async def interact(run_dir: str | os.PathLike[str], history: Path | None = None)
     else:
         streams = aioconsole.get_standard_streams(use_stderr=False)
     cli = _Cli(cmds, client, history, streams=streams)
-    events = asyncio.ensure_future(_print_events(client, cli))
+    watchers = [asyncio.ensure_future(_print_events(client, cli)),
+                asyncio.ensure_future(_watch_connection(client, cli))]
     try:
-        await cli.interact(banner=f"vtdx console on {sock}\n{BANNER}", stop=False,
-                           handle_sigint=False)
+        with _terminal_restored():
+            await cli.interact(banner=f"vtdx console on {sock}\n{BANNER}", stop=False,
+                               handle_sigint=False)
+    except asyncio.CancelledError:  # Ctrl-C: leave the half-typed line before vtdx says so
+        if sys.stdin.isatty():
+            print(file=sys.stdout, flush=True)
+        raise
     finally:
-        events.cancel()
-        with contextlib.suppress(BaseException):
-            await events
+        for w in watchers:
+            w.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
         cli.save_history()
         with contextlib.suppress(QMPError, OSError, EOFError):  # the endpoint may be gone
             await client.disconnect()
@@ -86,6 +94,15 @@ async def _print_events(client: QMPClient, cli: _Cli) -> None:
             cli.write(cli.above_prompt(fmt_seamcall_error(cast(SeamcallErrorData,
                                                                ev["data"]))))
             await cli.flush()
+
+
+async def _watch_connection(client: QMPClient, cli: _Cli) -> None:
+    """Say so at once when the endpoint hangs up (the machine stopped), not only at the
+    next command."""
+    while client.runstate is Runstate.RUNNING:
+        await client.runstate_changed()
+    cli.write(cli.above_prompt(f"! {CLOSED}; Ctrl-D leaves"))
+    await cli.flush()
 
 
 class _Cli(aioconsole.AsynchronousCli):  # type: ignore[misc]
@@ -154,13 +171,55 @@ class _Cli(aioconsole.AsynchronousCli):  # type: ignore[misc]
             return str(await super().raw_input(prompt))
         await self.flush()
         if self._pending is None or self._pending.done():
-            loop = asyncio.get_running_loop()
-            self._pending = loop.run_in_executor(None, input, prompt)
+            self._pending = _input_in_thread(prompt)
         try:
             return await self._pending
         finally:
             if self._pending.done():
                 self._pending = None
+
+
+def _input_in_thread(prompt: str) -> asyncio.Future[str]:
+    """``input(prompt)`` (readline) on a daemon thread, as a future of the event loop.
+
+    Not the loop's default executor: its threads are joined at exit, so Ctrl-C (which
+    cancels the console) would wait for the user to press Enter before vtdx could leave.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+
+    def settle(line: str | None, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(line or "")
+
+    def read() -> None:
+        line, error = None, None
+        try:
+            line = input(prompt)
+        except BaseException as e:  # EOFError (Ctrl-D) ends the console
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(settle, line, error)
+
+    threading.Thread(target=read, name="vtdx-console-input", daemon=True).start()
+    return fut
+
+
+@contextlib.contextmanager
+def _terminal_restored() -> Iterator[None]:
+    """Put the terminal back as it was: readline may be mid-line when the console ends."""
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd) if sys.stdin.isatty() else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _leaf_and_status_names() -> list[str]:

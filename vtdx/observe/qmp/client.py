@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
-from qemu.qmp import ExecuteError, QMPError
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPError, StateError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vtdx.errors import VtdxError
@@ -221,8 +221,15 @@ class VtdxClient:
         return cast(QemuStatus, self.execute("query-status"))
 
 
+#: What a client says when the endpoint went away (the machine stopped, usually).
+CLOSED = "the endpoint closed the connection (has the machine stopped?)"
+
+
 def error_reason(e: BaseException) -> str:
     """The root cause of a qemu.qmp or socket error in a few words, for one-line messages."""
+    if isinstance(e, StateError | ExecInterruptedError | EOFError | BrokenPipeError |
+                  ConnectionResetError):
+        return CLOSED  # qemu.qmp's own words ("QMPClient is disconnecting...") mean this
     cause = getattr(e, "exc", None)  # ConnectError wraps the OSError
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
