@@ -261,6 +261,8 @@ GARBAGE = [
     (b'{"execute": "x-add", "arguments": {"a": 1e999999999}}', ["expected: integer"]),
     (b'{"execute": "x-add", "arguments": {"a": ' + b"9" * 5000 + b"}}", ["JSON parse error"]),
     (b"\x00\x01\x7f\xc0\xff", ["must be a JSON object"]),
+    (b"x" * MAX_MESSAGE * 2, ["must be a JSON object"]),  # one token, one error
+    (b" \r\n\t" * MAX_MESSAGE, []),  # whitespace between messages is no error
 ]
 
 

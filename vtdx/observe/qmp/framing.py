@@ -34,7 +34,8 @@ MAX_NESTING = 256
 NOT_AN_OBJECT = "QMP input must be a JSON object"
 TOO_DEEP = f"JSON nesting depth limit exceeded (at most {MAX_NESTING} levels)"
 
-_WHITESPACE = frozenset(b" \t\r\n")
+_NOT_WHITESPACE = re.compile(rb"[^ \t\r\n]")
+_JUNK_END = re.compile(rb'[ \t\r\n"{[]')
 _IN_STRING = re.compile(rb'["\\]')
 _IN_VALUE = re.compile(rb'[][{}"]')
 _QUOTE, _BACKSLASH = 0x22, 0x5C
@@ -99,14 +100,18 @@ class JsonSplitter:
 
     def _between(self, data: bytes, i: int) -> Generator[Frame, None, int]:
         """Between top-level values: skip whitespace, start a value, or report junk;
-        returns where the lexing continues."""
+        returns where the lexing continues. Runs of whitespace or junk are skipped by
+        regex, not byte by byte, so a flood of either costs little."""
         n = len(data)
         while i < n:
-            b = data[i]
-            if b in _WHITESPACE:
+            m = _NOT_WHITESPACE.search(data, i)
+            if m is None:
                 self._junk = False
-                i += 1
-                continue
+                return n
+            if m.start() > i:
+                self._junk = False  # whitespace ends a junk token
+            i = m.start()
+            b = data[i]
             if b in b"{[":
                 self._junk = False
                 self._depth = 1
@@ -118,7 +123,8 @@ class JsonSplitter:
             if b == _QUOTE:  # a top-level string: skip it whole (it may hold spaces)
                 self._in_str = True
                 return i + 1
-            i += 1
+            m = _JUNK_END.search(data, i + 1)
+            i = n if m is None else m.start()
         return i
 
     def _take(self, data: bytes, start: int, end: int) -> Frame | None:
