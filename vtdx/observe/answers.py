@@ -365,6 +365,19 @@ class CommandHelp(TypedDict):
     args: list[ArgHelp]
 
 
+class VersionTriple(TypedDict):
+    major: int
+    minor: int
+    micro: int
+
+
+class VersionInfo(TypedDict):
+    """query-version (and the greeting's ``version``): vtdx's version in QEMU's fields."""
+
+    qemu: VersionTriple
+    package: str
+
+
 class QemuStatus(TypedDict):
     """QEMU's query-status (StatusInfo in QEMU's qapi/run-state.json), forwarded."""
 

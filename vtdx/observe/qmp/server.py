@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 from vtdx import __version__
-from vtdx.observe.answers import CommandHelp
+from vtdx.observe.answers import CommandHelp, VersionInfo
 from vtdx.observe.qmp.errors import COMMAND_NOT_FOUND, QmpError
 from vtdx.observe.qmp.events import Event, RateLimiter, event_message
 from vtdx.observe.qmp.framing import MAX_MESSAGE, JsonSplitter, decode, encode
@@ -51,17 +51,14 @@ class Runstate(enum.Enum):
     CLOSED = "closed"
 
 
-def greeting() -> dict[str, object]:
+def version() -> VersionInfo:
     major, minor, micro = (int(x) for x in (__version__.split(".") + ["0", "0"])[:3])
-    return {
-        "QMP": {
-            "version": {
-                "qemu": {"major": major, "minor": minor, "micro": micro},
-                "package": f"vtdx {__version__}",
-            },
-            "capabilities": [],
-        }
-    }
+    return {"qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": f"vtdx {__version__}"}
+
+
+def greeting() -> dict[str, object]:
+    return {"QMP": {"version": version(), "capabilities": []}}
 
 
 class Connection:
@@ -287,10 +284,8 @@ class QmpServer:
     async def _query_commands(self) -> list[dict[str, str]]:
         return [{"name": n} for n in self.commands]
 
-    async def _query_version(self) -> object:
-        qmp = greeting()["QMP"]
-        assert isinstance(qmp, dict)
-        return qmp["version"]
+    async def _query_version(self) -> VersionInfo:
+        return version()
 
     async def _query_help(self) -> list[CommandHelp]:
         return [{"name": c.name, "doc": c.doc, "args": [a.describe() for a in c.args]}
