@@ -11,7 +11,7 @@ from pathlib import Path
 from test_qmp_inspect import booted  # noqa: F401  (fixture)
 from tmux_util import Tmux
 
-from vtdx.observe.console import table
+from vtdx.observe.console.format import table
 
 
 def vtdx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -107,3 +107,57 @@ def test_console_interactive_in_tmux(booted, tmp_path: Path):  # noqa: F811
         assert (cache / "console_history").read_text().count("pamt 0x1b090c") == 1
     finally:
         term.kill()
+
+
+def stale_run_dir(tmp_path: Path) -> Path:
+    """A run directory whose machine died: the socket file is left, nobody listens."""
+    import socket
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(run_dir / "vtdx-qmp.sock"))
+    s.close()
+    return run_dir
+
+
+def test_console_on_a_dead_machine_is_one_line(tmp_path: Path):
+    run_dir = stale_run_dir(tmp_path)
+    for args in (["-c", "status"], []):  # scripted, then interactive (stdin not a tty)
+        r = subprocess.run([sys.executable, "-m", "vtdx", "console", str(run_dir), *args],
+                           capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr == (f"vtdx: error: vtdx QMP socket {run_dir}/vtdx-qmp.sock: "
+                            "Connection refused\n"), args
+        assert r.stdout == ""
+
+
+def test_console_when_the_machine_stops_and_on_ctrl_c(tmp_path: Path):
+    """The endpoint goes away under an interactive console: it says so at once, commands
+    answer one error line; Ctrl-C then leaves at once (no waiting for Enter), rc 130."""
+    from test_qmp_protocol import toy_commands
+
+    from vtdx.observe.qmp.server import QmpServer
+    from vtdx.observe.qmp.thread import QmpServerThread
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    server = QmpServerThread(QmpServer(run_dir / "vtdx-qmp.sock", toy_commands())).start()
+    term = Tmux(f"{sys.executable} -m vtdx console {run_dir}; echo RC=$?; sleep 60",
+                env={"VTDX_CACHE": str(tmp_path / "cache")})
+    try:
+        term.wait_for("vtdx> ")
+        server.stop()
+        term.wait_for("! the endpoint closed the connection (has the machine stopped?)")
+        term.type("status")
+        term.send("Enter")
+        term.wait_for("error: connection: the endpoint closed the connection")
+        term.type("tds")
+        term.send("C-c")
+        screen = term.wait_for("RC=130", timeout=5)
+        assert "vtdx> tds\nvtdx: interrupted\nRC=130" in screen
+        assert "Traceback" not in screen
+    finally:
+        term.kill()
+        server.stop()

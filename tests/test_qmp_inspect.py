@@ -16,7 +16,8 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import TdxModule
-from vtdx.observe.qmp import EVENT_SEAMCALL_ERROR, InspectEndpoint
+from vtdx.observe.answers import EVENT_SEAMCALL_ERROR
+from vtdx.observe.qmp.endpoint import InspectEndpoint
 from vtdx.observe.trace import read_trace, reg_in, reg_out
 from vtdx.platform.memory import SparseMemory
 from vtdx.platform.profile import GiB, Profile

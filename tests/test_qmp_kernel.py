@@ -17,7 +17,7 @@ from tmux_util import Tmux
 
 from vtdx.abi import status as st
 from vtdx.host import kernel as kernel_build
-from vtdx.observe.qmp import EVENT_SEAMCALL_ERROR
+from vtdx.observe.answers import EVENT_SEAMCALL_ERROR
 from vtdx.observe.trace import read_trace
 
 pytestmark = [pytest.mark.kernel, pytest.mark.stack]

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
 from pathlib import Path
 
 import pytest
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient, Runstate
 
-from vtdx.observe.qmp import Arg, Command, JsonSplitter, QmpError, QmpServer, QmpServerThread
+from vtdx.observe.qmp.errors import QmpError
+from vtdx.observe.qmp.framing import MAX_MESSAGE, MAX_NESTING, JsonSplitter
+from vtdx.observe.qmp.schema import Arg, Command
+from vtdx.observe.qmp.server import QmpServer
+from vtdx.observe.qmp.thread import QmpServerThread
 
 
 def toy_commands() -> list[Command]:
@@ -35,7 +40,8 @@ def toy_commands() -> list[Command]:
 
 
 class RawClient:
-    """A byte-level client, to see exactly what the server sends."""
+    """A byte-level client, on purpose not qemu.qmp: these tests send what no well-behaved
+    client would (broken JSON, split writes, garbage) and read exactly what comes back."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -226,3 +232,155 @@ def test_qemu_qmp_client_and_thread_server(sock: str):
     finally:
         t.stop()
     assert not os.path.exists(sock)
+
+
+def nested_object(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+def nested_array(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+#: Input no client should send, and the error each gets (issue 15: a deeply nested object
+#: used to raise RecursionError in the server and drop the connection without a reply).
+GARBAGE = [
+    (nested_object(100_000), ["nesting depth limit exceeded"]),
+    (b'{"execute": "x-add", "arguments": {"a": ' + nested_array(5_000) + b"}}",
+     ["nesting depth limit exceeded"]),
+    (b'{"execute": "x-add", "arguments": {"a": "' + b"A" * (2 * MAX_MESSAGE) + b'"}}',
+     [f"JSON message exceeds {MAX_MESSAGE} bytes"]),
+    (b'{"execute": "x-add\xff\xfe"}', ["JSON parse error, invalid UTF-8 at byte 18"]),
+    # UTF-16: the object's NULs fail to parse, the NUL after its "}" is a stray token.
+    ('{"execute": "x-add"}'.encode("utf-16-le"),
+     ["JSON parse error", "must be a JSON object"]),
+    (b'"a string { with ] brackets"', ["must be a JSON object"]),
+    (b"42 true null -1.5e3", ["must be a JSON object"] * 4),
+    (b"[1, 2]", ["must be a JSON object"]),
+    (b"}", ["must be a JSON object"]),
+    (b'{"execute": "x-add", "arguments": {"a": 1e999999999}}', ["expected: integer"]),
+    (b'{"execute": "x-add", "arguments": {"a": ' + b"9" * 5000 + b"}}", ["JSON parse error"]),
+    (b"\x00\x01\x7f\xc0\xff", ["must be a JSON object"]),
+    (b"x" * MAX_MESSAGE * 2, ["must be a JSON object"]),  # one token, one error
+    (b" \r\n\t" * MAX_MESSAGE, []),  # whitespace between messages is no error
+]
+
+
+def test_garbage_gets_errors_and_the_server_survives(sock: str, caplog):
+    """Each bad input gets its GenericError reply(ies), then a command on the same
+    connection still works; nothing is logged and asyncio sees no failed task."""
+    loop_errors: list[dict] = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: loop_errors.append(ctx))
+        srv = QmpServer(sock, toy_commands())
+        await srv.start()
+        c = await RawClient.connect(sock)
+        await c.recv()
+        await c.ask({"execute": "qmp_capabilities"})
+        for n, (data, descs) in enumerate(GARBAGE):
+            await c.send(data + b"\n")
+            for desc in descs:
+                r = await c.recv()
+                assert r["error"]["class"] == "GenericError", (data[:60], r)
+                assert desc in r["error"]["desc"], (data[:60], r)
+            r = await c.ask({"execute": "x-add", "arguments": {"a": n}, "id": n})
+            assert r == {"return": {"sum": n}, "id": n}, (data[:60], r)
+        # Nesting up to the limit is fine, and the id comes back whole.
+        deep_id = json.loads(nested_array(MAX_NESTING - 1))
+        r = await c.ask({"execute": "x-add", "arguments": {"a": 1}, "id": deep_id})
+        assert r == {"return": {"sum": 1}, "id": deep_id}
+        # A second client is served as usual.
+        d = await RawClient.connect(sock)
+        assert "QMP" in await d.recv()
+        assert await d.ask({"execute": "qmp_capabilities"}) == {"return": {}}
+        await d.close()
+        await c.close()
+        await srv.close()
+
+    with caplog.at_level(logging.WARNING):
+        run(main())
+    assert loop_errors == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_nested_json_against_the_thread_server_and_qemu_qmp(sock: str):
+    """The daemon's setup: after a raw client's too-deep message, qemu.qmp still works."""
+    t = QmpServerThread(QmpServer(sock, toy_commands())).start()
+
+    async def main():
+        c = await RawClient.connect(sock)
+        await c.recv()
+        await c.ask({"execute": "qmp_capabilities"})
+        r = await c.ask(nested_object(50_000))
+        assert r == {"error": {"class": "GenericError", "desc":
+                               f"JSON nesting depth limit exceeded (at most {MAX_NESTING} "
+                               "levels)"}}
+        assert (await c.ask({"execute": "x-add", "arguments": {"a": 2}}))["return"] == {
+            "sum": 2}
+        await c.close()
+        qmp = QMPClient("test")
+        await qmp.connect(sock)
+        assert await qmp.execute("x-add", {"a": 1, "b": 1}) == {"sum": 2}
+        await qmp.disconnect()
+
+    try:
+        run(main())
+    finally:
+        t.stop()
+
+
+def test_splitter_any_chunking_gives_the_same_messages():
+    stream = (b'  {"execute": "a", "arguments": {"s": "}{\\"\\\\", "l": [1, {"x": []}]}}'
+              b'\n"junk string" [1,2]{"id":"\\u007b"} 7 {}')
+    whole = list(JsonSplitter().feed(stream))
+    assert whole == [
+        (b'{"execute": "a", "arguments": {"s": "}{\\"\\\\", "l": [1, {"x": []}]}}', None),
+        (None, "QMP input must be a JSON object"),
+        (b"[1,2]", None),
+        (b'{"id":"\\u007b"}', None),
+        (None, "QMP input must be a JSON object"),
+        (b"{}", None),
+    ]
+    for size in (1, 2, 3, 7):
+        sp = JsonSplitter()
+        got = [f for i in range(0, len(stream), size) for f in sp.feed(stream[i:i + size])]
+        assert got == whole, size
+
+
+def test_splitter_limits_nesting_and_resumes_after_the_message():
+    sp = JsonSplitter(max_nesting=4)
+    out = list(sp.feed(nested_array(4) + b" " + nested_array(5) + b'{"ok": "]]]"}'))
+    assert out == [(nested_array(4), None),
+                   (None, "JSON nesting depth limit exceeded (at most 256 levels)"),
+                   (b'{"ok": "]]]"}', None)]
+
+
+def test_server_stop_with_clients_attached_is_quiet(sock: str, capfd, caplog):
+    """``vtdx run`` ending (Ctrl-C) while consoles are attached: the clients see the
+    connection close, and nothing (no cancelled-task traceback) is printed."""
+    t = QmpServerThread(QmpServer(sock, toy_commands())).start()
+
+    async def main():
+        qmp = QMPClient("attached")
+        await qmp.connect(sock)
+        raw = await RawClient.connect(sock)
+        await raw.recv()
+        await raw.send(b'{"execute": "qmp_capabilities"')  # half a message, pending
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(t.stop)
+        assert await asyncio.wait_for(raw.reader.read(), 5) == b""
+        for _ in range(100):
+            if qmp.runstate is not Runstate.RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        assert qmp.runstate is Runstate.DISCONNECTING
+        with pytest.raises((EOFError, ConnectionResetError)):  # the server went away
+            await qmp.disconnect()
+
+    with caplog.at_level(logging.WARNING):
+        run(main())
+    assert not os.path.exists(sock)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

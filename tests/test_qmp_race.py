@@ -16,7 +16,8 @@ from qemu.qmp import EventListener, QMPClient
 from test_dpamt_demote_race import BUSY_RCX, DPAMT_A1, DPAMT_B1, GPA, Scenario
 
 from vtdx.abi.leaves import Leaf
-from vtdx.observe.qmp import EVENT_SEAMCALL_ERROR, InspectEndpoint
+from vtdx.observe.answers import EVENT_SEAMCALL_ERROR
+from vtdx.observe.qmp.endpoint import InspectEndpoint
 
 
 def test_lock_holder_of_0x1b090c_during_demote(tmp_path: Path):

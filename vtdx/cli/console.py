@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from vtdx.observe.console.script import run_commands
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "console",
         help="inspect a running machine (interactive, or -c for scripts)",
@@ -21,8 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vtdx.observe import console
-
     if args.command is not None:
-        return asyncio.run(console.run_commands(args.run_dir, args.command))
-    return asyncio.run(console.interact(args.run_dir, console.history_path()))
+        return run_commands(args.run_dir, args.command)
+    # Imported here, not at the top: aioconsole and readline take ~0.2 s to import, which
+    # only the interactive console should pay, not every vtdx command (main imports this).
+    from vtdx.observe.console import interactive
+
+    return asyncio.run(interactive.interact(args.run_dir, interactive.history_path()))

@@ -6,7 +6,8 @@ so the machine keeps running between test functions, and offers what a kernel te
     vm.run("cat /proc/cpuinfo")  -> CommandResult (unpacks as rc, stdout), via the guest agent
     vm.dmesg()                   -> the kernel log, read in the guest (not scraped)
     vm.payload("tdx-state")      -> KtapResult of an in-guest program from guest/payloads
-    vm.vtdx                      -> the vtdx QMP endpoint: status, tdmrs, pamt, trace, inject
+    vm.vtdx                      -> the vtdx QMP endpoint (VtdxClient): status, tdmrs, pamt,
+                                    trace, inject... answers typed as in observe.answers
     vm.trace                     -> the SEAMCALL trace (JSONL in the run directory)
     vm.console_tail(40)          -> the serial console as the kernel printed it
 
@@ -18,14 +19,13 @@ lets a fault strike the N+1-th matching call (a TDMR half initialized).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
-import os
 import re
-import socket
+import shlex
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,21 +42,15 @@ from vtdx.harness.guest_agent import (
     agent_machine_class,
 )
 from vtdx.host.payloads import KtapResult, build_payloads, kernel_headers
+from vtdx.module import TdxModule
+from vtdx.observe.qmp.client import VtdxClient
+from vtdx.observe.qmp.commands import parse_status
+from vtdx.observe.trace import format_record, parse_leaf
 
 #: Same base as ``vtdx run``: serial console, no hibernation (the kernel refuses TDX while
 #: it is possible), reboot at once on panic (QEMU runs with -no-reboot, so it exits).
 BASE_APPEND = "console=ttyS0 nohibernate panic=-1"
 _TIMESTAMP = re.compile(r"^\[\s*[\d.]+\]\s*")
-
-
-def parse_status(value: int | str) -> int:
-    """A TDX status from a number or a name such as ``TDX_SYS_BUSY`` or ``OPERAND_BUSY+RCX``."""
-    from vtdx.observe.qmp import QmpError, _status_arg
-
-    try:
-        return _status_arg(value)
-    except QmpError as e:
-        raise VtdxError(e.desc) from None
 
 
 @dataclass(frozen=True)
@@ -71,8 +65,6 @@ class Fault:
     after: int = 0
 
     def arm(self, module: Any) -> None:
-        from vtdx.observe.trace import parse_leaf
-
         status = parse_status(self.status)
         leaf = parse_leaf(self.leaf) if self.leaf is not None else None
         lps = {self.lp} if self.lp is not None else None
@@ -110,121 +102,6 @@ class BootSpec:
 
     def cmdline(self) -> str:
         return f"{BASE_APPEND} {AGENT_APPEND} {self.append}".strip()
-
-
-# --------------------------------------------------------------------------- QMP
-
-
-class VtdxControl:
-    """A small synchronous client of vtdx's QMP endpoint (the same socket ``vtdx console``
-    and qmp-shell use), so tests assert on exactly what a person inspecting would see."""
-
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 30.0) -> None:
-        self.path = os.fspath(path)
-        self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._buf = b""
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _recv_msg(self) -> dict[str, Any]:
-        assert self._sock is not None
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                line, self._buf = self._buf[:nl], self._buf[nl + 1:]
-                if line.strip():
-                    msg = json.loads(line)
-                    if "event" not in msg:
-                        return msg
-                continue
-            data = self._sock.recv(1 << 20)
-            if not data:
-                raise VtdxError(f"vtdx QMP socket {self.path} closed")
-            self._buf += data
-
-    def _connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.path)
-        except OSError as e:
-            s.close()
-            raise VtdxError(f"vtdx QMP socket {self.path}: {e.strerror}") from None
-        self._sock, self._buf = s, b""
-        self._recv_msg()  # greeting
-        self._sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-        self._recv_msg()
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        """Run a QMP command; its ``return`` value, or VtdxError with the QMP error text."""
-        args = {k: v for k, v in arguments.items() if v is not None}
-        with self._lock:
-            if self._sock is None:
-                self._connect()
-            assert self._sock is not None
-            try:
-                self._sock.sendall(json.dumps({"execute": command, "arguments": args}).encode()
-                                   + b"\n")
-                reply = self._recv_msg()
-            except OSError as e:
-                self.close()
-                raise VtdxError(f"vtdx QMP: {e}") from None
-        if "error" in reply:
-            raise VtdxError(f"{command}: {reply['error'].get('desc')}")
-        return reply.get("return")
-
-    # -- the queries of vtdx/qmp.py, by name
-
-    def status(self) -> dict[str, Any]:
-        return self.execute("query-vtdx-status")
-
-    def tdmrs(self) -> list[dict[str, Any]]:
-        return self.execute("query-vtdx-tdmrs")
-
-    def pamt(self, **kw: Any) -> Any:
-        return self.execute("query-vtdx-pamt", **kw)
-
-    def tds(self) -> list[dict[str, Any]]:
-        return self.execute("query-vtdx-tds")
-
-    def locks(self) -> dict[str, Any]:
-        return self.execute("query-vtdx-locks")
-
-    def stats(self) -> dict[str, Any]:
-        return self.execute("query-vtdx-stats")
-
-    def trace(self, count: int = 20, **kw: Any) -> list[dict[str, Any]]:
-        return self.execute("query-vtdx-trace", count=count, **kw)
-
-    def faults(self) -> list[dict[str, Any]]:
-        return self.execute("query-vtdx-faults")
-
-    def inject(self, status: int | str, leaf: int | str | None = None, *,
-               count: int | None = None, lp: int | None = None,
-               probability: float | None = None) -> int:
-        """Arm a fault rule now; its id (for ``inject_clear``)."""
-        r = self.execute("vtdx-inject", status=status, leaf=leaf, count=count, lp=lp,
-                         probability=probability)
-        return int(r["id"])
-
-    def inject_clear(self, rule_id: int | None = None) -> int:
-        return int(self.execute("vtdx-inject-clear", rule_id=rule_id)["removed"])
-
-    @contextlib.contextmanager
-    def injecting(self, status: int | str, leaf: int | str | None = None,
-                  **kw: Any) -> Iterator[int]:
-        """``with vm.vtdx.injecting("TDX_SYS_BUSY", "TDH.SYS.LP.INIT", lp=1): ...``"""
-        rid = self.inject(status, leaf, **kw)
-        try:
-            yield rid
-        finally:
-            with contextlib.suppress(VtdxError):  # a count-limited rule removes itself
-                self.inject_clear(rid)
 
 
 # --------------------------------------------------------------------------- trace
@@ -268,8 +145,6 @@ class TraceView:
     def select(recs: list[dict[str, Any]], leaf: str | int | None = None,
                lp: int | None = None, ok: bool | None = None,
                status: str | None = None) -> list[dict[str, Any]]:
-        from vtdx.observe.trace import parse_leaf
-
         want = parse_leaf(leaf) if leaf is not None else None
         return [r for r in recs
                 if (want is None or r.get("leaf") == want)
@@ -282,8 +157,6 @@ class TraceView:
 
     @staticmethod
     def format(recs: list[dict[str, Any]]) -> str:
-        from vtdx.observe.trace import format_record
-
         return "\n".join(format_record(r).splitlines()[0] for r in recs)
 
 
@@ -303,7 +176,7 @@ class Vm:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _agent: GuestAgent | None = None
-    _vtdx: VtdxControl | None = None
+    _vtdx: VtdxClient | None = None
     _trace: TraceView | None = None
     commands: list[CommandResult] = field(default_factory=list)
 
@@ -315,8 +188,6 @@ class Vm:
     # -- lifecycle
 
     def start(self) -> Vm:
-        from vtdx.module import TdxModule
-
         if not self.spec.kernel.is_file():
             raise VtdxError(f"kernel {self.spec.kernel} not found")
         headers = kernel_headers(self.spec.kernel_src, self.cache) if self.spec.kernel_src \
@@ -348,7 +219,7 @@ class Vm:
             if isinstance(e, VtdxError):
                 raise VtdxError(f"{e}\n--- guest console (last lines) ---\n{tail}") from None
             raise
-        self._vtdx = VtdxControl(self.machine.vtdx_qmp_path)
+        self._vtdx = VtdxClient(self.machine.vtdx_qmp_path)
         self._trace = TraceView(self.machine.run_dir / "trace.jsonl")
         self.boot_seconds = time.monotonic() - t0
         return self
@@ -399,9 +270,6 @@ class Vm:
 
     def put(self, path: str, data: bytes, mode: int = 0o755, chunk: int = 12 << 10) -> None:
         """Copy a file into the guest (e.g. a test binary of your own) through the agent."""
-        import base64
-        import shlex
-
         q = shlex.quote(path)
         self.run(f": > {q}", check=True)
         for off in range(0, len(data), chunk):
@@ -438,7 +306,7 @@ class Vm:
         return "\n".join(got[-lines:])
 
     @property
-    def vtdx(self) -> VtdxControl:
+    def vtdx(self) -> VtdxClient:
         if self._vtdx is None:
             raise VtdxError("the machine is not running")
         return self._vtdx

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from vtdx.abi import leaves
 from vtdx.abi import status as st
@@ -25,6 +25,29 @@ from vtdx.module import pamt as P
 from vtdx.module import sept as SEPT
 from vtdx.module import td_common as TDC
 from vtdx.module.faults import FaultInjector
+from vtdx.observe.answers import (
+    DpamtInfo,
+    FaultRuleInfo,
+    HeldLock,
+    InflightCallInfo,
+    InjectAnswer,
+    InjectClearAnswer,
+    LockHolder,
+    LocksAnswer,
+    LockState,
+    PamtLevel,
+    PamtPage,
+    PamtRow,
+    PamtSummary,
+    PamtSummaryTdmr,
+    SeptAnswer,
+    SeptStep,
+    TdInfo,
+    TdmrInfo,
+    TraceRecord,
+    VtdxStats,
+    VtdxStatus,
+)
 from vtdx.observe.trace import TraceRecorder
 
 #: Upper bound of page frames one ``query-vtdx-pamt`` range returns (keeps replies small).
@@ -52,7 +75,7 @@ class InflightCall:
     point: str
     since: float
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> InflightCallInfo:
         return {"call": self.call_id, "lp": self.lp, "leaf": leaves.leaf_name(self.leaf),
                 "point": self.point, "waiting-s": round(time.monotonic() - self.since, 3)}
 
@@ -179,12 +202,12 @@ class Inspector:
 
     # -- status -----------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> VtdxStatus:
         m = self.module
         p = m.profile
         with self.lock:
             tds = self._td_registry()
-            out: dict[str, Any] = {
+            out: VtdxStatus = {
                 "state": m.state.name,
                 "num-lps": p.num_lps,
                 "num-init-lps": m.num_init_lps,
@@ -215,9 +238,9 @@ class Inspector:
             out["seamcall-errors"] = s["errors"]
         return out
 
-    def tdmrs(self) -> list[dict[str, Any]]:
+    def tdmrs(self) -> list[TdmrInfo]:
         with self.lock:
-            out = []
+            out: list[TdmrInfo] = []
             for t in self.module.pamt.tdmrs:
                 out.append({
                     "index": t.index,
@@ -237,7 +260,7 @@ class Inspector:
 
     # -- PAMT ---------------------------------------------------------------------------
 
-    def pamt_page(self, pa: int) -> dict[str, Any]:
+    def pamt_page(self, pa: int) -> PamtPage:
         """Every level of the PAMT for the 4K page at ``pa``, with lock holders."""
         m = self.module
         pa &= ~0xFFF
@@ -246,7 +269,7 @@ class Inspector:
             if t is None:
                 raise InspectError(f"page 0x{pa >> 12:x} (PA 0x{pa:x}) is not in any TDMR")
             locks = self._lock_index()
-            levels = []
+            levels: list[PamtLevel] = []
             effective = P.LEVEL_4K
             for lv in (P.LEVEL_1G, P.LEVEL_2M, P.LEVEL_4K):
                 e = m.pamt.get(pa, lv)
@@ -263,7 +286,7 @@ class Inspector:
                 })
                 if e.pt == P.PT_REG and lv != P.LEVEL_4K and effective == P.LEVEL_4K:
                     effective = lv
-            out = {
+            out: PamtPage = {
                 "pfn": pa >> 12,
                 "pa": pa,
                 "tdmr": t.index,
@@ -277,13 +300,13 @@ class Inspector:
                 out["dpamt"] = dpamt
             return out
 
-    def pamt_range(self, pa: int, count: int) -> list[dict[str, Any]]:
+    def pamt_range(self, pa: int, count: int) -> list[PamtRow]:
         """Compact rows (effective entry) for ``count`` consecutive 4K pages from ``pa``."""
         if not 1 <= count <= MAX_PAMT_RANGE:
             raise InspectError(f"count must be within 1..{MAX_PAMT_RANGE}")
         m = self.module
         pa &= ~0xFFF
-        rows = []
+        rows: list[PamtRow] = []
         with self.lock:
             locks = self._lock_index()
             for i in range(count):
@@ -293,7 +316,7 @@ class Inspector:
                     rows.append({"pfn": a >> 12, "tdmr": None})
                     continue
                 lv, e = self._effective(a)
-                row = {"pfn": a >> 12, "tdmr": t.index, "level": P.LEVEL_NAMES[lv],
+                row: PamtRow = {"pfn": a >> 12, "tdmr": t.index, "level": P.LEVEL_NAMES[lv],
                        "pt-name": _pt_name(e.pt), "owner": e.owner, "bepoch": e.bepoch}
                 lk = self._pamt_lock(locks, lv, a & ~(P.PAGE_SIZE[lv] - 1))
                 if lk is not None:
@@ -306,7 +329,7 @@ class Inspector:
         PAMT a 2M range without a page pair), else the 4K entry."""
         return self.module.pamt.leaf(pa)
 
-    def pamt_summary(self) -> dict[str, Any]:
+    def pamt_summary(self) -> PamtSummary:
         """Pages per level and page type, per TDMR and in total.
 
         Cost follows the materialised (non-default) entries, not the page frames: each
@@ -316,7 +339,7 @@ class Inspector:
         pm = self.module.pamt
         with self.lock:
             tdmrs = list(pm.tdmrs)
-            per_tdmr: list[dict[str, Any]] = [
+            per_tdmr: list[PamtSummaryTdmr] = [
                 {"index": t.index, "base": t.base, "size": t.size, "initialized": t.done,
                  "initialized-up-to": t.next_init, "pamt-bytes": sum(t.pamt_size),
                  "levels": {}}
@@ -353,7 +376,7 @@ class Inspector:
                 "dynamic-pamt": bool(self.module.dynamic_pamt_enabled),
             }
 
-    def _dpamt_of(self, pa: int) -> dict[str, Any] | None:
+    def _dpamt_of(self, pa: int) -> DpamtInfo | None:
         """Dynamic PAMT view of ``pa``: the page pair backing its 2M range (the PT_PAMT
         node), the range's 4K refcount, and whether ``pa`` itself serves as a PAMT page."""
         if not self.module.dynamic_pamt_enabled:
@@ -361,7 +384,7 @@ class Inspector:
         env = getattr(self.module, "_td_env", None)
         dp = getattr(env, "dp", None)
         base = pa & ~(P.PAGE_SIZE[P.LEVEL_2M] - 1)
-        info: dict[str, Any] = {"range": base, "pair": [], "page-count": 0,
+        info: DpamtInfo = {"range": base, "pair": [], "page-count": 0,
                                 "is-pamt-page": False}
         if dp is not None:
             node = dp.node(pa)
@@ -373,11 +396,11 @@ class Inspector:
 
     # -- locks ---------------------------------------------------------------------------
 
-    def _holder(self, owner: int) -> dict[str, Any]:
+    def _holder(self, owner: int) -> LockHolder:
         if self.tracker is not None:
             call = self.tracker.calls.get(owner)
             if call is not None:
-                return call.to_dict()
+                return cast(LockHolder, call.to_dict())
         return {"call": owner}
 
     def _lock_index(self) -> dict[str, dict[str, Any]]:
@@ -386,15 +409,15 @@ class Inspector:
 
     def _pamt_lock(
         self, index: dict[str, dict[str, Any]], level: int, base: int
-    ) -> dict[str, Any] | None:
+    ) -> LockState | None:
         d = index.get(repr(("pamt", level, base >> P.SHIFT[level])))  # pamt.py's lock key
         if d is None:
             return None
         return {"mode": d["mode"], "holders": [self._holder(o) for o in d["owners"]]}
 
-    def locks(self) -> dict[str, Any]:
+    def locks(self) -> LocksAnswer:
         with self.lock:
-            held = []
+            held: list[HeldLock] = []
             for d in self.module.locks.snapshot():
                 held.append({"key": d["key"], "mode": d["mode"],
                              "holders": [self._holder(o) for o in d["owners"]]})
@@ -408,14 +431,14 @@ class Inspector:
         env = getattr(self.module, "_td_env", None)  # created by the first TD leaf
         return env.td if env is not None else None
 
-    def tds(self) -> list[dict[str, Any]]:
+    def tds(self) -> list[TdInfo]:
         with self.lock:
             reg = self._td_registry()
             if reg is None:
                 return []
             return [self._td_dict(td) for _, td in sorted(reg.tds.items())]
 
-    def _td_dict(self, td: Any) -> dict[str, Any]:
+    def _td_dict(self, td: Any) -> TdInfo:
         sept = td.sept
         leaves_by_level: Counter[str] = Counter()
         if sept is not None:
@@ -458,7 +481,7 @@ class Inspector:
         raise InspectError(f"no TD with TDR 0x{td:x} (query-vtdx-tds lists them)",
                            "DeviceNotFound")
 
-    def sept(self, td: int, gpa: int | None = None, count: int = 256) -> dict[str, Any]:
+    def sept(self, td: int, gpa: int | None = None, count: int = 256) -> SeptAnswer:
         """One GPA's S-EPT walk (every level), or the TD's leaf mappings."""
         with self.lock:
             t = self._find_td(td)
@@ -482,10 +505,10 @@ class Inspector:
                 ],
             }
 
-    def _walk(self, td: Any, gpa: int) -> list[dict[str, Any]]:
+    def _walk(self, td: Any, gpa: int) -> list[SeptStep]:
         """secure_ept_walk without side effects: absent entries read as FREE."""
         tree = td.sept
-        out = []
+        out: list[SeptStep] = []
         page = tree.root
         lvl = tree.root_level
         locks = self._lock_index()
@@ -494,7 +517,7 @@ class Inspector:
             e = page.peek(idx)
             state = e.state if e is not None else SEPT.FREE
             hpa = e.hpa if e is not None else 0
-            row: dict[str, Any] = {
+            row: SeptStep = {
                 "level": lvl, "sept-page": page.hpa, "index": idx,
                 "state": _names(SEPT.STATE_NAMES, state), "hpa": hpa,
             }
@@ -514,27 +537,28 @@ class Inspector:
     # -- trace, stats, faults -----------------------------------------------------------
 
     def trace(self, count: int = 20, leaf: int | None = None, lp: int | None = None,
-              errors: bool = False) -> list[dict[str, Any]]:
+              errors: bool = False) -> list[TraceRecord]:
         if self.recorder is None:
             raise InspectError("tracing is off in this daemon")
-        return self.recorder.last(count, leaf=leaf, lp=lp, errors=errors)
+        recs = self.recorder.last(count, leaf=leaf, lp=lp, errors=errors)
+        return cast(list[TraceRecord], recs)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> VtdxStats:
         m = self.module
         if self.recorder is not None:
-            out = self.recorder.stats()
+            out = cast(VtdxStats, self.recorder.stats())
         else:
             with self.lock:
-                out = {"calls": sum(m.call_counts.values()),
-                       "per-leaf": {leaves.leaf_name(k): {"calls": v}
-                                    for k, v in sorted(m.call_counts.items())}}
+                out = cast(VtdxStats, {"calls": sum(m.call_counts.values()),
+                                       "per-leaf": {leaves.leaf_name(k): {"calls": v}
+                                                    for k, v in sorted(m.call_counts.items())}})
         with self.lock:
             out["statuses"] = {st.decode(k): v for k, v in sorted(m.status_counts.items())}
             out["pamt-materialised-entries"] = m.pamt.materialised
         return out
 
     def inject(self, status: int, leaf: int | None = None, count: int | None = None,
-               probability: float = 1.0, lps: list[int] | None = None) -> dict[str, Any]:
+               probability: float = 1.0, lps: list[int] | None = None) -> InjectAnswer:
         if not st.is_known(status) or (st.base(status) == st.TDX_SUCCESS and status):
             raise InspectError(f"0x{status:x} is not a status the TDX module returns "
                                "(see vtdx/abi/status.py)")
@@ -549,7 +573,7 @@ class Inspector:
                                      lps=set(lps) if lps is not None else None)
         return {"id": rid, "status-name": st.decode(status)}
 
-    def inject_clear(self, rule_id: int | None = None) -> dict[str, Any]:
+    def inject_clear(self, rule_id: int | None = None) -> InjectClearAnswer:
         faults = self.module.faults
         if rule_id is None:
             n = len(faults.rules)
@@ -559,11 +583,11 @@ class Inspector:
             raise InspectError(f"no fault rule {rule_id}")
         return {"removed": 1}
 
-    def faults(self) -> list[dict[str, Any]]:
-        rows = self.module.faults.snapshot()
+    def faults(self) -> list[FaultRuleInfo]:
+        rows = cast(list[FaultRuleInfo], self.module.faults.snapshot())
         for r in rows:
-            r["status-name"] = st.decode(int(r["status"]))  # type: ignore[arg-type]
+            r["status-name"] = st.decode(int(r["status"]))
             if r["leaf"] is not None:
-                r["leaf-name"] = leaves.leaf_name(int(r["leaf"]))  # type: ignore[arg-type]
+                r["leaf-name"] = leaves.leaf_name(int(r["leaf"]))
         return rows
 

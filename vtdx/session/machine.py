@@ -121,7 +121,7 @@ class Machine:
     @property
     def vtdx_qmp_path(self) -> Path:
         """vtdx's own QMP socket: PAMT, TDs, S-EPT, locks, trace (``vtdx console``)."""
-        from vtdx.observe.qmp import QMP_SOCKET
+        from vtdx.observe.answers import QMP_SOCKET
 
         return self._path(QMP_SOCKET)
 
@@ -214,7 +214,7 @@ class Machine:
             backend = spec  # type: ignore[assignment]
         self.daemon = Daemon(self.socket_path, self.profile, backend)
         await self.daemon.start()
-        from vtdx.observe.qmp import start_inspect
+        from vtdx.observe.qmp.endpoint import start_inspect
 
         self.inspect = start_inspect(backend, self._path("."), qemu_qmp=self.qmp_path,
                                      callers=self.daemon.callers,

@@ -307,7 +307,7 @@ class _Recorder:
 
     def __init__(self, module: TdxModule) -> None:
         self.module = module
-        #: What vtdx.observe.qmp.start_inspect looks for behind a wrapping backend.
+        #: What vtdx.observe.qmp.endpoint.start_inspect looks for behind a wrapping backend.
         self.delegate = module
         self.at_disable: tuple[dict[str, Any], int] | None = None
         self._lock = threading.Lock()
