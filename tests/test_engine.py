@@ -369,3 +369,46 @@ def test_blocked_page_invalidates_cached_translation(ram) -> None:
     ex = rig.enter()
     assert ex.reason == EXIT_EPT_VIOLATION and ex.gpa == UNMAPPED_GPA
     assert ex.qualification == 1                          # a read, RWX 0
+
+
+def test_host_write_to_code_needs_invalidate_code(ram) -> None:
+    """Host writes to guest memory (PAGE.ADD into a reused page, the daemon patching a
+    page) bypass unicorn's translated-code cache; TdEngines.memory_written() drops it, so
+    the next entry runs the new bytes: here a ud2 over the loop's jmp, which with no IDT
+    ends in a triple fault."""
+    rig = GuestRig(ram, T_LOOP)
+    ex = rig.enter(budget=10_000)
+    assert ex.reason == EXIT_TIME_SLICE
+    hpa, _ = rig.engine.translate(ex.rip, 4)
+    assert ram.read(hpa + (ex.rip & 0xFFF), 2) == b"\xeb\xfe"
+    ram.write(hpa + (ex.rip & 0xFFF), b"\x0f\x0b")
+    rig.td.engines.memory_written()
+    assert rig.enter(budget=10_000).reason == EXIT_TRIPLE_FAULT
+
+
+def test_two_vcpu_engines_run_in_parallel_and_kick_all(ram) -> None:
+    """Two engines of one TD on two threads (KVM's vCPU threads): both run guest code at
+    once, and TdEngines.kick_all() (the TDH.MEM.TRACK IPI) ends both slices."""
+    a = GuestRig(ram, T_LOOP, slice_seconds=60.0, slice_instructions=10**12)
+    b_engine = type(a.engine)(ram, a.td, vcpu_index=1, init_rcx=T_LOOP, slice_seconds=60.0,
+                              slice_instructions=10**12)
+    a.td.engines.add(b_engine)
+    results: dict[int, int] = {}
+
+    def run(i, eng) -> None:
+        results[i] = eng.run().reason
+
+    threads = [threading.Thread(target=run, args=(0, a.engine)),
+               threading.Thread(target=run, args=(1, b_engine))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    kicked = 0
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        kicked += a.td.engines.kick_all()
+    for t in threads:
+        t.join(10)
+    assert results == {0: EXIT_TIME_SLICE, 1: EXIT_TIME_SLICE}
+    assert kicked == 2                               # each ended by exactly one kick
+    assert b_engine.get("rsi") == 1                  # its own VCPU_INDEX from VP.INIT

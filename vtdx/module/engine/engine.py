@@ -344,15 +344,16 @@ class TdVcpuEngine:
 
     def kick(self) -> bool:
         """End the running slice now (an IPI to the LP): the entry returns the time-slice
-        exit. Thread-safe; False when the engine was not running guest code."""
+        exit. Thread-safe; False when the engine was not running guest code or its slice
+        was already ending."""
         return self._slice_over(None)
 
     def _slice_over(self, entry: int | None) -> bool:
         with self._lock:
-            if not self._running or (entry is not None and entry != self._entry):
+            if not self._running or (entry is not None and entry != self._entry) \
+                    or self._stop_reason is not None:
                 return False
-            if self._stop_reason is None:
-                self._stop_reason = "slice"
+            self._stop_reason = "slice"
         uclib.uc_emu_stop(self._uch)
         return True
 
