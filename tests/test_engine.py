@@ -240,12 +240,12 @@ def test_time_slice_exit_of_endless_loop(ram) -> None:
     watchdog and an external kick each end the slice with OTHER_SMI (6), which Linux 7.3
     tdx.c __tdx_handle_exit re-enters on without a host interrupt handler (lines
     2130-2150); RAX = 6, RCX = R9 = 0. The loop resumes where it was."""
-    rig = GuestRig(ram, T_LOOP, slice_instructions=50_000_000_000, slice_seconds=0.02)
+    rig = GuestRig(ram, T_LOOP, slice_seconds=0.02)
     ex = rig.enter(budget=100_000)
     assert ex.reason == EXIT_TIME_SLICE
     assert vp_enter_outputs(ex) == Regs(rax=6)
     t = time.monotonic()
-    ex = rig.enter()                                       # budget far away: the watchdog
+    ex = rig.enter()                                       # no budget: the watchdog
     assert ex.reason == EXIT_TIME_SLICE and time.monotonic() - t < 5
     rig.engine.slice_seconds = 60.0
     threading.Timer(0.05, rig.engine.kick).start()
@@ -253,14 +253,14 @@ def test_time_slice_exit_of_endless_loop(ram) -> None:
     assert rig.engine.exit_counts[EXIT_TIME_SLICE] == 3
 
 
-def test_wall_clock_only_slices(ram) -> None:
-    """Without instruction counts the watchdog alone ends the slice (same exit), and the
-    CPUID #VE that stock unicorn cannot stop precisely for is refused, not mis-run."""
-    rig = GuestRig(ram, T_LOOP, slice_instructions=None, slice_seconds=0.01)
+def test_without_precise_stops(ram) -> None:
+    """Without count mode the watchdog still ends the slice (same exit), a budget is
+    refused, and so is the CPUID #VE stock unicorn could not stop precisely for."""
+    rig = GuestRig(ram, T_LOOP, precise_stops=False, slice_seconds=0.01)
     assert rig.enter().reason == EXIT_TIME_SLICE
     with pytest.raises(ValueError):
         rig.enter(budget=1000)
-    rig = GuestRig(ram, T_CPUID, slice_instructions=None)
+    rig = GuestRig(ram, T_CPUID, precise_stops=False)
     rig.td.cpuid[(1, -1)] = (0x806F8, 0, 0, 0)
     assert rig.next_report().code == 0x1A0
     with pytest.raises(EngineUnsupported, match="CPUID #VE"):
@@ -389,9 +389,8 @@ def test_host_write_to_code_needs_invalidate_code(ram) -> None:
 def test_two_vcpu_engines_run_in_parallel_and_kick_all(ram) -> None:
     """Two engines of one TD on two threads (KVM's vCPU threads): both run guest code at
     once, and TdEngines.kick_all() (the TDH.MEM.TRACK IPI) ends both slices."""
-    a = GuestRig(ram, T_LOOP, slice_seconds=60.0, slice_instructions=10**12)
-    b_engine = type(a.engine)(ram, a.td, vcpu_index=1, init_rcx=T_LOOP, slice_seconds=60.0,
-                              slice_instructions=10**12)
+    a = GuestRig(ram, T_LOOP, slice_seconds=60.0)
+    b_engine = type(a.engine)(ram, a.td, vcpu_index=1, init_rcx=T_LOOP, slice_seconds=60.0)
     a.td.engines.add(b_engine)
     results: dict[int, int] = {}
 

@@ -90,6 +90,9 @@ VEC_UD, VEC_DF, VEC_GP, VEC_PF, VEC_VE = 6, 8, 13, 14, 20
 _HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
 _ACCESS_QUAL = {UC_MEM_WRITE: QUAL_WRITE, UC_MEM_FETCH: QUAL_FETCH}
+_UNBOUNDED = 1 << 62        # count mode without a budget: the stop checks, never the count
+_GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10",
+              "r11", "r12", "r13", "r14", "r15")
 
 uclib.uc_reg_read.argtypes = [uc_engine, ctypes.c_int, ctypes.c_void_p]
 uclib.uc_reg_write.argtypes = [uc_engine, ctypes.c_int, ctypes.c_void_p]
@@ -160,21 +163,27 @@ class TdVcpuEngine:
     transport thread, so the QEMU vCPU blocks as the LP would). Not re-entrant: one caller
     at a time, which the module's vCPU association already guarantees.
 
-    ``slice_instructions`` makes slices instruction counts (deterministic). Unicorn then
-    checks for a stop before every instruction, which is also what lets a CPUID #VE stop
-    right after the CPUID; it costs 2-3x guest speed. ``None`` leaves only the wall-clock
-    watchdog (no per-instruction check); a CPUID that must become a #VE is then refused
-    with ``EngineUnsupported`` because stock unicorn would run the rest of the block first.
+    Slices end on the wall clock (``slice_seconds``, one shared watchdog thread) or on an
+    explicit instruction budget passed to ``run``/``enter``. With ``precise_stops`` (the
+    default) unicorn runs in count mode, which puts a stop check before every instruction:
+    that is what lets a CPUID #VE stop right after the CPUID. Its count is unbounded unless
+    a budget is given, because stock unicorn returns from emu_start the same way after HLT
+    as after the count ran out: an exhausted count could only be told from HLT by the byte
+    before RIP, which misreads any instruction ending in 0xF4 (``mov %esi,%esp`` is 89 F4).
+    So budgets are for callers that want determinism (tests, benchmarks, replay) and accept
+    that; the module's slices are wall-clock. ``precise_stops=False`` drops the
+    per-instruction check (2-3x faster guest code) and refuses a CPUID that must become a
+    #VE with ``EngineUnsupported``, as stock unicorn would run the rest of the block first.
     """
 
     def __init__(self, ram: HostRam, td: TdView, vcpu_index: int, init_rcx: int, *,
-                 slice_instructions: int | None = 2_000_000, slice_seconds: float = 0.005,
+                 precise_stops: bool = True, slice_seconds: float = 0.005,
                  watchdog: Watchdog | None = None) -> None:
         self.ram = ram
         self.td = td
         self.cfg = td.config
         self.vcpu_index = vcpu_index
-        self.slice_instructions = slice_instructions
+        self.precise_stops = precise_stops
         self.slice_seconds = slice_seconds
         self.watchdog = watchdog or _DEFAULT_WATCHDOG
         #: KVM's shared EPTP (TDH.VP.WR of TD VMCS field 0x203C).
@@ -191,6 +200,12 @@ class TdVcpuEngine:
         self.extra_leaves: dict[int, Callable[[TdVcpuEngine], int]] = {}
 
         self._u64 = ctypes.c_uint64()
+        self._batch_ids = (ctypes.c_int * len(_GPR_NAMES))(*(self._GPR_IDS[n]
+                                                              for n in _GPR_NAMES))
+        self._batch_vals = (ctypes.c_uint64 * len(_GPR_NAMES))()
+        vbase = ctypes.addressof(self._batch_vals)
+        self._batch_ptrs = (ctypes.c_void_p * len(_GPR_NAMES))(
+            *(vbase + 8 * i for i in range(len(_GPR_NAMES))))
         self._msr = _MsrStruct()
         self._lock = threading.Lock()          # exit/stop bookkeeping vs the watchdog
         self._entry = 0
@@ -204,6 +219,7 @@ class TdVcpuEngine:
         self._flush_tlb = False
         self._flush_tb = False
         self._fault_gla = 0
+        self._mode_cache: dict[int, bool] = {}           # CS selector -> CS.L
         self._fatal: EngineUnsupported | None = None    # raised by run() after the stop
 
         # Typed as Any: unicorn's stubs lack the 2.1 ctl_* methods used here.
@@ -297,6 +313,20 @@ class TdVcpuEngine:
         else:
             self.wr(self._GPR_IDS[name], value)
 
+    def read_gprs(self) -> dict[str, int]:
+        """All 16 GPRs in one unicorn call (uc_reg_read_batch)."""
+        uclib.uc_reg_read_batch(self._uch, self._batch_ids, self._batch_ptrs, len(_GPR_NAMES))
+        return dict(zip(_GPR_NAMES, self._batch_vals, strict=True))
+
+    def write_gprs(self, values: dict[str, int]) -> None:
+        """Write the named GPRs in one unicorn call (uc_reg_write_batch)."""
+        n = len(values)
+        ids = (ctypes.c_int * n)(*(self._GPR_IDS[k] for k in values))
+        vals = (ctypes.c_uint64 * n)(*(v & MASK64 for v in values.values()))
+        base = ctypes.addressof(vals)
+        ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        uclib.uc_reg_write_batch(self._uch, ids, ptrs, n)
+
     def efer(self) -> int:
         return self.rdmsr(0xC000_0080)
 
@@ -311,10 +341,15 @@ class TdVcpuEngine:
 
     def in_64bit_mode(self) -> bool:
         """EFER.LMA and CS.L (the module's is_td_guest_in_64b_mode()). CS.L is read from the
-        descriptor the CS selector names, as unicorn does not expose the hidden part."""
+        descriptor the CS selector names, as unicorn does not expose the hidden part; the
+        answer is cached per selector until the engine's translations are flushed (a guest
+        that rewrites the descriptor of its live CS selector is not followed until then)."""
         if not self.efer() & (1 << 10):
             return False
         sel = self.selector(X.UC_X86_REG_CS)
+        hit = self._mode_cache.get(sel)
+        if hit is not None:
+            return hit
         _, gdt_base, gdt_limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
         idx = sel & ~7
         if sel & 4 or idx + 7 > gdt_limit:
@@ -323,7 +358,8 @@ class TdVcpuEngine:
             desc = int.from_bytes(self.vread(gdt_base + idx, 8), "little")
         except (_EptExit, _GuestFault):
             return False
-        return bool(desc >> 53 & 1)
+        self._mode_cache[sel] = long_mode = bool(desc >> 53 & 1)
+        return long_mode
 
     # ---------------------------------------------------------------- invalidation
     def invalidate_translations(self) -> None:
@@ -362,6 +398,7 @@ class TdVcpuEngine:
             tlb, tb = self._flush_tlb, self._flush_tb
             self._flush_tlb = self._flush_tb = False
         if tlb:
+            self._mode_cache.clear()
             self._gcache.clear()
             self._code_cache.clear()
             uclib.uc_ctl(self._uch, UC_CTL_TLB_FLUSH | (1 << 30))
@@ -375,22 +412,21 @@ class TdVcpuEngine:
         return the exit with the registers TDH.VP.ENTER hands back to KVM."""
         last = self.last_exit
         if last is not None and last.last_exit == LAST_EXIT_TDVMCALL:
-            for name, value in vmcall_reply(last.control, vmm).items():
-                self.set(name, value)
+            self.write_gprs(vmcall_reply(last.control, vmm))
         ex = self.run(budget)
         return ex, vp_enter_outputs(ex)
 
     def run(self, budget: int | None = None) -> TdExit:
-        """Run guest code until a TD exit; ``budget`` instructions (default: the slice) or
-        the wall-clock slice, whichever ends first, makes a time-slice exit."""
+        """Run guest code until a TD exit. The wall-clock slice, or ``budget`` instructions
+        when given, ends it with the time-slice exit."""
         if self.disabled:
             raise EngineUnsupported("the vCPU is disabled (TDX_NON_RECOVERABLE_VCPU)")
-        if self.slice_instructions is None:
-            if budget is not None:
-                raise ValueError("an instruction budget needs count-based slices")
-            count = 0
+        if budget is not None:
+            if not self.precise_stops or budget <= 0:
+                raise ValueError("an instruction budget needs precise_stops (count mode)")
+            count = budget
         else:
-            count = budget or self.slice_instructions
+            count = _UNBOUNDED if self.precise_stops else 0
         with self._lock:
             self._entry += 1
             self._running = True
@@ -411,6 +447,7 @@ class TdVcpuEngine:
         return ex
 
     def _run_loop(self, count: int) -> TdExit:
+        budgeted = count not in (0, _UNBOUNDED)
         while True:
             self._apply_flushes()
             self._exit = None
@@ -446,7 +483,7 @@ class TdVcpuEngine:
                 raise EngineUnsupported(f"unicorn stopped at {start:#x}..{self.rip:#x}: {err}")
             if self._stop_reason == "slice":
                 return TdExit(EXIT_TIME_SLICE)
-            if count == 0 or self._ended_on_hlt():
+            if not budgeted or self._ended_on_hlt():
                 # HLT in a TD is a #VE (the module's td_generic_ve_exit for HLT exits),
                 # fault-like: RIP on the HLT, instruction length 1 for the guest handler.
                 self.rip -= 1
@@ -457,8 +494,8 @@ class TdVcpuEngine:
             return TdExit(EXIT_TIME_SLICE)          # the instruction budget ran out
 
     def _ended_on_hlt(self) -> bool:
-        """Stock unicorn returns from emu_start after HLT without telling why, as it does
-        when the count runs out. Tell them apart by the byte before RIP."""
+        """With a budget, stock unicorn returns from emu_start after HLT the same way as
+        when the count runs out: guess from the byte before RIP (see the class docstring)."""
         try:
             return self.vread(self.rip - 1, 1) == b"\xf4"
         except (_EptExit, _GuestFault):
@@ -707,7 +744,7 @@ class TdVcpuEngine:
         if vals is None:
             if not self.in_64bit_mode():
                 self._fatal = EngineUnsupported("CPUID #VE outside 64-bit mode is not modelled")
-            elif self.slice_instructions is None:
+            elif not self.precise_stops:
                 self._fatal = EngineUnsupported("CPUID #VE needs count-based slices on stock "
                                                 "unicorn")
             if self._fatal is not None:

@@ -117,7 +117,8 @@ def vp_vmcall(eng: TdVcpuEngine) -> _Continue | TdExit:
     if control & check or control >> 32:
         return _status(eng, with_operand(TDX_OPERAND_INVALID, OPERAND_RCX))
     sel = control & 0xFFFF
-    gprs = {name: eng.rd(_R[name]) for idx, name in VMCALL_GPRS if sel >> idx & 1}
+    now = eng.read_gprs()
+    gprs = {name: now[name] for idx, name in VMCALL_GPRS if sel >> idx & 1}
     return TdExit(EXIT_TDCALL, control=control, gprs=gprs, last_exit=LAST_EXIT_TDVMCALL)
 
 
@@ -125,12 +126,9 @@ def vp_info(eng: TdVcpuEngine) -> int:
     """tdg_vp_info.c: RCX = GPA width, RDX = ATTRIBUTES, R8 = NUM_VCPUS | MAX_VCPUS << 32,
     R9 = VCPU_INDEX, R10 = commands available (bit 0 TDG.SYS.RD), R11 = 0."""
     cfg = eng.cfg
-    eng.wr(X.UC_X86_REG_RCX, cfg.max_pa_for_gpa)
-    eng.wr(X.UC_X86_REG_RDX, cfg.attributes)
-    eng.wr(X.UC_X86_REG_R8, (eng.td.num_vcpus() & 0xFFFF_FFFF) | cfg.max_vcpus << 32)
-    eng.wr(X.UC_X86_REG_R9, eng.vcpu_index)
-    eng.wr(X.UC_X86_REG_R10, 1)
-    eng.wr(X.UC_X86_REG_R11, 0)
+    eng.write_gprs({"rax": TDX_SUCCESS, "rcx": cfg.max_pa_for_gpa, "rdx": cfg.attributes,
+                    "r8": (eng.td.num_vcpus() & 0xFFFF_FFFF) | cfg.max_vcpus << 32,
+                    "r9": eng.vcpu_index, "r10": 1, "r11": 0})
     return TDX_SUCCESS
 
 
