@@ -411,3 +411,24 @@ def test_two_vcpu_engines_run_in_parallel_and_kick_all(ram) -> None:
     assert results == {0: EXIT_TIME_SLICE, 1: EXIT_TIME_SLICE}
     assert kicked == 2                               # each ended by exactly one kick
     assert b_engine.get("rsi") == 1                  # its own VCPU_INDEX from VP.INIT
+
+
+def test_event_delivery_hitting_ept_violation_is_redelivered(ram) -> None:
+    """The #VE for HLT needs the stack; if the host has not mapped the stack page, the
+    delivery takes an EPT-violation TD exit (GPA of the stack page) and the event is
+    delivered again on the next entry, as the module re-injects it from the IDT-vectoring
+    information; the guest's handler then sees the HLT's VE_INFO."""
+    rig = GuestRig(ram, T_HLT)
+    eng = rig.engine
+    for _ in range(10_000):                      # step to the HLT
+        rig.enter(budget=1)
+        if eng.rip > 0x10000 and eng.vread(eng.rip, 1) == b"\xf4":
+            break
+    stack_page = (eng.get("rsp") - 8) & ~0xFFF
+    rig.td.page_remove(stack_page)
+    ex = rig.enter()
+    assert ex.reason == EXIT_EPT_VIOLATION and ex.gpa == stack_page
+    assert ex.qualification & 2                 # the frame write
+    rig.td.page_add(stack_page)
+    r = rig.next_report()
+    assert r.code == 0x180 and r.values[0] == 12 and r.values[1] & 0xFFFF_FFFF == 1

@@ -220,6 +220,7 @@ class TdVcpuEngine:
         self._flush_tb = False
         self._fault_gla = 0
         self._mode_cache: dict[int, bool] = {}           # CS selector -> CS.L
+        self._reinject: _GuestFault | None = None
         self._fatal: EngineUnsupported | None = None    # raised by run() after the stop
 
         # Typed as Any: unicorn's stubs lack the 2.1 ctl_* methods used here.
@@ -448,6 +449,14 @@ class TdVcpuEngine:
 
     def _run_loop(self, count: int) -> TdExit:
         budgeted = count not in (0, _UNBOUNDED)
+        if self._reinject is not None:
+            # An event whose delivery took an EPT violation is delivered again on entry,
+            # as the module re-injects from the IDT-vectoring information.
+            ev, self._reinject = self._reinject, None
+            self._apply_flushes()
+            ex = self._deliver(ev, again=True)
+            if ex is not None:
+                return ex
         while True:
             self._apply_flushes()
             self._exit = None
@@ -483,7 +492,7 @@ class TdVcpuEngine:
                 raise EngineUnsupported(f"unicorn stopped at {start:#x}..{self.rip:#x}: {err}")
             if self._stop_reason == "slice":
                 return TdExit(EXIT_TIME_SLICE)
-            if not budgeted or self._ended_on_hlt():
+            if self._ended_on_hlt():
                 # HLT in a TD is a #VE (the module's td_generic_ve_exit for HLT exits),
                 # fault-like: RIP on the HLT, instruction length 1 for the guest handler.
                 self.rip -= 1
@@ -491,11 +500,14 @@ class TdVcpuEngine:
                 if ex is not None:
                     return ex
                 continue
+            if not budgeted:
+                raise EngineUnsupported(f"unicorn stopped at {self.rip:#x} for no known reason")
             return TdExit(EXIT_TIME_SLICE)          # the instruction budget ran out
 
     def _ended_on_hlt(self) -> bool:
-        """With a budget, stock unicorn returns from emu_start after HLT the same way as
-        when the count runs out: guess from the byte before RIP (see the class docstring)."""
+        """Stock unicorn returns from emu_start after HLT without saying so. Without a
+        budget nothing else ends it that way, so the byte before RIP confirms the HLT; with
+        a budget an exhausted count looks the same and this is a guess (class docstring)."""
         try:
             return self.vread(self.rip - 1, 1) == b"\xf4"
         except (_EptExit, _GuestFault):
@@ -771,12 +783,13 @@ class TdVcpuEngine:
             "exit_reason": reason, "exit_qualification": qual, "gla": gla, "gpa": gpa,
             "length": length, "info": 0}))
 
-    def _deliver(self, ev: _GuestFault) -> TdExit | None:
-        """Deliver ``ev`` through the guest IDT; a failure escalates to #DF, a failing #DF
-        to a triple fault (which is returned as the TD exit)."""
+    def _deliver(self, ev: _GuestFault, again: bool = False) -> TdExit | None:
+        """Deliver ``ev`` through the guest IDT. An EPT violation while doing so (IDT, GDT
+        or stack page not mapped yet) is a TD exit and the event is delivered again at the
+        next entry; any other failure escalates to #DF, a failing #DF to a triple fault."""
         self.stats["guest_events"] += 1
         vector, err = ev.vector, ev.err
-        if ev.ve is not None:
+        if ev.ve is not None and not again:
             if self.ve_info["valid"]:
                 vector, err = VEC_DF, 0
             else:
@@ -787,13 +800,19 @@ class TdVcpuEngine:
         try:
             self._push_frame(vector, err, ev.cr2)
             return None
-        except (_EptExit, _GuestFault, _Undeliverable):
+        except _EptExit as e:
+            self._reinject = _GuestFault(vector, err, ev.cr2, ev.ve)
+            return self._ept_exit(e)
+        except (_GuestFault, _Undeliverable):
             if vector == VEC_DF:
                 return self.triple_fault()
         try:
             self._push_frame(VEC_DF, 0, None)
             return None
-        except (_EptExit, _GuestFault, _Undeliverable):
+        except _EptExit as e:
+            self._reinject = _GuestFault(VEC_DF, 0)
+            return self._ept_exit(e)
+        except (_GuestFault, _Undeliverable):
             pass
         return self.triple_fault()
 
