@@ -215,7 +215,7 @@ class TdVcpuEngine:
         self._event: _GuestFault | None = None
         self._trap_rip_advance = 0
         self._gcache: dict[int, tuple[int, int]] = {}   # GPA page -> (HPA page, EPT perms)
-        self._code_cache: dict[tuple[int, int], int] = {}  # (CR3, VA page) -> HPA page
+        self._code_cache: dict[int, int] = {}       # VA page -> HPA page, from fetch fills
         self._flush_tlb = False
         self._flush_tb = False
         self._fault_gla = 0
@@ -612,6 +612,7 @@ class TdVcpuEngine:
         efer = self.efer()
         if not efer & (1 << 10):
             raise EngineUnsupported("PAE paging outside IA-32e mode is not modelled")
+        self._fault_gla = va
         write, fetch = bool(qual & QUAL_WRITE), bool(qual & QUAL_FETCH)
         user = self.cpl() == 3
         table = self.rd(X.UC_X86_REG_CR3) & ADDR_MASK
@@ -651,7 +652,6 @@ class TdVcpuEngine:
         if not user and us and not fetch and cr4 & (1 << 21) \
                 and not self.rd(X.UC_X86_REG_RFLAGS) & (1 << 18):      # SMAP
             raise _GuestFault(VEC_PF, pfec, va)
-        self._fault_gla = va
         hpa, ept = self.gpa_to_hpa(gpa, qual)
         last = len(walked) - 1
         for i, (o, ent) in enumerate(walked):
@@ -684,23 +684,26 @@ class TdVcpuEngine:
             va, data = va + k, data[k:]
 
     def _fetch4(self, va: int) -> bytes:
-        """The 4 bytes at ``va``, translation cached per (CR3, page): the #UD hook runs for
-        every TDCALL and a full walk costs ~10 us."""
+        """The 4 bytes at ``va`` for the #UD hook (every TDCALL comes through it; a full
+        walk costs ~10 us). The page's HPA comes from the last instruction-fetch TLB fill
+        of that page: QEMU refills before fetching again after any TLB flush (CR3 write,
+        INVLPG), so this follows the guest's current mapping."""
         off = va & 0xFFF
         if off > PAGE - 4:
             return self.vread(va, 4)
-        key = (self.rd(X.UC_X86_REG_CR3), va >> 12)
-        hpa = self._code_cache.get(key)
+        hpa = self._code_cache.get(va >> 12)
         if hpa is None:
-            hpa = self._code_cache[key] = self.translate(va, QUAL_FETCH)[0]
+            hpa = self._code_cache[va >> 12] = self.translate(va, QUAL_FETCH)[0]
         return self.ram.read(hpa + off, 4)
 
     # ---------------------------------------------------------------- hooks
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _ud: Any) -> bool:
         self.stats["tlb_fills"] += 1
         try:
-            entry.paddr, entry.perms = self.translate(vaddr, _ACCESS_QUAL.get(access,
-                                                                              QUAL_READ))
+            hpa, perms = self.translate(vaddr, _ACCESS_QUAL.get(access, QUAL_READ))
+            entry.paddr, entry.perms = hpa, perms
+            if access == UC_MEM_FETCH:
+                self._code_cache[vaddr >> 12] = hpa
             return True
         except _EptExit as e:
             self._set_exit(self._ept_exit(e))
