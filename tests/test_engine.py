@@ -21,7 +21,7 @@ from vtdx.abi.status import (
     TDX_PAGE_ALREADY_ACCEPTED,
     TDX_PAGE_SIZE_MISMATCH,
 )
-from vtdx.module.engine import EngineUnsupported, TdConfig, vp_enter_outputs
+from vtdx.module.engine import EngineUnsupported, HostRam, TdConfig, vp_enter_outputs
 from vtdx.module.engine.exits import (
     EEQ_ACCEPT,
     EEQ_PENDING_EPT_VIOLATION,
@@ -59,6 +59,8 @@ from vtdx.module.engine.test_guest import (
     GuestRig,
     build_guest,
 )
+from vtdx.platform.memory import GuestRam
+from vtdx.platform.profile import Region
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -432,3 +434,23 @@ def test_event_delivery_hitting_ept_violation_is_redelivered(ram) -> None:
     rig.td.page_add(stack_page)
     r = rig.next_report()
     assert r.code == 0x180 and r.values[0] == 12 and r.values[1] & 0xFFFF_FFFF == 1
+
+
+def test_host_ram_maps_the_guest_ram_file_coherently(tmp_path) -> None:
+    """HostRam.for_guest_ram maps the file behind the module's GuestRam (q35 layout: low RAM
+    at 0, the rest at 4 GiB) a second time, MAP_SHARED: a write through either is seen by
+    the other, at the same host-physical address."""
+    regions = (Region(0, 1 << 20), Region(1 << 32, 1 << 20))
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(2 << 20))
+    guest_ram = GuestRam(path, regions)
+    host = HostRam.for_guest_ram(guest_ram)
+    try:
+        guest_ram.write((1 << 32) + 0x1230, b"vtdx")
+        assert host.read((1 << 32) + 0x1230, 4) == b"vtdx"
+        host.write_u64(0x8000, 0x1122334455667788)
+        assert guest_ram.read_u64(0x8000) == 0x1122334455667788
+        assert not host.contains(2 << 20) and host.contains((1 << 32) + 4095)
+    finally:
+        host.close()
+        guest_ram.close()
