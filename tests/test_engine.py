@@ -50,6 +50,7 @@ from vtdx.module.engine.test_guest import (
     T_HLT,
     T_INFO,
     T_LOOP,
+    T_PAGE_FAULT,
     T_PENDING,
     T_SHARED,
     T_TRIPLE,
@@ -454,3 +455,15 @@ def test_host_ram_maps_the_guest_ram_file_coherently(tmp_path) -> None:
     finally:
         host.close()
         guest_ram.close()
+
+
+def test_guest_page_fault_goes_to_the_guest_idt(ram) -> None:
+    """The engine's own walk of the guest page tables raises #PF (PDE not present) and
+    delivers it through the guest's 64-bit IDT with CR2 and the error code (0: read,
+    supervisor, not present); the handler maps a 2 MB page and the load re-executes."""
+    rig = GuestRig(ram, T_PAGE_FAULT)
+    r = rig.next_report()
+    assert r.code == 0x190
+    cr2, err, value, _ = r.values
+    assert (cr2, err) == (0x610000, 0)
+    assert value.to_bytes(8, "little") == build_guest()[0][:8]   # GPA 0x10000 via 2 MB page

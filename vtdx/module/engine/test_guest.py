@@ -27,10 +27,10 @@ from vtdx.module.engine.sandbox import SandboxTd, SharedEpt
 # Routine numbers (TDH.VP.INIT RCX).
 T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
 T_HLT, T_TRIPLE, T_CPUID, T_PENDING, T_VM_RD_WR, T_BAD_TDCALLS, T_EXIT_LOOP = range(8, 15)
-T_COMPUTE, T_INFO_LOOP = 15, 16
+T_COMPUTE, T_INFO_LOOP, T_PAGE_FAULT, T_LOCK_LOOP = 15, 16, 17, 18
 
 SAVE = 0x20000            # guest data page: initial registers, SAVE+64 = loop count
-SCRATCH = 0x22000         # guest scratch slots
+SCRATCH = 0x22000         # guest scratch slots; SCRATCH+0x100 the lock counter
 SHARED_GPA = 0x400000     # | the shared bit; guest VA 0x40000000
 UNMAPPED_GPA = 0x30000
 ACCEPT_4K_GPA = 0x31000
@@ -100,7 +100,10 @@ gdt_desc:
         .code64
 main64:
         mov     %r8, SAVE + 56
+        mov     %rsi, %rax              /* VCPU_INDEX: one 4 KB stack per vCPU */
+        shl     $12, %rax
         mov     $0x2F000, %rsp
+        sub     %rax, %rsp
         movzbl  SAVE + 8, %eax
         cmp     $ntests, %eax
         jae     bad
@@ -307,12 +310,38 @@ t_info_loop:
         jnz     1b
         jmp     done
 
+/* 17: guest #PF (PDE not present) to the guest's handler, which maps the page */
+t_pf:   call    setup_idt
+        movq    0x610000, %rax
+        mov     %rax, SCRATCH + 40
+        REPORT  0x190, SCRATCH + 48, SCRATCH + 56, SCRATCH + 40, $0
+        jmp     done
+
+/* 18: SAVE+64 iterations of lock incl on one counter (run on several vCPUs) */
+t_lock: mov     SAVE + 64, %rcx
+1:      lock incl SCRATCH + 0x100
+        dec     %rcx
+        jnz     1b
+        jmp     done
+
 done:   REPORT  0x1FF, $0, $0, $0, $0
         jmp     done
 
-setup_idt:
-        lea     ve_handler(%rip), %rax
-        mov     $IDT + 20 * 16, %rdi
+pf_handler:                     /* CR2 and error code recorded; PD[3] = 2 MB page at GPA 0 */
+        push    %rax
+        mov     %cr2, %rax
+        mov     %rax, SCRATCH + 48
+        mov     8(%rsp), %rax
+        mov     %rax, SCRATCH + 56
+        movq    $0x83, 0x3018
+        invlpg  0x610000
+        pop     %rax
+        add     $8, %rsp
+        iretq
+
+        .macro GATE vec, handler
+        lea     \handler(%rip), %rax
+        mov     $IDT + \vec * 16, %rdi
         mov     %ax, (%rdi)
         movw    $0x08, 2(%rdi)
         movw    $0x8E00, 4(%rdi)
@@ -321,6 +350,11 @@ setup_idt:
         shr     $16, %rax
         mov     %eax, 8(%rdi)
         movl    $0, 12(%rdi)
+        .endm
+
+setup_idt:
+        GATE    20, ve_handler
+        GATE    14, pf_handler
         lidt    idt_desc(%rip)
         ret
 
@@ -351,7 +385,7 @@ ve_handler:                     /* TDG.VP.VEINFO.GET, record, skip the instructi
         .balign 8
 table:  .quad   t_boot, t_info, t_ept, t_acc4k, t_acc2m, t_accmis, t_shared, t_loop
         .quad   t_hlt, t_triple, t_cpuid, t_pend, t_vm, t_bad, t_exits, t_compute
-        .quad   t_info_loop
+        .quad   t_info_loop, t_pf, t_lock
         .set    ntests, (. - table) / 8
 idt_desc:
         .word   256 * 16 - 1
