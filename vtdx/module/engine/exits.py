@@ -32,12 +32,13 @@ EXIT_EPT_VIOLATION = 48
 EXIT_TDCALL = 77
 
 #: The exit used to end a time slice. KVM re-enters on OTHER_SMI without doing anything
-#: (Linux 7.3 arch/x86/kvm/vmx/tdx.c ``__tdx_handle_exit``, ``case EXIT_REASON_OTHER_SMI:
-#: return 1``, lines 2130-2150), and ``vmx_handle_exit_irqoff`` (vmx.c lines 7178-7192,
-#: the TDX handle_exit_irqoff too, main.c line 1029) runs nothing for it. An
-#: EXTERNAL_INTERRUPT exit instead makes that function dispatch the host IDT handler of the
-#: vector in R9 (``handle_external_interrupt_irqoff``, vmx.c lines 7161-7176) and KVM_BUG()s
-#: when R9 holds no valid external-interrupt vector: wrong for an interrupt never raised.
+#: (Linux 7.3 arch/x86/kvm/vmx/tdx.c ``__tdx_handle_exit``: ``case EXIT_REASON_OTHER_SMI:``
+#: ... ``return 1;``, lines 2130-2150), and ``vmx_handle_exit_irqoff`` (vmx.c lines
+#: 7177-7195; main.c line 1029 installs it for TDs too) runs nothing for it. An
+#: EXTERNAL_INTERRUPT exit would make that function call ``handle_external_interrupt_irqoff``
+#: (vmx.c lines 7161-7175), which dispatches the host IDT handler of the vector in R9 and
+#: KVM_BUG()s unless R9 holds a valid external-interrupt vector: wrong for an interrupt that
+#: was never raised.
 EXIT_TIME_SLICE = EXIT_OTHER_SMI
 
 # Extended exit qualification types (src/common/x86_defs/vmcs_defs.h vmx_eeq_type_t).
