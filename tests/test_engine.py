@@ -1,5 +1,5 @@
 """The TD vCPU engine (vtdx.module.engine) driven in-process: mmap-backed host RAM, the
-sandbox TD and the assembled test guest (vtdx/module/engine/test_guest.py).
+sandbox TD and the assembled test guest (vtdx/module/engine/td_test_guest.py).
 
 Sources named per test are intel/tdx-module TDX 1.5 (tdx_1.5 branch) files and Linux 7.3
 arch/x86/kvm/vmx/tdx.c.
@@ -33,7 +33,7 @@ from vtdx.module.engine.exits import (
 )
 from vtdx.module.engine.interfaces import LEVEL_2M, LEVEL_4K, SEPT_FREE, SEPT_PENDING
 from vtdx.module.engine.sandbox import temp_host_ram
-from vtdx.module.engine.test_guest import (
+from vtdx.module.engine.td_test_guest import (
     ACCEPT_2M_GPA,
     ACCEPT_4K_GPA,
     MISMATCH_2M_GPA,
