@@ -414,6 +414,7 @@ class TdVcpuEngine:
         last = self.last_exit
         if last is not None and last.last_exit == LAST_EXIT_TDVMCALL:
             self.write_gprs(vmcall_reply(last.control, vmm))
+            self.last_exit = None              # consumed, even if this entry fails
         ex = self.run(budget)
         return ex, vp_enter_outputs(ex)
 
