@@ -1,0 +1,35 @@
+"""TD vCPU engine: runs a TD's guest code for TDH.VP.ENTER (unicorn 2.1.4, stock wheel).
+
+Imports: ``vtdx.abi``, ``vtdx.platform``, ``vtdx.errors`` and unicorn only, never the rest
+of ``vtdx.module``: the module reaches the engine through the protocols of
+``interfaces`` (S-EPT walk and accept, TD metadata, CPUID configuration, TD parameters),
+so either side can change its internals.
+
+- ``engine.TdVcpuEngine``: one per TD vCPU, in the state TDH.VP.INIT leaves; ``enter(regs)``
+  is the guest half of TDH.VP.ENTER (re-entry ABI in, exit ABI out).
+- ``exits``: ``TdExit`` and the VP.ENTER output / re-entry register layouts.
+- ``guest_leaves``: TDCALL leaves answered without leaving the TD.
+- ``registry.TdEngines``: the invalidation calls the module makes on S-EPT changes.
+- ``hostram.HostRam``: host RAM mapped once; ``sandbox``: an in-process TD for tests and
+  benchmarks.
+"""
+
+from vtdx.module.engine.engine import TdVcpuEngine, Watchdog
+from vtdx.module.engine.errors import EngineUnsupported
+from vtdx.module.engine.exits import TdExit, vmcall_reply, vp_enter_outputs
+from vtdx.module.engine.hostram import HostRam
+from vtdx.module.engine.interfaces import (
+    CpuidConfig,
+    GpaTranslator,
+    SeptWalk,
+    TdConfig,
+    TdMetadata,
+    TdView,
+)
+from vtdx.module.engine.registry import TdEngines
+
+__all__ = [
+    "CpuidConfig", "EngineUnsupported", "GpaTranslator", "HostRam", "SeptWalk", "TdConfig",
+    "TdEngines", "TdExit", "TdMetadata", "TdVcpuEngine", "TdView", "Watchdog",
+    "vmcall_reply", "vp_enter_outputs",
+]

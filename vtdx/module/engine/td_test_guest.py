@@ -1,0 +1,503 @@
+"""A small TD guest for the engine's tests and benchmark, assembled at run time with GNU as.
+
+The guest starts at the reset vector in 32-bit mode (as TDH.VP.INIT leaves the vCPU),
+records the initial registers, enables PAE paging with tables the loader placed in private
+memory and far-jumps to 64-bit code, which runs the routine whose number TDH.VP.INIT's RCX
+carried. Every routine reports with TDG.VP.VMCALL: R11 = report code, R12-R15 = values.
+
+``GuestRig`` lays the guest out in a ``SandboxTd`` and makes the vCPU engine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from vtdx.abi.regs import Regs
+from vtdx.module.engine.engine import TdVcpuEngine
+from vtdx.module.engine.exits import EXIT_TDCALL, TdExit
+from vtdx.module.engine.hostram import HostRam
+from vtdx.module.engine.interfaces import TdConfig
+from vtdx.module.engine.sandbox import SandboxTd, SharedEpt
+
+# Routine numbers (TDH.VP.INIT RCX).
+T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
+T_HLT, T_TRIPLE, T_CPUID, T_PENDING, T_VM_RD_WR, T_BAD_TDCALLS, T_EXIT_LOOP = range(8, 15)
+T_COMPUTE, T_INFO_LOOP, T_PAGE_FAULT, T_LOCK_LOOP = 15, 16, 17, 18
+
+SAVE = 0x20000            # guest data page: initial registers, SAVE+64 = loop count
+SCRATCH = 0x22000         # guest scratch slots; SCRATCH+0x100 the lock counter
+SHARED_GPA = 0x400000     # | the shared bit; guest VA 0x40000000
+UNMAPPED_GPA = 0x30000
+ACCEPT_4K_GPA = 0x31000
+PENDING_GPA = 0x32000
+ACCEPT_2M_GPA = 0x200000
+MISMATCH_2M_GPA = 0x400000
+
+GUEST_SOURCE = r"""
+/* test guest: see tests/test_engine.py */
+#define TDCALL .byte 0x66, 0x0f, 0x01, 0xcc
+#define SAVE 0x20000
+#define IDT 0x21000
+#define SCRATCH 0x22000
+        .macro REPORT code, a, b, c, d
+        push    \a
+        push    \b
+        push    \c
+        push    \d
+        pop     %r15
+        pop     %r14
+        pop     %r13
+        pop     %r12
+        mov     $\code, %r11
+        call    vmcall
+        .endm
+
+        .section .reset, "ax"
+        .code32
+entry32:
+        mov     %ebx, SAVE
+        mov     %ecx, SAVE + 8
+        mov     %edx, SAVE + 16
+        mov     %esi, SAVE + 24
+        mov     $0xC0000080, %ecx
+        rdmsr
+        mov     %eax, SAVE + 32
+        mov     %cr0, %eax
+        mov     %eax, SAVE + 40
+        mov     %cr4, %eax
+        mov     %eax, SAVE + 48
+        lgdtl   (gdt_desc - entry32 + 0xFFFFF000)
+        mov     $0x10, %ax
+        mov     %ax, %ds
+        mov     %ax, %es
+        mov     %ax, %ss
+        mov     %cr4, %eax
+        or      $0x20, %eax
+        mov     %eax, %cr4
+        mov     $0x1000, %eax
+        mov     %eax, %cr3
+        mov     %cr0, %eax
+        or      $0x80000000, %eax
+        mov     %eax, %cr0
+        ljmpl   $0x08, $0x10000
+        .balign 16
+gdt:    .quad   0
+        .quad   0x00AF9A000000FFFF
+        .quad   0x00CF92000000FFFF
+gdt_desc:
+        .word   gdt_desc - gdt - 1
+        .long   gdt - entry32 + 0xFFFFF000
+        .org    0xFF0
+        jmp     entry32
+        .org    0x1000
+
+        .section .text64, "ax"
+        .code64
+main64:
+        mov     %r8, SAVE + 56
+        mov     %rsi, %rax              /* VCPU_INDEX: one 4 KB stack per vCPU */
+        shl     $12, %rax
+        mov     $0x2F000, %rsp
+        sub     %rax, %rsp
+        movzbl  SAVE + 8, %eax
+        cmp     $ntests, %eax
+        jae     bad
+        lea     table(%rip), %rbx
+        jmp     *(%rbx,%rax,8)
+bad:    REPORT  0xBAD, %rax, $0, $0, $0
+        jmp     bad
+
+vmcall: xor     %eax, %eax
+        mov     $0xFC00, %ecx
+        xor     %r10d, %r10d
+        TDCALL
+        ret
+
+/* 0: boot state, then a TDVMCALL whose replies come back */
+t_boot:
+        REPORT  0x100, SAVE, SAVE + 8, SAVE + 16, SAVE + 24
+        REPORT  0x101, SAVE + 32, SAVE + 40, SAVE + 48, SAVE + 56
+        xor     %eax, %eax
+        mov     $0xFC00, %ecx
+        xor     %r10d, %r10d
+        mov     $0x1111, %r11
+        mov     $0x2222, %r12
+        TDCALL
+        mov     %rax, SCRATCH
+        mov     %rcx, SCRATCH + 8
+        mov     %r14, SCRATCH + 16
+        mov     %r15, SCRATCH + 24
+        REPORT  0x102, %r10, %r11, %r12, %r13
+        REPORT  0x103, SCRATCH + 16, SCRATCH + 24, SCRATCH, SCRATCH + 8
+        jmp     done
+
+/* 1: TDG.VP.INFO */
+t_info: mov     $1, %eax
+        TDCALL
+        mov     %r9, SCRATCH
+        mov     %r10, SCRATCH + 8
+        mov     %r11, SCRATCH + 16
+        REPORT  0x110, %rax, %rcx, %rdx, %r8
+        REPORT  0x111, SCRATCH, SCRATCH + 8, SCRATCH + 16, $0
+        jmp     done
+
+/* 2: store to a private GPA the S-EPT lacks; the host maps it, the store re-executes */
+t_ept:  movabs  $0x1122334455667788, %rax
+        mov     %rax, 0x30008
+        mov     0x30008, %rbx
+        REPORT  0x120, %rbx, $0, $0, $0
+        mov     0x30008, %rbx
+        REPORT  0x121, %rbx, $0, $0, $0
+        jmp     done
+
+/* 3: ACCEPT 4 KB (twice) */
+t_acc4k:
+        mov     $6, %eax
+        mov     $0x31000, %ecx
+        TDCALL
+        mov     %rax, SCRATCH
+        mov     $6, %eax
+        mov     $0x31000, %ecx
+        TDCALL
+        REPORT  0x130, SCRATCH, %rax, 0x31000, 0x31FF8
+        jmp     done
+
+/* 4: ACCEPT 2 MB, then a 4 KB ACCEPT inside the accepted 2 MB page */
+t_acc2m:
+        mov     $6, %eax
+        mov     $0x200001, %ecx
+        TDCALL
+        mov     %rax, SCRATCH
+        mov     $6, %eax
+        mov     $0x205000, %ecx
+        TDCALL
+        REPORT  0x140, SCRATCH, %rax, 0x200000, 0x3FFFF8
+        jmp     done
+
+/* 5: 4 KB ACCEPT of a 2 MB PENDING page: EPT violation exit, host splits, retried */
+t_accmis:
+        mov     $6, %eax
+        mov     $0x407000, %ecx
+        TDCALL
+        REPORT  0x150, %rax, 0x407000, $0, $0
+        jmp     done
+
+/* 6: store through a shared GPA (PTE with the shared bit) */
+t_shared:
+        mov     $0xC0FFEE, %eax
+        mov     %rax, 0x40000008
+        mov     0x40000010, %rbx
+        REPORT  0x160, %rax, %rbx, $0, $0
+        jmp     done
+
+/* 7: endless loop */
+t_loop: jmp     t_loop
+
+/* 8: HLT is a #VE; the handler reads VE_INFO and steps over the HLT */
+t_hlt:  call    setup_idt
+        hlt
+        REPORT  0x180, SCRATCH, SCRATCH + 8, SCRATCH + 16, SCRATCH + 24
+        jmp     done
+
+/* 9: #UD with an empty IDT: #DF undeliverable too: triple fault */
+t_triple:
+        lidt    idt_empty(%rip)
+        ud2
+        jmp     done
+
+/* 10: CPUID from the TD's configuration, then CPUID #VE after TDG.VP.CPUIDVE.SET */
+t_cpuid:
+        call    setup_idt
+        mov     $1, %eax
+        xor     %ecx, %ecx
+        cpuid
+        REPORT  0x1A0, %rax, %rbx, %rcx, %rdx
+        mov     $5, %eax
+        mov     $1, %ecx
+        TDCALL
+        mov     %rax, SCRATCH + 32
+        mov     $0, %eax
+        cpuid
+        REPORT  0x1A1, SCRATCH + 32, SCRATCH, SCRATCH + 8, SCRATCH + 24
+        jmp     done
+
+/* 11: read of a PENDING page */
+t_pend: mov     0x32000, %rax
+        REPORT  0x1B0, %rax, $0, $0, $0
+        jmp     done
+
+/* 12: TDG.VM.RD / TDG.VM.WR */
+t_vm:   mov     $7, %eax
+        xor     %ecx, %ecx
+        mov     $0x77, %edx
+        TDCALL
+        REPORT  0x1C0, %rax, %r8, $0, $0
+        mov     $8, %eax
+        xor     %ecx, %ecx
+        mov     $0x77, %edx
+        mov     $0xABCD, %r8d
+        mov     $0xFF00, %r9d
+        TDCALL
+        REPORT  0x1C1, %rax, %r8, $0, $0
+        mov     $7, %eax
+        xor     %ecx, %ecx
+        mov     $0x99, %edx
+        TDCALL
+        REPORT  0x1C2, %rax, %r8, $0, $0
+        mov     $7, %eax
+        mov     $1, %ecx
+        mov     $0x77, %edx
+        TDCALL
+        REPORT  0x1C3, %rax, $0, $0, $0
+        jmp     done
+
+/* 13: status codes of bad TDCALLs (no TD exit) */
+t_bad:  mov     $3, %eax
+        TDCALL
+        mov     %rax, SCRATCH
+        mov     $5, %eax
+        mov     $4, %ecx
+        TDCALL
+        mov     %rax, SCRATCH + 8
+        mov     $200, %eax
+        TDCALL
+        mov     %rax, SCRATCH + 16
+        mov     $0x10001, %eax
+        TDCALL
+        mov     %rax, SCRATCH + 24
+        xor     %eax, %eax
+        mov     $0x10, %ecx
+        TDCALL
+        mov     %rax, SCRATCH + 32
+        REPORT  0x1D0, SCRATCH, SCRATCH + 8, SCRATCH + 16, SCRATCH + 24
+        REPORT  0x1D1, SCRATCH + 32, $0, $0, $0
+        jmp     done
+
+/* 14: TD exit loop (benchmark): SAVE+64 iterations of TDG.VP.VMCALL */
+t_exits:
+        mov     SAVE + 64, %rbx
+1:      mov     $0x1E0, %r11
+        call    vmcall
+        dec     %rbx
+        jnz     1b
+        jmp     done
+
+/* 15: compute loop (benchmark): SAVE+64 iterations of 6 instructions */
+t_compute:
+        mov     SAVE + 64, %rcx
+        mov     $SCRATCH, %rsi
+        xor     %ebx, %ebx
+1:      add     %rcx, %rbx
+        mov     %rbx, (%rsi)
+        xor     (%rsi), %rdx
+        ror     $3, %rbx
+        dec     %rcx
+        jnz     1b
+        REPORT  0x1F0, %rbx, $0, $0, $0
+        jmp     done
+
+/* 16: in-TD TDCALL loop (benchmark): SAVE+64 TDG.VP.INFO calls */
+t_info_loop:
+        mov     SAVE + 64, %rbx
+1:      mov     $1, %eax
+        TDCALL
+        dec     %rbx
+        jnz     1b
+        jmp     done
+
+/* 17: guest #PF (PDE not present) to the guest's handler, which maps the page */
+t_pf:   call    setup_idt
+        movq    0x610000, %rax
+        mov     %rax, SCRATCH + 40
+        REPORT  0x190, SCRATCH + 48, SCRATCH + 56, SCRATCH + 40, $0
+        jmp     done
+
+/* 18: SAVE+64 iterations of lock incl on one counter (run on several vCPUs) */
+t_lock: mov     SAVE + 64, %rcx
+1:      lock incl SCRATCH + 0x100
+        dec     %rcx
+        jnz     1b
+        jmp     done
+
+done:   REPORT  0x1FF, $0, $0, $0, $0
+        jmp     done
+
+pf_handler:                     /* CR2 and error code recorded; PD[3] = 2 MB page at GPA 0 */
+        push    %rax
+        mov     %cr2, %rax
+        mov     %rax, SCRATCH + 48
+        mov     8(%rsp), %rax
+        mov     %rax, SCRATCH + 56
+        movq    $0x83, 0x3018
+        invlpg  0x610000
+        pop     %rax
+        add     $8, %rsp
+        iretq
+
+        .macro GATE vec, handler
+        lea     \handler(%rip), %rax
+        mov     $IDT + \vec * 16, %rdi
+        mov     %ax, (%rdi)
+        movw    $0x08, 2(%rdi)
+        movw    $0x8E00, 4(%rdi)
+        shr     $16, %rax
+        mov     %ax, 6(%rdi)
+        shr     $16, %rax
+        mov     %eax, 8(%rdi)
+        movl    $0, 12(%rdi)
+        .endm
+
+setup_idt:
+        GATE    20, ve_handler
+        GATE    14, pf_handler
+        lidt    idt_desc(%rip)
+        ret
+
+ve_handler:                     /* TDG.VP.VEINFO.GET, record, skip the instruction */
+        push    %rax
+        push    %rcx
+        push    %rdx
+        push    %r8
+        push    %r9
+        push    %r10
+        mov     $3, %eax
+        TDCALL
+        mov     %rcx, SCRATCH
+        mov     %r10, SCRATCH + 8
+        mov     %rax, SCRATCH + 16
+        mov     48(%rsp), %r8   /* RIP in the frame */
+        mov     %r8, SCRATCH + 24
+        and     $0xFFFFFFFF, %r10d
+        add     %r10, 48(%rsp)
+        pop     %r10
+        pop     %r9
+        pop     %r8
+        pop     %rdx
+        pop     %rcx
+        pop     %rax
+        iretq
+
+        .balign 8
+table:  .quad   t_boot, t_info, t_ept, t_acc4k, t_acc2m, t_accmis, t_shared, t_loop
+        .quad   t_hlt, t_triple, t_cpuid, t_pend, t_vm, t_bad, t_exits, t_compute
+        .quad   t_info_loop, t_pf, t_lock
+        .set    ntests, (. - table) / 8
+idt_desc:
+        .word   256 * 16 - 1
+        .quad   IDT
+idt_empty:
+        .word   0
+        .quad   0
+"""
+
+
+class GuestBuildError(Exception):
+    """The GNU toolchain is missing or rejected the guest."""
+
+
+@cache
+def build_guest() -> tuple[bytes, bytes]:
+    """(64-bit code for GPA 0x10000, reset page for GPA 0xFFFFF000)."""
+    tools = [shutil.which(t) for t in ("gcc", "ld", "objcopy")]
+    if not all(tools):
+        raise GuestBuildError("building the TD test guest needs gcc, ld and objcopy")
+    with tempfile.TemporaryDirectory(prefix="vtdx-tdguest-") as d:
+        p = Path(d)
+        (p / "guest.S").write_text(GUEST_SOURCE)
+        (p / "guest.ld").write_text(LINKER_SCRIPT)
+        steps = [["gcc", "-c", "-o", "guest.o", "guest.S"],
+                 ["ld", "-T", "guest.ld", "-o", "guest.elf", "guest.o"],
+                 ["objcopy", "-O", "binary", "--only-section=.text64", "guest.elf", "t64"],
+                 ["objcopy", "-O", "binary", "--only-section=.reset", "guest.elf", "reset"]]
+        for cmd in steps:
+            r = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+            if r.returncode:
+                raise GuestBuildError(f"{cmd[0]}: {r.stderr.strip()}")
+        return (p / "t64").read_bytes(), (p / "reset").read_bytes()
+
+
+LINKER_SCRIPT = """SECTIONS {
+  .text64 0x10000 : { *(.text64) }
+  .reset 0xFFFFF000 : { *(.reset) }
+  /DISCARD/ : { *(.note*) *(.data) *(.bss) }
+}
+"""
+
+
+@dataclass
+class Report:
+    code: int
+    values: tuple[int, int, int, int]
+
+
+class GuestRig:
+    """The test guest loaded in a sandbox TD, with one vCPU engine running routine
+    ``routine``. Page tables (guest-physical): PML4 0x1000 -> PDPT 0x2000; 0-2 MB through
+    PT 0x4000 (4 KB, identity), 2-4 MB and 4-6 MB as 2 MB pages (identity), VA 1 GB -> the
+    shared GPA 0x400000, and the reset page at 4 GB - 4 KB."""
+
+    def __init__(self, ram: HostRam, routine: int, config: TdConfig | None = None,
+                 loop_count: int = 0, rcx_high: int = 0x5A5A_0000_1234_5600,
+                 **engine_kw: object) -> None:
+        text, reset = build_guest()
+        self.td = td = SandboxTd(ram, config)
+        shared = td.config.shared_bit
+        pt: dict[int, bytearray] = {g: bytearray(4096) for g in range(0x1000, 0x9000, 4096)}
+
+        def ent(table: int, idx: int, value: int) -> None:
+            pt[table][idx * 8:idx * 8 + 8] = (value | 3).to_bytes(8, "little")
+
+        ent(0x1000, 0, 0x2000)
+        ent(0x2000, 0, 0x3000)
+        ent(0x2000, 1, 0x7000)
+        ent(0x2000, 3, 0x5000)
+        ent(0x3000, 0, 0x4000)
+        ent(0x3000, 1, ACCEPT_2M_GPA | 0x80)
+        ent(0x3000, 2, MISMATCH_2M_GPA | 0x80)
+        for i in range(512):
+            ent(0x4000, i, i * 4096)
+        ent(0x7000, 0, 0x8000)
+        ent(0x8000, 0, shared | SHARED_GPA)
+        ent(0x5000, 511, 0x6000)
+        ent(0x6000, 511, 0xFFFFF000)
+        for g, data in pt.items():
+            td.page_add(g, bytes(data))
+        for off in range(0, len(text), 4096):
+            td.page_add(0x10000 + off, text[off:off + 4096])
+        td.page_add(0xFFFFF000, reset)
+        for g in range(SAVE, SAVE + 0x10000, 4096):
+            td.page_add(g)
+        ram.write_u64(td.leaves[(0, SAVE)][1] + 64, loop_count)
+        self.shared_ept = SharedEpt(td)
+        self.shared_hpa = td.alloc()
+        self.shared_ept.map(shared | SHARED_GPA, self.shared_hpa)
+        self.engine = TdVcpuEngine(ram, td, vcpu_index=0, init_rcx=rcx_high | routine,
+                                   **engine_kw)  # type: ignore[arg-type]
+        self.engine.shared_eptp = self.shared_ept.eptp
+        td.engines.add(self.engine)
+        self.exits: list[TdExit] = []
+        self.vmm = Regs()
+
+    def enter(self, budget: int | None = None) -> TdExit:
+        ex, out = self.engine.enter(self.vmm, budget)
+        self.vmm = out
+        self.exits.append(ex)
+        return ex
+
+    def next_report(self, max_entries: int = 1000) -> Report:
+        """Enter until a TDG.VP.VMCALL exit; anything else is an error here."""
+        for _ in range(max_entries):
+            ex = self.enter()
+            if ex.reason == EXIT_TDCALL:
+                g = ex.gprs
+                self.vmm.r10 = self.vmm.r11 = 0
+                return Report(g.get("r11", 0), (g.get("r12", 0), g.get("r13", 0),
+                                                g.get("r14", 0), g.get("r15", 0)))
+            if ex.reason != 6:
+                raise AssertionError(f"unexpected TD exit {ex}")
+        raise AssertionError("no report")
