@@ -175,12 +175,11 @@ def test_recorder_keeps_the_state_from_before_the_kernels_sys_disable() -> None:
     from vtdx.module import TdxModule
     from vtdx.platform.memory import SparseMemory
     from vtdx.platform.profile import Profile
-    from vtdx.session.run import CallStats, _Recorder
+    from vtdx.session.run import _Recorder
 
     prof = Profile.from_vm(2, 2 * GiB)
     module = TdxModule(prof, SparseMemory(prof.ram))
-    stats = CallStats()
-    module.add_observer(stats.observe)
+    stats = module.stats
     rec = _Recorder(module)
     assert rec.seamcall(0, Regs(rax=Leaf.TDH_SYS_INIT)).rax == 0
     for lp in (0, 1):
@@ -190,9 +189,9 @@ def test_recorder_keeps_the_state_from_before_the_kernels_sys_disable() -> None:
     assert module.snapshot()["num_init_lps"] == 0  # the module itself was reset ...
     snap, _ = rec.state()
     assert snap["num_init_lps"] == 2 and snap["state"] == "SYSINIT_DONE"  # ... the record not
-    assert stats.per_leaf() == {Leaf.TDH_SYS_INIT: {0: 1}, Leaf.TDH_SYS_LP_INIT: {0: 1, 1: 1},
+    assert stats.per_leaf_lp() == {Leaf.TDH_SYS_INIT: {0: 1}, Leaf.TDH_SYS_LP_INIT: {0: 1, 1: 1},
                                 Leaf.TDH_SYS_DISABLE: {0: 1}}
-    assert list(stats.per_leaf()) == [Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT,
+    assert list(stats.per_leaf_lp()) == [Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT,
                                       Leaf.TDH_SYS_DISABLE]
 
 

@@ -79,8 +79,8 @@ class FaultInjector:
             self.seed = seed
             self._rng = random.Random(seed)
 
-    def check(self, lp: int, leaf: int) -> int | None:
-        """Status to inject for this call, or None to run the leaf normally."""
+    def check(self, lp: int, leaf: int) -> tuple[int, int] | None:
+        """(status, rule id) to inject for this call, or None to run the leaf normally."""
         with self._lock:
             for rule in self.rules:
                 if not rule.matches(lp, leaf):
@@ -91,7 +91,7 @@ class FaultInjector:
                 if rule.count is not None and rule.fired >= rule.count:
                     self.rules.remove(rule)
                     self.active = bool(self.rules)
-                return rule.status
+                return rule.status, rule.id
             return None
 
     def snapshot(self) -> list[dict[str, object]]:

@@ -2,14 +2,90 @@
 
 The module never waits for its own locks: a SEAMCALL that finds a resource locked fails with a
 BUSY status and the host retries. All lock state is only touched while the module mutex is
-held (see ``core.TdxModule``), so the table itself needs no further synchronisation. Keys are
-any hashable value; by convention tuples such as ``("pamt", level, index)``, ``("sys",)`` or
-``("tdr", pa)``.
+held (see ``core.TdxModule``), so the table itself needs no further synchronisation.
+
+Every key is a ``LockKey``, built by one of the constructors below (PAMT entry keys come from
+``vtdx.module.pamt.pamt_key``, which owns page levels); ``str(key)`` is what inspection shows,
+e.g. ``pamt 2M 0x1b0`` or ``opstate tdr=0x7f000``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from typing import NamedTuple
+
+#: Names of the page levels, as PAMT keys print them (index = level).
+_LEVEL_NAMES = ("4K", "2M", "1G")
+
+
+class LockKey(NamedTuple):
+    """What one TDX lock protects.
+
+    ``kind`` names the resource; ``level`` is the PAMT level of a ``pamt`` key (else -1);
+    ``addr`` is the page index (pamt), the TDR PA (sept, opstate, epoch), the S-EPT page PA
+    (septe), the package (ket, wbt) or the TDMR index (tdmr); ``index`` is the entry inside
+    an S-EPT page (septe). A NamedTuple, so hashing stays as cheap as a plain tuple.
+    """
+
+    kind: str
+    level: int = -1
+    addr: int = 0
+    index: int = 0
+
+    def __str__(self) -> str:
+        kind = self.kind
+        if kind == "pamt":
+            return f"pamt {_LEVEL_NAMES[self.level]} 0x{self.addr:x}"
+        if kind in ("sept", "opstate", "epoch"):
+            return f"{kind} tdr=0x{self.addr:x}"
+        if kind == "septe":
+            return f"septe page=0x{self.addr:x} [{self.index}]"
+        if kind in ("ket", "wbt"):
+            return f"{kind} package {self.addr}"
+        if kind == "tdmr":
+            return f"tdmr {self.addr}"
+        return kind
+
+
+#: The module-wide lock every TDH.SYS.* configuration leaf takes.
+SYS_LOCK = LockKey("sys")
+#: The key ownership table (KOT).
+KOT_LOCK = LockKey("kot")
+
+
+def tdmr_key(index: int) -> LockKey:
+    """One TDMR during TDH.SYS.TDMR.INIT."""
+    return LockKey("tdmr", addr=index)
+
+
+def sept_key(tdr_pa: int) -> LockKey:
+    """A TD's whole S-EPT tree (the TDCS sept_lock)."""
+    return LockKey("sept", addr=tdr_pa)
+
+
+def septe_key(page_pa: int, index: int) -> LockKey:
+    """One S-EPT entry (sept_lock_acquire_host); S-EPT pages belong to exactly one TD."""
+    return LockKey("septe", addr=page_pa, index=index)
+
+
+def opstate_key(tdr_pa: int) -> LockKey:
+    """A TD's TDCS OP_STATE lock."""
+    return LockKey("opstate", addr=tdr_pa)
+
+
+def epoch_key(tdr_pa: int) -> LockKey:
+    """A TD's TLB epoch lock (TDH.MEM.TRACK)."""
+    return LockKey("epoch", addr=tdr_pa)
+
+
+def ket_key(package: int) -> LockKey:
+    """A package's key encryption table (TDH.MNG.KEY.CONFIG)."""
+    return LockKey("ket", addr=package)
+
+
+def wbt_key(package: int) -> LockKey:
+    """A package's cache write-back state (TDH.PHYMEM.CACHE.WB)."""
+    return LockKey("wbt", addr=package)
+
 
 SHARED = 1
 EXCLUSIVE = 2
@@ -27,9 +103,9 @@ class LockTable:
     """Shared/exclusive try-locks; an owner is an opaque int (the call context id)."""
 
     def __init__(self) -> None:
-        self._held: dict[Hashable, _Held] = {}
+        self._held: dict[LockKey, _Held] = {}
 
-    def try_acquire(self, key: Hashable, mode: int, owner: int) -> bool:
+    def try_acquire(self, key: LockKey, mode: int, owner: int) -> bool:
         held = self._held.get(key)
         if held is None:
             held = self._held[key] = _Held(mode)
@@ -40,7 +116,7 @@ class LockTable:
             return True
         return False
 
-    def try_promote(self, key: Hashable, owner: int) -> bool:
+    def try_promote(self, key: LockKey, owner: int) -> bool:
         """Shared -> exclusive, only if ``owner`` is the sole holder."""
         held = self._held.get(key)
         if held is None or set(held.owners) != {owner} or held.owners[owner] != 1:
@@ -48,7 +124,7 @@ class LockTable:
         held.mode = EXCLUSIVE
         return True
 
-    def release(self, key: Hashable, owner: int) -> None:
+    def release(self, key: LockKey, owner: int) -> None:
         held = self._held.get(key)
         if held is None or owner not in held.owners:
             return
@@ -60,7 +136,7 @@ class LockTable:
         if not held.owners:
             del self._held[key]
 
-    def mode_of(self, key: Hashable) -> int:
+    def mode_of(self, key: LockKey) -> int:
         """0 if free, else SHARED or EXCLUSIVE."""
         held = self._held.get(key)
         return held.mode if held else 0
@@ -74,7 +150,7 @@ class LockTable:
     def snapshot(self) -> list[dict[str, object]]:
         """Plain data: every held lock with its mode and owners."""
         return [
-            {"key": repr(k), "mode": "exclusive" if h.mode == EXCLUSIVE else "shared",
+            {"key": str(k), "mode": "exclusive" if h.mode == EXCLUSIVE else "shared",
              "owners": sorted(h.owners)}
             for k, h in self._held.items()
         ]
