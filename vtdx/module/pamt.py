@@ -54,9 +54,15 @@ PAGE_2M = PAGE_SIZE[LEVEL_2M]
 GiB = 1 << 30
 
 
+_new_key = tuple.__new__
+
+
 def pamt_key(level: int, pa: int) -> LockKey:
-    """Lock key of the PAMT entry covering ``pa`` at ``level`` (the entry's own lock)."""
-    return LockKey("pamt", level, pa >> SHIFT[level])
+    """Lock key of the PAMT entry covering ``pa`` at ``level`` (the entry's own lock).
+
+    Built with ``tuple.__new__`` (what ``LockKey(...)`` does, minus a Python-level call):
+    the PAMT walk makes up to three of these per SEAMCALL."""
+    return _new_key(LockKey, ("pamt", level, pa >> SHIFT[level], 0))
 
 
 @dataclass(slots=True)
