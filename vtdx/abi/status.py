@@ -4,7 +4,7 @@ Layout of a status (the module's api_error_code_t): bit 63 error, bit 62 non-rec
 bit 61 fatal, bit 60 host-recoverability hint, bits 47:40 class, bits 39:32 detail, bits 31:0
 operand id or extra detail. Numbers are from intel/tdx-module
 include/auto_gen/tdx_error_codes_defs.h (TDX 1.5.01); TDX_HPA_RANGE_NOT_FREE is from the
-Dynamic PAMT patches (see /work/shared/reference/dpamt-demote-abi.md).
+Dynamic PAMT patches for Linux (arch/x86/virt/vmx/tdx/tdx.h).
 """
 
 from __future__ import annotations

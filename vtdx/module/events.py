@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from vtdx.abi.regs import Regs
 
@@ -61,7 +61,6 @@ class FaultInjected:
     call_id: int
 
 
-Event = CallObserved | CheckpointReached | FaultInjected
 E = TypeVar("E", CallObserved, CheckpointReached, FaultInjected)
 
 
@@ -73,32 +72,36 @@ class EventBus:
     iterating one on another thread is never disturbed by a (un)subscribe.
     """
 
-    _ATTR = {CallObserved: "calls", CheckpointReached: "checkpoints", FaultInjected: "faults"}
-
     def __init__(self) -> None:
         self.calls: list[Callable[[CallObserved], None]] = []
         self.checkpoints: list[Callable[[CheckpointReached], None]] = []
         self.faults: list[Callable[[FaultInjected], None]] = []
-        self._ordered: dict[str, list[tuple[int, Callable[[E], None]]]] = {
-            a: [] for a in self._ATTR.values()}
+        #: (order, callback) per event type, in call order.
+        self._subs: dict[type, list[tuple[int, object]]] = {}
 
-    def _attr(self, kind: type[E]) -> str:
-        try:
-            return self._ATTR[kind]
-        except KeyError:
-            raise TypeError(f"not a module event: {kind!r}") from None
+    def _pairs(self, kind: type[E]) -> list[tuple[int, Callable[[E], None]]]:
+        return cast("list[tuple[int, Callable[[E], None]]]", self._subs.get(kind, []))
 
     def subscribe(self, kind: type[E], callback: Callable[[E], None], order: int = 0) -> None:
         """Call ``callback(event)`` for every event of type ``kind``, after subscribers with a
         lower ``order`` (then in subscription order)."""
-        attr = self._attr(kind)
-        pairs = sorted([*self._ordered[attr], (order, callback)], key=lambda p: p[0])
-        self._ordered[attr] = pairs
-        setattr(self, attr, [cb for _, cb in pairs])
+        pairs = list(self._pairs(kind))
+        pairs.append((order, callback))
+        pairs.sort(key=lambda p: p[0])
+        self._set(kind, pairs)
 
     def unsubscribe(self, kind: type[E], callback: Callable[[E], None]) -> None:
         """Stop calling ``callback`` (no error if it was not subscribed)."""
-        attr = self._attr(kind)
-        pairs = [p for p in self._ordered[attr] if p[1] != callback]
-        self._ordered[attr] = pairs
-        setattr(self, attr, [cb for _, cb in pairs])
+        self._set(kind, [p for p in self._pairs(kind) if p[1] != callback])
+
+    def _set(self, kind: type[E], pairs: list[tuple[int, Callable[[E], None]]]) -> None:
+        callbacks: list[object] = [cb for _, cb in pairs]
+        if kind is CallObserved:
+            self.calls = cast("list[Callable[[CallObserved], None]]", callbacks)
+        elif kind is CheckpointReached:
+            self.checkpoints = cast("list[Callable[[CheckpointReached], None]]", callbacks)
+        elif kind is FaultInjected:
+            self.faults = cast("list[Callable[[FaultInjected], None]]", callbacks)
+        else:
+            raise TypeError(f"not a module event: {kind!r}")
+        self._subs[kind] = list(pairs)

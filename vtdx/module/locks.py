@@ -22,14 +22,14 @@ class LockKey(NamedTuple):
 
     ``kind`` names the resource; ``level`` is the PAMT level of a ``pamt`` key (else -1);
     ``addr`` is the page index (pamt), the TDR PA (sept, opstate, epoch), the S-EPT page PA
-    (septe), the package (ket, wbt) or the TDMR index (tdmr); ``index`` is the entry inside
-    an S-EPT page (septe). A NamedTuple, so hashing stays as cheap as a plain tuple.
+    (septe), the package (ket, wbt) or the TDMR index (tdmr); ``entry`` is the entry index
+    inside an S-EPT page (septe). A NamedTuple, so hashing stays as cheap as a plain tuple.
     """
 
     kind: str
     level: int = -1
     addr: int = 0
-    index: int = 0
+    entry: int = 0
 
     def __str__(self) -> str:
         kind = self.kind
@@ -38,7 +38,7 @@ class LockKey(NamedTuple):
         if kind in ("sept", "opstate", "epoch"):
             return f"{kind} tdr=0x{self.addr:x}"
         if kind == "septe":
-            return f"septe page=0x{self.addr:x} [{self.index}]"
+            return f"septe page=0x{self.addr:x} [{self.entry}]"
         if kind in ("ket", "wbt"):
             return f"{kind} package {self.addr}"
         if kind == "tdmr":
@@ -64,7 +64,7 @@ def sept_key(tdr_pa: int) -> LockKey:
 
 def septe_key(page_pa: int, index: int) -> LockKey:
     """One S-EPT entry (sept_lock_acquire_host); S-EPT pages belong to exactly one TD."""
-    return LockKey("septe", addr=page_pa, index=index)
+    return LockKey("septe", addr=page_pa, entry=index)
 
 
 def opstate_key(tdr_pa: int) -> LockKey:

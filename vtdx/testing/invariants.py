@@ -20,6 +20,7 @@ from vtdx.module.pamt import (
     PT_TDCX,
     PT_TDR,
     PT_TDVPR,
+    SHIFT,
     PamtManager,
 )
 from vtdx.module.state import TD_BLOCKED, TD_TEARDOWN
@@ -27,16 +28,13 @@ from vtdx.module.state import TD_BLOCKED, TD_TEARDOWN
 #: Page type names as the messages print them ("TDR", not "PT_TDR").
 PT_NAMES = {pt: name.removeprefix("PT_") for pt, name in PAGE_TYPE_NAMES.items()}
 
-_SHIFT = (12, 21, 30)
-
-
 def _pamt_owned(module: TdxModule) -> dict[tuple[int, int], tuple[int, int]]:
     """(level, pa) -> (pt, owner) for every materialised PAMT entry that is not free."""
     out: dict[tuple[int, int], tuple[int, int]] = {}
     for level in (0, 1, 2):
         for idx, e in module.pamt.entries(level).items():
             if e.pt not in (PT_NDA, PT_RSVD):
-                out[(level, idx << _SHIFT[level])] = (e.pt, e.owner)
+                out[(level, idx << SHIFT[level])] = (e.pt, e.owner)
     return out
 
 

@@ -50,7 +50,7 @@ class _Info:
 
     def available(self) -> list[tuple[int, int]]:
         """Non-reserved [start, end) pieces, walked like the module (null entry ends the list)."""
-        out = []
+        out: list[tuple[int, int]] = []
         start = self.base
         end_all = self.base + self.size
         valid = False

@@ -40,7 +40,7 @@ from vtdx.module.state import (
 
 TD_PARAMS_SIZE = 1024
 CPUID_CONFIG_OFFSET = 256
-# MNG.RD/WR field ids KVM uses (kvm-tdx-without-vmx.md).
+# MNG.RD/WR field ids KVM uses (Linux arch/x86/kvm/vmx/tdx.c, arch/x86/include/asm/tdx.h).
 FIELD_TSC_OFFSET = 0x110000000000000A
 FIELD_TSC_MULTIPLIER = 0x110000000000000B
 FIELD_CPUID_BASE = 0x9410000300000000
