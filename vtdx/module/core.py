@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from vtdx.abi import leaves as lv
 from vtdx.abi import status as st
-from vtdx.abi.regs import Regs
+from vtdx.abi.regs import MASK64, Regs
 from vtdx.module.context import CallContext, LeafSpec, copy_regs
 from vtdx.module.control import Controller
 from vtdx.module.errors import TdxError
@@ -41,7 +41,6 @@ from vtdx.module.stats import CallStats
 from vtdx.platform.memory import PhysMemory
 from vtdx.platform.profile import Profile
 
-MASK64 = (1 << 64) - 1
 PAGE = 4096
 _RESERVED_RAX = lv.RESERVED_MASK
 _ALLOWED_BEFORE_READY = frozenset(int(x) for x in lv.ALLOWED_BEFORE_READY)

@@ -11,6 +11,8 @@ import random
 import threading
 from dataclasses import dataclass, field
 
+from vtdx.abi.regs import MASK64
+
 
 @dataclass(slots=True)
 class FaultRule:
@@ -55,7 +57,7 @@ class FaultInjector:
         if not 0.0 <= probability <= 1.0:
             raise ValueError("probability must be within [0, 1]")
         with self._lock:
-            rule = FaultRule(status & ((1 << 64) - 1), leaf, count, probability,
+            rule = FaultRule(status & MASK64, leaf, count, probability,
                              frozenset(lps) if lps is not None else None, id=self._next_id)
             self._next_id += 1
             self.rules.append(rule)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
-from vtdx.abi.regs import Regs
+from vtdx.abi.regs import MASK64, Regs
 from vtdx.module import sept as S
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import fail
@@ -23,7 +23,8 @@ from vtdx.module.helpers import (
 )
 from vtdx.module.pamt import LEVEL_4K, PT_EPT, PT_NDA, pamt_key
 
-NULL_PA = (1 << 64) - 1
+#: The NULL_PA value (all ones) SEPT.ADD rejects as the new page.
+NULL_PA = MASK64
 
 
 def tdh_mem_sept_add(ctx: CallContext, inp: Regs, out: Regs) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import MASK64 as U64_MAX
 from vtdx.abi.regs import Regs
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import TdxError, fail
@@ -28,7 +29,6 @@ MAX_TDMRS = 64
 MAX_RESERVED_AREAS = 16
 TDMR_INFO_ALIGN = 512
 TDMR_INFO_SIZE = 8 * 8 + MAX_RESERVED_AREAS * 16
-U64_MAX = (1 << 64) - 1
 PAGE_MASK = 0xFFF
 DPAMT_ENABLE_BIT = 1 << 16
 _CHECK_ORDER = (LEVEL_1G, LEVEL_2M, LEVEL_4K)
