@@ -35,13 +35,12 @@ from vtdx.module.events import CallObserved, EventBus, FaultInjected
 from vtdx.module.faults import FaultInjector
 from vtdx.module.leaves import leaf_table
 from vtdx.module.locks import LockTable
-from vtdx.module.pamt import LEVEL_NAMES, LEVELS, PamtManager
+from vtdx.module.pamt import LEVEL_NAMES, LEVELS, PAGE_4K, PamtManager
 from vtdx.module.state import SEPT_ROOT_PAGE_INDEX, LpState, ModuleState, SysState
 from vtdx.module.stats import CallStats
 from vtdx.platform.memory import PhysMemory
 from vtdx.platform.profile import Profile
 
-PAGE = 4096
 _RESERVED_RAX = lv.RESERVED_MASK
 _ALLOWED_BEFORE_READY = frozenset(int(x) for x in lv.ALLOWED_BEFORE_READY)
 _LP_SHUTDOWN = int(lv.Leaf.TDH_SYS_LP_SHUTDOWN)
@@ -65,12 +64,13 @@ class TdxModule:
         #: Control points: pauses and residency time (a ``CheckpointReached`` subscriber).
         self.control = Controller(self.cond, self.events)
         # Address and size facts of the profile (immutable for the module's life).
-        self.max_pa_bytes = 1 << profile.phys_bits
-        self.keyid_shift = profile.phys_bits - profile.keyid_bits
+        #: MAX_PA: first physical address above the platform's address width.
+        self.max_pa = 1 << profile.phys_bits
+        self.keyid_shift = profile.hkid_start_bit
         self.hkid_mask = ((1 << profile.keyid_bits) - 1) << self.keyid_shift
         #: TDCS pages the module reports (TDCS_BASE_SIZE); ADDCX fills exactly this many.
-        self.min_tdcs = max(SEPT_ROOT_PAGE_INDEX + 1, profile.tdcs_base_size // PAGE)
-        self.min_tdvps = max(1, profile.tdvps_base_size // PAGE)
+        self.min_tdcs = max(SEPT_ROOT_PAGE_INDEX + 1, profile.tdcs_base_size // PAGE_4K)
+        self.min_tdvps = max(1, profile.tdvps_base_size // PAGE_4K)
         self._ids = itertools.count(1)
         #: Unexpected exceptions inside handlers (model bugs); the call still returns a status.
         self.internal_errors: deque[str] = deque(maxlen=32)
@@ -128,10 +128,6 @@ class TdxModule:
         """The control-point controller (same object as ``control``)."""
         return self.control
 
-    @property
-    def max_pa(self) -> int:
-        return self.profile.phys_bits
-
     def hkid_of(self, pa: int) -> int:
         return (pa & self.hkid_mask) >> self.keyid_shift
 
@@ -141,11 +137,11 @@ class TdxModule:
 
     def pa_ok(self, pa: int) -> bool:
         """Below MAX_PA and no keyid bits (the module's is_pa_smaller_than_max_pa + hkid 0)."""
-        return pa < self.max_pa_bytes and self.hkid_of(pa) == 0
+        return pa < self.max_pa and self.hkid_of(pa) == 0
 
     def shared_hpa_ok(self, pa: int, align: int) -> bool:
         """shared_hpa_check_with_pwr_2_alignment() in helpers.c (there is no SEAMRR in RAM)."""
-        return (pa & (align - 1)) == 0 and pa < self.max_pa_bytes and (
+        return (pa & (align - 1)) == 0 and pa < self.max_pa and (
             self.hkid_of(pa) < self.profile.tdx_keyid_start)
 
     # -- observers (compatibility shape over ``events``) -------------------------------------

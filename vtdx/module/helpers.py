@@ -27,7 +27,7 @@ EX, SH = True, False
 def hpa_check_with_pwr_2_alignment(ctx: CallContext, pa: int, align: int) -> bool:
     """Aligned, no HKID bits, below MAX_PA."""
     m = ctx.module
-    return pa % align == 0 and not (pa & m.hkid_mask) and pa < m.max_pa_bytes
+    return pa % align == 0 and not (pa & m.hkid_mask) and pa < m.max_pa
 
 
 def shared_hpa_check_with_pwr_2_alignment(ctx: CallContext, pa: int, size: int,

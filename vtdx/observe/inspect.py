@@ -342,7 +342,8 @@ class Inspector:
             for d in self.module.locks.snapshot():
                 held.append({"key": d["key"], "mode": d["mode"],
                              "holders": [self._holder(o) for o in d["owners"]]})
-            inflight = ([c.to_dict() for c in self.tracker.calls.values()]
+            # list() copies in one step: a finished call leaves the registry without the mutex
+            inflight = ([c.to_dict() for c in list(self.tracker.calls.values())]
                         if self.tracker is not None else [])
             return {"held": held, "waiting-calls": inflight}
 

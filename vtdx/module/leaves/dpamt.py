@@ -32,7 +32,7 @@ def _check_range(ctx: CallContext, rcx: int) -> int:
 
 def _check_pair_page(ctx: CallContext, hpa: int, operand: int) -> None:
     m = ctx.module
-    if m.hkid_of(hpa) or hpa % PAGE_4K or hpa >= m.max_pa_bytes:
+    if m.hkid_of(hpa) or hpa % PAGE_4K or hpa >= m.max_pa:
         raise fail(st.TDX_OPERAND_INVALID, operand)
     if not ctx.gd.pamt.block_ready(hpa):
         raise fail(st.TDX_OPERAND_ADDR_RANGE_ERROR, operand)
