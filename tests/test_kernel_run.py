@@ -189,9 +189,9 @@ def test_recorder_keeps_the_state_from_before_the_kernels_sys_disable() -> None:
     assert module.snapshot()["num_init_lps"] == 0  # the module itself was reset ...
     snap, _ = rec.state()
     assert snap["num_init_lps"] == 2 and snap["state"] == "SYSINIT_DONE"  # ... the record not
-    assert stats.per_leaf_lp() == {Leaf.TDH_SYS_INIT: {0: 1}, Leaf.TDH_SYS_LP_INIT: {0: 1, 1: 1},
+    assert stats.per_leaf() == {Leaf.TDH_SYS_INIT: {0: 1}, Leaf.TDH_SYS_LP_INIT: {0: 1, 1: 1},
                                 Leaf.TDH_SYS_DISABLE: {0: 1}}
-    assert list(stats.per_leaf_lp()) == [Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT,
+    assert list(stats.per_leaf()) == [Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT,
                                       Leaf.TDH_SYS_DISABLE]
 
 

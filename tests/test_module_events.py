@@ -89,7 +89,7 @@ def test_fault_injected_event_and_injected_flag_and_stats() -> None:
     assert (s["calls"], s["errors"], row["calls"], row["errors"], row["injected"]) == (
         2, 1, 2, 1, 1)
     assert row["statuses"] == {"TDX_SYS_BUSY": 1, "TDX_SUCCESS": 1}
-    assert m.stats.per_leaf_lp() == {Leaf.TDH_SYS_INIT: {1: 2}}
+    assert m.stats.per_leaf() == {Leaf.TDH_SYS_INIT: {1: 2}}
     assert m.stats.count(Leaf.TDH_SYS_INIT, lp=0) == 0
 
 

@@ -82,7 +82,7 @@ class CallStats:
                 out[leaf] = out.get(leaf, 0) + n
         return out
 
-    def per_leaf_lp(self) -> dict[int, dict[int, int]]:
+    def per_leaf(self) -> dict[int, dict[int, int]]:
         """{leaf: {lp: calls}}, leaves in the order they were first used, LPs sorted."""
         out: dict[int, dict[int, int]] = {}
         for (lp, leaf, _), n in self.counts.items():

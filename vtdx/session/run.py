@@ -242,7 +242,7 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
         prof = opts.profile()
         lines.append(f"  keyids:    TDX [{prof.tdx_keyid_start}, {prof.tdx_keyid_end}), global "
                      f"{k.get('global')}, configured on packages {k.get('configured_packages')}")
-    per_leaf = res.stats.per_leaf_lp()
+    per_leaf = res.stats.per_leaf()
     errors = res.stats.errors_by_leaf()
     if per_leaf:
         lines.append("  SEAMCALLs: leaf: total (per LP)")
