@@ -1,4 +1,4 @@
-"""One SEAMCALL in flight (``CallContext``) and the shape of a leaf (``Leaf handler``).
+"""One SEAMCALL in flight (``CallContext``) and the shape of a leaf (``Handler``).
 
 Every leaf handler, in every family, has the same signature, like the functions of
 intel/tdx-module src/vmm_dispatcher/api_calls/::

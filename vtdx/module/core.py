@@ -76,6 +76,8 @@ class TdxModule:
         self.internal_errors: deque[str] = deque(maxlen=32)
         self._observers: dict[Observer, Callable[[CallObserved], None]] = {}
         self._table: dict[int, LeafSpec] = leaf_table()
+        #: All model state, named after the module's global data (tdx_global_data_t, reached
+        #: through get_global_data() in the module); replaced as a whole by ``reset``.
         self.gd = ModuleState(profile)
 
     # -- registration ----------------------------------------------------------------------
