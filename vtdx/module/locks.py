@@ -46,45 +46,54 @@ class LockKey(NamedTuple):
         return kind
 
 
+_tuple_new = tuple.__new__
+
+
+def lock_key(kind: str, level: int = -1, addr: int = 0, entry: int = 0) -> LockKey:
+    """``LockKey(...)`` without the NamedTuple's Python-level ``__new__``: keys are built on
+    every SEAMCALL (up to three per PAMT walk), so this is the one way the model makes them."""
+    return _tuple_new(LockKey, (kind, level, addr, entry))
+
+
 #: The module-wide lock every TDH.SYS.* configuration leaf takes.
-SYS_LOCK = LockKey("sys")
+SYS_LOCK = lock_key("sys")
 #: The key ownership table (KOT).
-KOT_LOCK = LockKey("kot")
+KOT_LOCK = lock_key("kot")
 
 
 def tdmr_key(index: int) -> LockKey:
     """One TDMR during TDH.SYS.TDMR.INIT."""
-    return LockKey("tdmr", addr=index)
+    return lock_key("tdmr", -1, index)
 
 
 def sept_key(tdr_pa: int) -> LockKey:
     """A TD's whole S-EPT tree (the TDCS sept_lock)."""
-    return LockKey("sept", addr=tdr_pa)
+    return lock_key("sept", -1, tdr_pa)
 
 
 def septe_key(page_pa: int, index: int) -> LockKey:
     """One S-EPT entry (sept_lock_acquire_host); S-EPT pages belong to exactly one TD."""
-    return LockKey("septe", addr=page_pa, entry=index)
+    return lock_key("septe", -1, page_pa, index)
 
 
 def opstate_key(tdr_pa: int) -> LockKey:
     """A TD's TDCS OP_STATE lock."""
-    return LockKey("opstate", addr=tdr_pa)
+    return lock_key("opstate", -1, tdr_pa)
 
 
 def epoch_key(tdr_pa: int) -> LockKey:
     """A TD's TLB epoch lock (TDH.MEM.TRACK)."""
-    return LockKey("epoch", addr=tdr_pa)
+    return lock_key("epoch", -1, tdr_pa)
 
 
 def ket_key(package: int) -> LockKey:
     """A package's key encryption table (TDH.MNG.KEY.CONFIG)."""
-    return LockKey("ket", addr=package)
+    return lock_key("ket", -1, package)
 
 
 def wbt_key(package: int) -> LockKey:
     """A package's cache write-back state (TDH.PHYMEM.CACHE.WB)."""
-    return LockKey("wbt", addr=package)
+    return lock_key("wbt", -1, package)
 
 
 SHARED = 1

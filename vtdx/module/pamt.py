@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from vtdx.abi import status as st
 from vtdx.module.errors import TdxError
-from vtdx.module.locks import LockKey
+from vtdx.module.locks import LockKey, lock_key
 
 if TYPE_CHECKING:
     from vtdx.module.context import CallContext
@@ -54,15 +54,14 @@ PAGE_2M = PAGE_SIZE[LEVEL_2M]
 GiB = 1 << 30
 
 
-_new_key = tuple.__new__
+#: Builds a ``PamtWalk`` without the NamedTuple's Python-level ``__new__`` (the walk runs on
+#: most SEAMCALLs; see ``locks.lock_key``).
+_tuple_new = tuple.__new__
 
 
 def pamt_key(level: int, pa: int) -> LockKey:
-    """Lock key of the PAMT entry covering ``pa`` at ``level`` (the entry's own lock).
-
-    Built with ``tuple.__new__`` (what ``LockKey(...)`` does, minus a Python-level call):
-    the PAMT walk makes up to three of these per SEAMCALL."""
-    return _new_key(LockKey, ("pamt", level, pa >> SHIFT[level], 0))
+    """Lock key of the PAMT entry covering ``pa`` at ``level`` (the entry's own lock)."""
+    return lock_key("pamt", level, pa >> SHIFT[level])
 
 
 @dataclass(slots=True)
@@ -274,9 +273,9 @@ class PamtManager:
             if target_level == level or self.ends_walk(e, level):
                 if exclusive:
                     ctx.promote(key, busy)
-                return PamtWalk(level, e)
+                return _tuple_new(PamtWalk, (level, e))
         ctx.lock(pamt_key(LEVEL_4K, pa), exclusive, busy)
-        return PamtWalk(LEVEL_4K, self.get(pa, LEVEL_4K))
+        return _tuple_new(PamtWalk, (LEVEL_4K, self.get(pa, LEVEL_4K)))
 
     def ready_walk(self, ctx: CallContext, pa: int, exclusive: bool, target_level: int,
                    operand_id: int) -> PamtWalk:
