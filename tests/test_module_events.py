@@ -148,3 +148,28 @@ def test_compat_observer_shape_still_reaches_calls() -> None:
     m.remove_observer(obs)
     call(m, 0, Leaf.TDH_SYS_INIT)
     assert seen == [(0, 0)] and not m.events.calls
+
+
+def test_no_leaf_writes_its_input_registers() -> None:
+    """``inp`` is read only for every handler: random calls of every leaf, on a module with a
+    runnable TD and Dynamic PAMT (so the deep S-EPT/PAMT paths run), leave it untouched."""
+    import random
+
+    from test_dpamt_demote_race import DPAMT_A1, DPAMT_B1, GPA, GUEST_2M_HPA, Scenario
+
+    sc = Scenario()
+    m, h = sc.w.module, sc.w.host
+    pool = [0, sc.td.tdr, GPA, GPA | 1, GPA | 2, GUEST_2M_HPA, DPAMT_A1, DPAMT_B1,
+            sc.sept_page, *sc.add_pair, (1 << 64) - 1, 0x110000000000000A]
+    pool += [h.alloc.page() for _ in range(8)]
+    rng = random.Random(11)
+    leaves = sorted(m.leaves)
+    statuses = set()
+    for _ in range(1500):
+        inp = Regs(rax=rng.choice(leaves), **{r: rng.choice(pool) for r in
+                                              ("rcx", "rdx", "r8", "r9", "r12", "r13")})
+        before = inp.as_tuple()
+        out = m.seamcall(rng.randrange(4), inp)
+        assert inp.as_tuple() == before, hex(inp.rax)
+        statuses.add(out.rax)
+    assert 0 in statuses and len(statuses) > 10 and not m.internal_errors
