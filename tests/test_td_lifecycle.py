@@ -1,6 +1,6 @@
 """A TD's whole life, SEAMCALL by SEAMCALL as KVM issues them, with invariants after each call.
 
-Sequence from /work/shared/reference/kvm-tdx-without-vmx.md (KVM_TDX_INIT_VM, INIT_VCPU,
+Sequence from Linux arch/x86/kvm/vmx/tdx.c (KVM_TDX_INIT_VM, INIT_VCPU,
 INIT_MEM_REGION, FINALIZE_VM, EPT violation -> SEPT.ADD + PAGE.AUG, zap, teardown) and, with
 Dynamic PAMT, the RFC v5 series' tdx_pamt_get/put around every page. MRTD is checked against
 an independent SHA-384 of the module's MEM.PAGE.ADD / MR.EXTEND blocks (tdh_mem_page_add.c,
