@@ -10,8 +10,21 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from vtdx.abi.regs import MASK64
+
+
+class FaultRuleInfo(TypedDict):
+    """One fault rule as ``FaultInjector.snapshot`` reports it."""
+
+    id: int
+    status: int
+    leaf: int | None
+    count: int | None
+    probability: float
+    lps: list[int] | None
+    fired: int
 
 
 @dataclass(slots=True)
@@ -29,7 +42,7 @@ class FaultRule:
     def matches(self, lp: int, leaf: int) -> bool:
         return (self.leaf is None or self.leaf == leaf) and (self.lps is None or lp in self.lps)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> FaultRuleInfo:
         return {
             "id": self.id, "status": self.status, "leaf": self.leaf, "count": self.count,
             "probability": self.probability,
@@ -96,6 +109,6 @@ class FaultInjector:
                 return rule.status, rule.id
             return None
 
-    def snapshot(self) -> list[dict[str, object]]:
+    def snapshot(self) -> list[FaultRuleInfo]:
         with self._lock:
             return [r.to_dict() for r in self.rules]

@@ -11,7 +11,7 @@ e.g. ``pamt 2M 0x1b0`` or ``opstate tdr=0x7f000``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 #: Names of the page levels, as PAMT keys print them (index = level).
 _LEVEL_NAMES = ("4K", "2M", "1G")
@@ -96,6 +96,14 @@ def wbt_key(package: int) -> LockKey:
     return lock_key("wbt", -1, package)
 
 
+class HeldLock(TypedDict):
+    """One held lock as ``LockTable.snapshot`` reports it."""
+
+    key: str
+    mode: str
+    owners: list[int]
+
+
 SHARED = 1
 EXCLUSIVE = 2
 
@@ -156,7 +164,7 @@ class LockTable:
     def __len__(self) -> int:
         return len(self._held)
 
-    def snapshot(self) -> list[dict[str, object]]:
+    def snapshot(self) -> list[HeldLock]:
         """Plain data: every held lock with its mode and owners."""
         return [
             {"key": str(k), "mode": "exclusive" if h.mode == EXCLUSIVE else "shared",

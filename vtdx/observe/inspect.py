@@ -24,7 +24,7 @@ from vtdx.abi import status as st
 from vtdx.module import CallObserved, CheckpointReached, TdxModule
 from vtdx.module import pamt as P
 from vtdx.module import sept as SEPT
-from vtdx.module.locks import septe_key
+from vtdx.module.locks import HeldLock, septe_key
 from vtdx.module.state import LIFECYCLE_NAMES, OP_STATE_NAMES, TdState
 from vtdx.observe.trace import TraceRecorder
 
@@ -240,7 +240,8 @@ class Inspector:
                     rows.append({"pfn": a >> 12, "tdmr": None})
                     continue
                 lv, e = self._effective(a)
-                row = {"pfn": a >> 12, "tdmr": t.index, "level": P.LEVEL_NAMES[lv],
+                row: dict[str, Any] = {"pfn": a >> 12, "tdmr": t.index,
+                                       "level": P.LEVEL_NAMES[lv],
                        "pt-name": _pt_name(e.pt), "owner": e.owner, "bepoch": e.bepoch}
                 lk = self._pamt_lock(locks, lv, a & ~(P.PAGE_SIZE[lv] - 1))
                 if lk is not None:
@@ -324,12 +325,12 @@ class Inspector:
                 return call.to_dict()
         return {"call": owner}
 
-    def _lock_index(self) -> dict[str, dict[str, Any]]:
+    def _lock_index(self) -> dict[str, HeldLock]:
         """Held locks by ``str(key)`` (the LockTable's public snapshot form)."""
-        return {d["key"]: d for d in self.module.locks.snapshot()}  # type: ignore[misc]
+        return {d["key"]: d for d in self.module.locks.snapshot()}
 
     def _pamt_lock(
-        self, index: dict[str, dict[str, Any]], level: int, base: int
+        self, index: dict[str, HeldLock], level: int, base: int
     ) -> dict[str, Any] | None:
         d = index.get(str(P.pamt_key(level, base)))
         if d is None:
@@ -493,10 +494,12 @@ class Inspector:
         return {"removed": 1}
 
     def faults(self) -> list[dict[str, Any]]:
-        rows = self.module.faults.snapshot()
-        for r in rows:
-            r["status-name"] = st.decode(int(r["status"]))  # type: ignore[arg-type]
+        rows: list[dict[str, Any]] = []
+        for r in self.module.faults.snapshot():
+            row: dict[str, Any] = dict(r)
+            row["status-name"] = st.decode(r["status"])
             if r["leaf"] is not None:
-                r["leaf-name"] = leaves.leaf_name(int(r["leaf"]))  # type: ignore[arg-type]
+                row["leaf-name"] = leaves.leaf_name(r["leaf"])
+            rows.append(row)
         return rows
 

@@ -171,7 +171,7 @@ def fingerprint(module: TdxModule) -> tuple[object, ...]:
                         for lvl in (0, 1, 2) for idx, e in module.pamt.entries(lvl).items()))
     tds = []
     for tdr, td in sorted(gd.tds.items()):
-        sept = ()
+        sept: tuple[object, ...] = ()
         if td.sept is not None:
             sept = tuple(sorted((p.hpa, p.level, tuple(sorted((i, e.state, e.hpa)
                                                              for i, e in p.entries.items()
