@@ -1,9 +1,8 @@
 """Control points: pause a SEAMCALL after it took its locks, let another LP run, resume.
 
 Races such as DEMOTE vs PAMT.ADD happen on hardware only when two SEAMCALLs overlap inside
-the module. The model makes the overlap deterministic: a leaf handler calls
-``ctx.checkpoint(name)`` at fixed points (``"locked"`` = every TDX lock of the call is held);
-an armed pause for (lp, leaf, point) makes that call wait on the module's Condition, which
+the module. The model makes the overlap deterministic: every call reaches fixed control
+points (``"locked"`` = every TDX lock of the call is held, see below); an armed pause for (lp, leaf, point) makes that call wait on the module's Condition, which
 releases the module mutex, so a second thread can issue another LP's SEAMCALL and find the
 TDX locks still held. ``residency_s`` gives every call a realistic time inside the module
 (again waiting on the Condition) for runs under a live guest.
