@@ -24,7 +24,6 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import TdxModule
-from vtdx.module.td_common import env_of
 from vtdx.platform.memory import SparseMemory
 from vtdx.platform.profile import Profile, Region
 from vtdx.testing.seamscript import BARRIER, CONCURRENT, WAIT_GO, Recorder, Script
@@ -124,7 +123,7 @@ def record_lifecycle() -> Lifecycle:
     for gpa, image in IMAGES.items():
         h.add_page(td, gpa, image)
     h.finalize(td)
-    mrtd = env_of(w.module).td.tds[td.tdr].mrtd
+    mrtd = w.module.gd.tds[td.tdr].mrtd
     h.aug(td, 0x10_0000, level=0)
     h.aug(td, 0x20_0000, level=1)
     h.aug(td, 0x40_0000, level=1)
@@ -134,7 +133,7 @@ def record_lifecycle() -> Lifecycle:
     h.remove(td, 0x10_0000, lp=1)
     h.remove(td, 0x1000)
     h.teardown(td)
-    assert not h.pamt_refcount and not env_of(w.module).td.tds
+    assert not h.pamt_refcount and not w.module.gd.tds
     return Lifecycle(w.rec.script(), w.module, td.tdr, mrtd)
 
 

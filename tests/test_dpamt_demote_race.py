@@ -20,7 +20,7 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import sept as S
-from vtdx.module.td_common import PT_PAMT, PT_REG, env_of
+from vtdx.module.pamt import PT_PAMT, PT_REG
 
 GUEST_2M_HPA = 0x511A00 << 12
 DPAMT_A1 = 0x1B090C << 12  # R12
@@ -61,12 +61,12 @@ class Scenario:
         return t, result
 
     def entry(self):  # the guest page's S-EPT entry at 2MB
-        td = env_of(self.w.module).td.tds[self.td.tdr]
+        td = self.w.module.gd.tds[self.td.tdr]
         return td.sept.walk(GPA, 1)
 
     def assert_demoted(self) -> None:
-        env = env_of(self.w.module)
-        td = env.td.tds[self.td.tdr]
+        gd = self.w.module.gd
+        td = gd.tds[self.td.tdr]
         w = self.entry()
         assert w.entry.state == S.NL_MAPPED and w.entry.hpa == self.sept_page
         leaves = [(g, lvl, e) for g, lvl, e in td.sept.leaves() if GPA <= g < GPA + (2 << 20)]
@@ -76,19 +76,19 @@ class Scenario:
         pamt = self.w.module.pamt
         assert pamt.get(GUEST_2M_HPA, 1).pt == PT_PAMT
         assert all(pamt.get(GUEST_2M_HPA + (i << 12), 0).pt == PT_REG for i in range(512))
-        node = env.dp.node(GUEST_2M_HPA)
+        node = gd.pamt.node(GUEST_2M_HPA)
         assert (node.hpa0, node.hpa1, node.page_count) == (DPAMT_A1, DPAMT_B1, 512)
-        assert {DPAMT_A1 >> 12, DPAMT_B1 >> 12} <= env.dp.bitmap
+        assert {DPAMT_A1 >> 12, DPAMT_B1 >> 12} <= gd.pamt.bitmap
         self.w.host.commit_demote(self.td, GPA, self.sept_page, (DPAMT_A1, DPAMT_B1))
 
     def assert_not_demoted(self) -> None:
-        env = env_of(self.w.module)
+        gd = self.w.module.gd
         w = self.entry()
         assert w.level == 1 and w.entry.state == S.PENDING_BLOCKED
         assert w.entry.hpa == GUEST_2M_HPA
         assert self.w.module.pamt.get(GUEST_2M_HPA, 1).pt == PT_REG
-        assert env.dp.node(GUEST_2M_HPA) is None
-        assert DPAMT_A1 >> 12 not in env.dp.bitmap and DPAMT_B1 >> 12 not in env.dp.bitmap
+        assert gd.pamt.node(GUEST_2M_HPA) is None
+        assert DPAMT_A1 >> 12 not in gd.pamt.bitmap and DPAMT_B1 >> 12 not in gd.pamt.bitmap
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_demote_first_pamt_add_gets_busy_rcx(sc: Scenario) -> None:
     assert pause.wait_paused(5)
     out = sc.w.module.seamcall(1, sc.pamt_add_regs())
     assert out.rax == BUSY_RCX == st.TDX_OPERAND_BUSY + st.OPERAND_ID_RCX
-    assert env_of(sc.w.module).dp.node(PAMT_ADD_PFN) is None  # failed PAMT.ADD changed nothing
+    assert sc.w.module.pamt.node(PAMT_ADD_PFN) is None  # failed PAMT.ADD changed nothing
     pause.resume()
     t.join(5)
     assert res[0].rax == 0
@@ -121,7 +121,7 @@ def test_pamt_add_first_demote_gets_busy_r12(sc: Scenario) -> None:
     pause.resume()
     t.join(5)
     assert res[0].rax == 0
-    assert env_of(sc.w.module).dp.node(PAMT_ADD_PFN).hpa0 == sc.add_pair[0]
+    assert sc.w.module.pamt.node(PAMT_ADD_PFN).hpa0 == sc.add_pair[0]
     sc.w.check()
     assert len(sc.w.module.locks) == 0
 
@@ -148,10 +148,10 @@ def test_serialised_by_pamt_lock_both_succeed(sc: Scenario) -> None:
     t1.join(5)
     assert results["demote"].rax == 0 and results["pamt_add"].rax == 0
     sc.assert_demoted()
-    env = env_of(sc.w.module)
-    assert env.dp.node(PAMT_ADD_PFN).hpa0 == sc.add_pair[0]
+    gd = sc.w.module.gd
+    assert gd.pamt.node(PAMT_ADD_PFN).hpa0 == sc.add_pair[0]
     # DPAMT_A1 now sits inside a range that has its own pair, still a PAMT page
-    assert DPAMT_A1 >> 12 in env.dp.bitmap
+    assert DPAMT_A1 >> 12 in gd.pamt.bitmap
     sc.w.check()
     assert len(sc.w.module.locks) == 0
 

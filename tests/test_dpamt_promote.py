@@ -10,7 +10,7 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import sept as S
-from vtdx.module.td_common import PT_REG, env_of
+from vtdx.module.pamt import PT_REG
 
 
 def test_promote_returns_sept_page_and_dpamt_pair() -> None:
@@ -27,12 +27,12 @@ def test_promote_returns_sept_page_and_dpamt_pair() -> None:
     assert m.seamcall(0, Regs(rax=Leaf.TDH_MEM_TRACK, rcx=tdr)).rax == 0
     out = m.seamcall(0, promote)
     assert (out.rax, out.rcx, out.rdx, out.r8) == (0, sc.sept_page, DPAMT_A1, DPAMT_B1)
-    env = env_of(m)
-    w = env.td.tds[tdr].sept.walk(GPA, 1)
+    gd = m.gd
+    w = gd.tds[tdr].sept.walk(GPA, 1)
     assert (w.level, w.entry.state, w.entry.hpa) == (1, S.PENDING, GUEST_2M_HPA)
     assert m.pamt.get(GUEST_2M_HPA, 1).pt == PT_REG
-    assert env.dp.node(GUEST_2M_HPA) is None
-    assert DPAMT_A1 >> 12 not in env.dp.bitmap and DPAMT_B1 >> 12 not in env.dp.bitmap
+    assert gd.pamt.node(GUEST_2M_HPA) is None
+    assert DPAMT_A1 >> 12 not in gd.pamt.bitmap and DPAMT_B1 >> 12 not in gd.pamt.bitmap
     sc.w.host.alloc.put(sc.sept_page)
     # the freed S-EPT page is PT_NDA again
     assert m.pamt.get(sc.sept_page, 0).pt == 0

@@ -20,7 +20,7 @@ from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module.leaves.phymem import RDMD_NON_LEAF
 from vtdx.module.locks import EXCLUSIVE
-from vtdx.module.pamt import PT_NDA, PT_PAMT, PT_REG, PT_RSVD
+from vtdx.module.pamt import PT_NDA, PT_PAMT, PT_REG, PT_RSVD, pamt_key
 
 RANGE = 6 * GiB + 64 * MiB          # a free 2MB range (no TD, no pair yet)
 PAGE = RANGE + 0x5000               # a 4K page inside it
@@ -44,8 +44,8 @@ def test_rdmd_stops_at_2m_entry_without_pair_then_sees_4k_after_pamt_add() -> No
     # ...and only locks 1G and 2M (SHARED): a 4K entry held EXCLUSIVE does not make it busy,
     # the 2MB entry held EXCLUSIVE does.
     other = 10**9
-    k4 = ("pamt", 0, PAGE >> 12)
-    k2 = ("pamt", 1, PAGE >> 21)
+    k4 = pamt_key(0, PAGE)
+    k2 = pamt_key(1, PAGE)
     assert m.locks.try_acquire(k4, EXCLUSIVE, other)
     assert rdmd(m, PAGE).rax == 0
     m.locks.release(k4, other)

@@ -175,12 +175,11 @@ def test_recorder_keeps_the_state_from_before_the_kernels_sys_disable() -> None:
     from vtdx.module import TdxModule
     from vtdx.platform.memory import SparseMemory
     from vtdx.platform.profile import Profile
-    from vtdx.session.run import CallStats, _Recorder
+    from vtdx.session.run import _Recorder
 
     prof = Profile.from_vm(2, 2 * GiB)
     module = TdxModule(prof, SparseMemory(prof.ram))
-    stats = CallStats()
-    module.add_observer(stats.observe)
+    stats = module.stats
     rec = _Recorder(module)
     assert rec.seamcall(0, Regs(rax=Leaf.TDH_SYS_INIT)).rax == 0
     for lp in (0, 1):

@@ -31,8 +31,9 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf, encode
 from vtdx.abi.regs import Regs
 from vtdx.module import SysState, TdxModule
-from vtdx.module.locks import EXCLUSIVE
-from vtdx.module.pamt import PT_NDA, PT_REG, PT_RSVD
+from vtdx.module.events import CheckpointReached
+from vtdx.module.locks import EXCLUSIVE, SYS_LOCK, tdmr_key
+from vtdx.module.pamt import PT_NDA, PT_REG, PT_RSVD, pamt_key
 from vtdx.platform.memory import SparseMemory
 from vtdx.platform.profile import Profile, Region
 
@@ -398,7 +399,7 @@ def test_rdmd_page_types() -> None:  # tdh_phymem_page_rdmd.c
     out = call(m, 1, Leaf.TDH_PHYMEM_PAGE_RDMD, rcx=64 * MiB + 4096)
     assert (out.rax, out.rcx, out.rdx, out.r8, out.r9) == (0, PT_REG, 0x5000, 1, 7)
     # An exclusively locked 4K entry makes RDMD busy on RCX.
-    m.locks.try_acquire(("pamt", 0, (16 * MiB) >> 12), EXCLUSIVE, owner=10**9)
+    m.locks.try_acquire(pamt_key(0, 16 * MiB), EXCLUSIVE, owner=10**9)
     assert call(m, 0, Leaf.TDH_PHYMEM_PAGE_RDMD, rcx=16 * MiB).rax == 0x8000020000000001
 
 
@@ -412,13 +413,13 @@ def test_rdmd_before_tdmr_block_initialised() -> None:
 
 def test_busy_statuses_from_held_locks() -> None:  # tdh_sys_init.c, tdh_sys_tdmr_init.c
     m = make(2)
-    m.locks.try_acquire(("sys",), EXCLUSIVE, owner=10**9)
+    m.locks.try_acquire(SYS_LOCK, EXCLUSIVE, owner=10**9)
     assert call(m, 0, Leaf.TDH_SYS_INIT).rax == st.TDX_SYS_BUSY
-    m.locks.release(("sys",), 10**9)
+    m.locks.release(SYS_LOCK, 10**9)
     lps_ready(m)
     assert config(m, [good_tdmr()]) == 0
     assert call(m, 0, Leaf.TDH_SYS_KEY_CONFIG).rax == 0
-    m.locks.try_acquire(("tdmr", 0), EXCLUSIVE, owner=10**9)
+    m.locks.try_acquire(tdmr_key(0), EXCLUSIVE, owner=10**9)
     assert call(m, 0, Leaf.TDH_SYS_TDMR_INIT, rcx=0).rax == st.TDX_OPERAND_BUSY + 1
     assert len(m.locks) == 1  # the failed call released everything it took
 
@@ -430,9 +431,9 @@ def test_cache_wb() -> None:  # tdh_phymem_cache_wb.c
     assert call(m, 0, Leaf.TDH_PHYMEM_CACHE_WB, rcx=0).rax == st.TDX_NO_HKID_READY_TO_WBCACHE
     assert call(m, 0, Leaf.TDH_PHYMEM_CACHE_WB, rcx=1).rax == st.TDX_WBCACHE_RESUME_ERROR
     m.kot[20] = 2  # KOT_FLUSHED
-    m.kot_wbinvd[20] = {0}
+    m.gd.kot_wbinvd[20] = {0}
     assert call(m, 0, Leaf.TDH_PHYMEM_CACHE_WB, rcx=0).rax == 0
-    assert m.kot_wbinvd[20] == set()
+    assert m.gd.kot_wbinvd[20] == set()
 
 
 def test_shutdown_blocks_everything_but_lp_shutdown() -> None:  # tdh_sys_shutdown.c
@@ -501,8 +502,8 @@ class _PauseAt:
         self.paused = False
         self.release = False
 
-    def checkpoint(self, ctx, name: str) -> None:  # type: ignore[no-untyped-def]
-        if ctx.leaf == self.leaf and name == self.point and not self.release:
+    def checkpoint(self, ev: CheckpointReached) -> None:
+        if ev.leaf == self.leaf and ev.point == self.point and not self.release:
             self.paused = True
             self.m.cond.notify_all()
             self.m.cond.wait_for(lambda: self.release, timeout=10)
@@ -515,13 +516,13 @@ def test_checkpoint_pause_makes_another_lp_see_the_lock() -> None:
 
     m = make(2)
     ctl = _PauseAt(m, Leaf.TDH_SYS_INIT)
-    m.controller = ctl
+    m.events.subscribe(CheckpointReached, ctl.checkpoint)
     result: list[int] = []
     t = threading.Thread(target=lambda: result.append(call(m, 0, Leaf.TDH_SYS_INIT).rax))
     t.start()
     with m.cond:
         assert m.cond.wait_for(lambda: ctl.paused, timeout=10)
-    assert m.lps[0].busy and m.locks.mode_of(("sys",)) == EXCLUSIVE
+    assert m.lps[0].busy and m.locks.mode_of(SYS_LOCK) == EXCLUSIVE
     assert call(m, 1, Leaf.TDH_SYS_LP_INIT).rax == st.TDX_SYS_BUSY
     with m.cond:
         ctl.release = True

@@ -16,6 +16,7 @@ from qemu.qmp import EventListener, QMPClient
 from test_dpamt_demote_race import BUSY_RCX, DPAMT_A1, DPAMT_B1, GPA, Scenario
 
 from vtdx.abi.leaves import Leaf
+from vtdx.module.pamt import pamt_key
 from vtdx.observe.answers import EVENT_SEAMCALL_ERROR
 from vtdx.observe.qmp.endpoint import InspectEndpoint
 
@@ -41,7 +42,7 @@ def test_lock_holder_of_0x1b090c_during_demote(tmp_path: Path):
                 assert "dpamt" in page  # Dynamic PAMT is on in this platform
                 locks = await qmp.execute("query-vtdx-locks")
                 assert locks["waiting-calls"][0]["leaf"] == "TDH.MEM.PAGE.DEMOTE"
-                assert any(h["key"] == repr(("pamt", 1, DPAMT_A1 >> 21)) for h in locks["held"])
+                assert any(h["key"] == str(pamt_key(1, DPAMT_A1)) for h in locks["held"])
 
                 tds = await qmp.execute("query-vtdx-tds")
                 assert len(tds) == 1 and tds[0]["tdr"] == sc.td.tdr

@@ -51,7 +51,7 @@ from vtdx.host.qemu import QemuRuntime
 from vtdx.module import TdxModule
 from vtdx.module import sept as S
 from vtdx.module.control import PauseHandle
-from vtdx.module.td_common import PT_EPT, PT_NDA, PT_PAMT, PT_REG, PT_RSVD, env_of
+from vtdx.module.pamt import PT_EPT, PT_NDA, PT_PAMT, PT_REG, PT_RSVD
 from vtdx.platform.memory import GuestRam
 from vtdx.platform.profile import Profile
 from vtdx.session.machine import Machine
@@ -140,7 +140,11 @@ def divergence(stack: TdxModule, ram: GuestRam, ref: TdxModule) -> list[str]:
     for name, a, b in zip(names, fingerprint(stack), fingerprint(ref), strict=True):
         if a != b:
             out.append(f"{name} differ")
-    for what in ("call_counts", "status_counts", "state", "global_keyid", "pkg_config"):
+    for what in ("calls_by_leaf", "by_status"):
+        a, b = getattr(stack.stats, what)(), getattr(ref.stats, what)()
+        if a != b:
+            out.append(f"module.stats.{what}(): {a} != {b}")
+    for what in ("state", "global_keyid", "pkg_config"):
         if getattr(stack, what) != getattr(ref, what):
             out.append(f"module.{what}: {getattr(stack, what)} != {getattr(ref, what)}")
     touched = getattr(ref.memory, "touched", set())
@@ -289,15 +293,15 @@ def test_td_life_replayed_through_the_whole_stack(runtime: QemuRuntime, elf: Pat
     def arm(module: TdxModule) -> None:
         def on_finalize(lp: int, leaf: int, regs_in: Regs, out: Regs, dt: float) -> None:
             if leaf == Leaf.TDH_MR_FINALIZE and out.rax == 0:
-                mrtd.append(env_of(module).td.tds[regs_in.rcx].mrtd)
+                mrtd.append(module.gd.tds[regs_in.rcx].mrtd)
         module.add_observer(on_finalize)
 
     def inspect(module: TdxModule, ram: GuestRam) -> dict[str, object]:
         busy = [(lvl, idx, e.pt) for lvl in (0, 1, 2)
                 for idx, e in module.pamt.entries(lvl).items() if e.pt not in (PT_NDA, PT_RSVD)]
-        env = env_of(module)
-        return {"busy": busy, "tds": len(env.td.tds), "dp_nodes": len(env.dp.nodes),
-                "dp_bitmap": len(env.dp.bitmap), "locks": len(module.locks),
+        gd = module.gd
+        return {"busy": busy, "tds": len(gd.tds), "dp_nodes": len(gd.pamt.nodes),
+                "dp_bitmap": len(gd.pamt.bitmap), "locks": len(module.locks),
                 "kot": dict(module.kot)}
 
     run = replay(runtime, elf, script, arm=arm, inspect=inspect, reference=lifecycle.module)
@@ -315,13 +319,13 @@ def test_td_life_replayed_through_the_whole_stack(runtime: QemuRuntime, elf: Pat
 
 def _demoted(module: TdxModule, race: Race) -> dict[str, object]:
     """The guest's 2MB page: S-EPT shape, PAMT types and the DPAMT node of its range."""
-    env = env_of(module)
-    td = env.td.tds[race.tdr]
+    gd = module.gd
+    td = gd.tds[race.tdr]
     w = td.sept.walk(RACE_GPA, 1)
     leaves = [(g, lvl, e) for g, lvl, e in td.sept.leaves()
               if RACE_GPA <= g < RACE_GPA + (2 << 20)]
-    node = env.dp.node(GUEST_2M_HPA)
-    add_node = env.dp.node(PAMT_ADD_PA)
+    node = gd.pamt.node(GUEST_2M_HPA)
+    add_node = gd.pamt.node(PAMT_ADD_PA)
     return {
         "entry": (w.level, w.entry.state, w.entry.hpa),
         "leaves_4k_pending": sum(1 for g, lvl, e in leaves if lvl == 0 and
@@ -331,7 +335,7 @@ def _demoted(module: TdxModule, race: Race) -> dict[str, object]:
                            if module.pamt.get(GUEST_2M_HPA + (i << 12), 0).pt == PT_REG),
         "node": None if node is None else (node.hpa0, node.hpa1, node.page_count),
         "add_node": None if add_node is None else (add_node.hpa0, add_node.hpa1),
-        "a1_b1_pamt_pages": {DPAMT_A1 >> 12, DPAMT_B1 >> 12} <= env.dp.bitmap,
+        "a1_b1_pamt_pages": {DPAMT_A1 >> 12, DPAMT_B1 >> 12} <= gd.pamt.bitmap,
         "sept_page": module.pamt.get(race.sept_page, 0).pt,
         "locks": len(module.locks),
     }

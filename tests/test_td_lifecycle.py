@@ -1,6 +1,6 @@
 """A TD's whole life, SEAMCALL by SEAMCALL as KVM issues them, with invariants after each call.
 
-Sequence from /work/shared/reference/kvm-tdx-without-vmx.md (KVM_TDX_INIT_VM, INIT_VCPU,
+Sequence from Linux arch/x86/kvm/vmx/tdx.c (KVM_TDX_INIT_VM, INIT_VCPU,
 INIT_MEM_REGION, FINALIZE_VM, EPT violation -> SEPT.ADD + PAGE.AUG, zap, teardown) and, with
 Dynamic PAMT, the RFC v5 series' tdx_pamt_get/put around every page. MRTD is checked against
 an independent SHA-384 of the module's MEM.PAGE.ADD / MR.EXTEND blocks (tdh_mem_page_add.c,
@@ -14,7 +14,7 @@ from test_td_support import expected_mrtd, make_world
 
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
-from vtdx.module.td_common import PT_NDA, PT_RSVD, env_of
+from vtdx.module.pamt import PT_NDA, PT_RSVD
 from vtdx.testing.invariants import check_invariants
 
 
@@ -42,7 +42,7 @@ def test_td_life_ends_with_every_page_free(dpamt: bool) -> None:
     for gpa, image in images.items():
         h.add_page(td, gpa, image)
     h.finalize(td)
-    assert env_of(m).td.tds[td.tdr].mrtd == expected_mrtd(images)
+    assert m.gd.tds[td.tdr].mrtd == expected_mrtd(images)
     # runtime: EPT violations fault pages in at 4KB and 2MB
     h.aug(td, 0x10_0000, level=0)
     h.aug(td, 0x20_0000, level=1)
@@ -55,11 +55,11 @@ def test_td_life_ends_with_every_page_free(dpamt: bool) -> None:
     h.remove(td, 0x1000)
     # teardown: VP.FLUSH, VPFLUSHDONE, CACHE.WB, KEY.FREEID, RECLAIM everything
     h.teardown(td)
-    assert not env_of(m).td.tds
+    assert not m.gd.tds
     left = [(lvl, idx, e.pt) for lvl in (0, 1, 2) for idx, e in m.pamt.entries(lvl).items()
             if e.pt not in (PT_NDA, PT_RSVD)]
     assert left == []
-    assert not env_of(m).dp.nodes and not env_of(m).dp.bitmap
+    assert not m.pamt.nodes and not m.pamt.bitmap
     assert hkid not in m.kot
     assert not h.pamt_refcount
     for leaf in (Leaf.TDH_MNG_CREATE, Leaf.TDH_MNG_KEY_CONFIG, Leaf.TDH_MNG_ADDCX,

@@ -59,7 +59,7 @@ def make_world(*, dpamt: bool = True, smp: int = 4, mem: int = 24 * GiB) -> Worl
                    num_packages=p.num_packages, lps_per_package=p.lps_per_package,
                    dpamt=dpamt, tdcs_pages=p.tdcs_base_size // 4096,
                    tdvps_pages=p.tdvps_base_size // 4096, keyid_shift=p.hkid_start_bit)
-    return World(m, host, ctl.attach(m))
+    return World(m, host, m.control)
 
 
 def expected_mrtd(images: dict[int, bytes]) -> bytes:

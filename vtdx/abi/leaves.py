@@ -3,7 +3,8 @@
 RAX on entry: bits 15:0 leaf, bits 23:16 version, bits 63:24 reserved (must be 0).
 Numbers from intel/tdx-module include/tdx_api_defs.h (seamcall_leaf_opcode_t) plus the
 newer leaves Linux 7.3 uses (TDH.SYS.DISABLE = 69, arch/x86/virt/vmx/tdx/tdx.h) and the
-Dynamic PAMT leaves (58/59, /work/shared/reference/dpamt-demote-abi.md).
+Dynamic PAMT leaves (58/59: TDH.PHYMEM.PAMT.ADD/REMOVE in the Dynamic PAMT series for
+arch/x86/virt/vmx/tdx/tdx.h).
 """
 
 from __future__ import annotations

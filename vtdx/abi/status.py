@@ -4,7 +4,7 @@ Layout of a status (the module's api_error_code_t): bit 63 error, bit 62 non-rec
 bit 61 fatal, bit 60 host-recoverability hint, bits 47:40 class, bits 39:32 detail, bits 31:0
 operand id or extra detail. Numbers are from intel/tdx-module
 include/auto_gen/tdx_error_codes_defs.h (TDX 1.5.01); TDX_HPA_RANGE_NOT_FREE is from the
-Dynamic PAMT patches (see /work/shared/reference/dpamt-demote-abi.md).
+Dynamic PAMT patches for Linux (arch/x86/virt/vmx/tdx/tdx.h).
 """
 
 from __future__ import annotations
@@ -217,13 +217,26 @@ OPERAND_ID_R12 = 12
 OPERAND_ID_R13 = 13
 OPERAND_ID_R14 = 14
 OPERAND_ID_R15 = 15
+# TD_PARAMS fields (TDH.MNG.INIT's checks of the structure RDX points to).
+OPERAND_ID_ATTRIBUTES = 64
+OPERAND_ID_XFAM = 65
+OPERAND_ID_EXEC_CONTROLS = 66
+OPERAND_ID_EPTP_CONTROLS = 67
+OPERAND_ID_MAX_VCPUS = 68
+OPERAND_ID_CPUID_CONFIG = 69
+OPERAND_ID_TSC_FREQUENCY = 70
+OPERAND_ID_NUM_L2_VMS = 71
+# Module structures and locks (a BUSY status names the resource it found locked).
 OPERAND_ID_TDR = 128
 OPERAND_ID_TDCX = 129
 OPERAND_ID_TDVPR = 130
-OPERAND_ID_SEPT = 146
+OPERAND_ID_SEPT_TREE = 146
+OPERAND_ID_TD_EPOCH = 169
+OPERAND_ID_OP_STATE = 172
 OPERAND_ID_SYS = 184
 OPERAND_ID_TDMR = 185
 OPERAND_ID_KOT = 186
+OPERAND_ID_KET = 187
 OPERAND_ID_WBCACHE = 188
 
 #: Every base status the model knows, by value.

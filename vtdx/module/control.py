@@ -1,14 +1,17 @@
 """Control points: pause a SEAMCALL after it took its locks, let another LP run, resume.
 
 Races such as DEMOTE vs PAMT.ADD happen on hardware only when two SEAMCALLs overlap inside
-the module. The model makes the overlap deterministic: a leaf handler calls
-``ctx.checkpoint(name)`` at fixed points (``"locked"`` = every TDX lock of the call is held);
-an armed pause for (lp, leaf, point) makes that call wait on the module's Condition, which
-releases the module mutex, so a second thread can issue another LP's SEAMCALL and find the
+the module. The model makes the overlap deterministic: every call reaches fixed control
+points (``"locked"`` = every TDX lock of the call is held, see below); an armed pause for
+(lp, leaf, point) makes that call wait on the module's Condition, which releases the module
+mutex, so a second thread can issue another LP's SEAMCALL and find the
 TDX locks still held. ``residency_s`` gives every call a realistic time inside the module
 (again waiting on the Condition) for runs under a live guest.
 
-Usage (the module attaches a Controller as ``module.control`` when it is built)::
+The controller is a ``CheckpointReached`` subscriber (``vtdx.module.events``), subscribed
+only while a pause is armed or a residency time is set, so an idle controller costs nothing.
+
+Usage (every module has one, ``module.control``)::
 
     pause = module.control.pause(lp=0, leaf=Leaf.TDH_MEM_PAGE_DEMOTE, point="locked")
     threading.Thread(target=module.seamcall, args=(0, demote_regs)).start()
@@ -17,8 +20,9 @@ Usage (the module attaches a Controller as ``module.control`` when it is built):
     pause.resume()
     module.control.set_residency(0.0002)  # every call stays 200 us inside the module
 
-Points every TD leaf offers: "entry" (nothing locked yet), "locked" (all locks held, nothing
-committed) and "done" (committed, locks still held).
+Points every leaf offers: "entry" (nothing locked yet; published by the dispatcher),
+"locked" (all checks passed and locks held, nothing committed; published by the leaf) and
+"done" (committed, locks still held; published by the dispatcher).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from vtdx.errors import VtdxError
+from vtdx.module.events import LAST, CheckpointReached, EventBus
 
 
 @dataclass(eq=False)
@@ -79,11 +84,23 @@ class PauseHandle:
 class Controller:
     """Registry of pauses plus the residency time, consulted by ``ctx.checkpoint``."""
 
-    def __init__(self, cond: threading.Condition) -> None:
+    def __init__(self, cond: threading.Condition, events: EventBus) -> None:
         self.cond = cond
+        self.events = events
         self._pauses: list[PauseHandle] = []
         self.residency_s = 0.0
         self.max_pause_s = 60.0
+        self._subscribed = False
+
+    def _sync(self) -> None:
+        """Subscribe while active, unsubscribe when idle (an idle controller costs nothing).
+        Subscribed ``LAST``: a pause waits, so every other subscriber sees the point first."""
+        want = self.active
+        if want and not self._subscribed:
+            self.events.subscribe(CheckpointReached, self.on_checkpoint, LAST)
+        elif not want and self._subscribed:
+            self.events.unsubscribe(CheckpointReached, self.on_checkpoint)
+        self._subscribed = want
 
     @property
     def active(self) -> bool:
@@ -100,11 +117,13 @@ class Controller:
         handle = PauseHandle(self, lp, None if leaf is None else int(leaf), point, once)
         with self.cond:
             self._pauses.append(handle)
+            self._sync()
         return handle
 
     def disarm(self, handle: PauseHandle) -> None:
         if handle in self._pauses:
             self._pauses.remove(handle)
+            self._sync()
 
     def clear(self) -> None:
         """Disarm everything and release every paused call."""
@@ -112,12 +131,15 @@ class Controller:
             for h in self._pauses:
                 h.released = True
             self._pauses.clear()
+            self._sync()
             self.cond.notify_all()
 
     def set_residency(self, seconds: float) -> None:
         if seconds < 0:
             raise VtdxError("residency time must be >= 0")
-        self.residency_s = float(seconds)
+        with self.cond:
+            self.residency_s = float(seconds)
+            self._sync()
 
     def hit(self, lp: int, leaf: int, point: str) -> None:
         """Called with the module mutex held; may wait (releasing it) until resumed."""
@@ -142,17 +164,7 @@ class Controller:
             while (left := deadline - time.monotonic()) > 0:
                 self.cond.wait(left)
 
-    # -- the hook the dispatcher calls (core.Controller protocol) ------------------------
-    def checkpoint(self, ctx: object, name: str) -> None:
+    def on_checkpoint(self, ev: CheckpointReached) -> None:
+        """The ``CheckpointReached`` subscriber (runs with the module mutex held)."""
         if self._pauses or self.residency_s > 0:
-            self.hit(ctx.lp, ctx.leaf, name)  # type: ignore[attr-defined]
-
-
-def attach(module: object) -> Controller:
-    """Install (once) and return the module's controller, also as ``module.control``."""
-    ctl = getattr(module, "control", None)
-    if not isinstance(ctl, Controller):
-        ctl = Controller(module.cond)  # type: ignore[attr-defined]
-        module.control = ctl  # type: ignore[attr-defined]
-        module.controller = ctl  # type: ignore[attr-defined]
-    return ctl
+            self.hit(ev.lp, ev.leaf, ev.point)

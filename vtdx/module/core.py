@@ -1,17 +1,19 @@
-"""The TDX module model: state, the SEAMCALL dispatcher and the per-call context.
+"""The TDX module model: the SEAMCALL dispatcher over one ``ModuleState``.
 
 ``TdxModule.seamcall(lp, regs)`` is the single entry point. It mirrors
 tdx_vmm_dispatcher.c: decode RAX into leaf and version, reject reserved bits and unsupported
 versions with TDX_OPERAND_INVALID | RAX, refuse everything but TDH.SYS.LP.SHUTDOWN after
 shutdown, refuse non-SYS leaves before the module is ready (TDX_SYS_NOT_READY), and answer an
 unknown leaf with TDX_OPERAND_INVALID | RAX. Handlers live in one file per leaf family and are
-found through ``vtdx.module.families.FAMILIES``.
+listed in ``vtdx.module.leaves`` (see ``vtdx.module.context`` for their one shape).
+
+State: everything the model keeps is in ``module.gd`` (a ``ModuleState``), replaced as a whole
+by ``reset()``. Observation: ``module.events`` (``vtdx.module.events``) and ``module.stats``.
 
 Concurrency: every handler runs holding ``module.cond`` (the module mutex), so model state is
 never torn. TDX-level locks are try-locks taken through the ``CallContext`` and always
-released when the call ends. A handler may call ``ctx.checkpoint(name)`` after taking its
-locks; with a controller installed that can wait on ``module.cond`` (releasing the mutex) so
-another LP's SEAMCALL runs and meets those locks.
+released when the call ends. A control point (``CheckpointReached`` subscriber) may wait on
+``module.cond`` (releasing the mutex) so another LP's SEAMCALL runs and meets those locks.
 """
 
 from __future__ import annotations
@@ -22,26 +24,31 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from vtdx.abi import leaves as lv
 from vtdx.abi import status as st
-from vtdx.abi.regs import Regs
-from vtdx.module.context import CallContext, Controller, LeafSpec, Observer, copy_regs
+from vtdx.abi.regs import MASK64, Regs
+from vtdx.module.context import CallContext, LeafSpec, copy_regs
+from vtdx.module.control import Controller
 from vtdx.module.errors import TdxError
+from vtdx.module.events import CallObserved, EventBus, FaultInjected
 from vtdx.module.faults import FaultInjector
 from vtdx.module.leaves import leaf_table
 from vtdx.module.locks import LockTable
-from vtdx.module.pamt import PamtManager
-from vtdx.module.state import LpState, SysState
+from vtdx.module.pamt import LEVEL_NAMES, LEVELS, PAGE_4K, PamtManager
+from vtdx.module.state import SEPT_ROOT_PAGE_INDEX, LpState, ModuleState, SysState
+from vtdx.module.stats import CallStats
 from vtdx.platform.memory import PhysMemory
 from vtdx.platform.profile import Profile
 
-MASK64 = (1 << 64) - 1
 _RESERVED_RAX = lv.RESERVED_MASK
 _ALLOWED_BEFORE_READY = frozenset(int(x) for x in lv.ALLOWED_BEFORE_READY)
 _LP_SHUTDOWN = int(lv.Leaf.TDH_SYS_LP_SHUTDOWN)
 _OPERAND_INVALID_RAX = st.TDX_OPERAND_INVALID + st.OPERAND_ID_RAX
+
+#: The callback shape of ``add_observer`` (lp, leaf, inputs, outputs, seconds).
+Observer = Callable[[int, int, Regs, Regs, float], None]
+
 
 class TdxModule:
     """A model of Intel's TDX module for one platform profile and one physical memory."""
@@ -52,29 +59,28 @@ class TdxModule:
         self.cond = threading.Condition()
         self.locks = LockTable()
         self.faults = FaultInjector()
-        self.controller: Controller | None = None
-        # TD engineer: control points (pause at ctx.checkpoint, residency); idle = no-op.
-        from vtdx.module.control import attach as attach_controller
-
-        self.control = attach_controller(self)
-        self.pamt = PamtManager(profile.pamt_entry_sizes)
-        self._observers: list[Observer] = []
+        self.events = EventBus()
+        self.stats = CallStats()
+        #: Control points: pauses and residency time (a ``CheckpointReached`` subscriber).
+        self.control = Controller(self.cond, self.events)
+        # Address and size facts of the profile (immutable for the module's life).
+        #: MAX_PA: first physical address above the platform's address width.
+        self.max_pa = 1 << profile.phys_bits
+        self.keyid_shift = profile.hkid_start_bit
+        self.hkid_mask = ((1 << profile.keyid_bits) - 1) << self.keyid_shift
+        #: TDCS pages the module reports (TDCS_BASE_SIZE); ADDCX fills exactly this many.
+        self.min_tdcs = max(SEPT_ROOT_PAGE_INDEX + 1, profile.tdcs_base_size // PAGE_4K)
+        self.min_tdvps = max(1, profile.tdvps_base_size // PAGE_4K)
         self._ids = itertools.count(1)
         #: Unexpected exceptions inside handlers (model bugs); the call still returns a status.
         self.internal_errors: deque[str] = deque(maxlen=32)
-        #: Callbacks run by ``reset`` (TD state owners register here).
-        self.reset_hooks: list[Callable[[], None]] = []
-        #: Free-form per-family state (e.g. TD engineer's TD table) keyed by family name.
-        self.ext: dict[str, Any] = {}
-        self.call_counts: dict[int, int] = {}
-        self.status_counts: dict[int, int] = {}
+        self._observers: dict[Observer, Callable[[CallObserved], None]] = {}
         self._table: dict[int, LeafSpec] = leaf_table()
-        self.reset()
+        #: All model state, named after the module's global data (tdx_global_data_t, reached
+        #: through get_global_data() in the module); replaced as a whole by ``reset``.
+        self.gd = ModuleState(profile)
 
     # -- registration ----------------------------------------------------------------------
-    def register(self, spec: LeafSpec) -> None:
-        self._table[spec.leaf] = spec
-
     @property
     def leaves(self) -> dict[int, LeafSpec]:
         return dict(self._table)
@@ -82,40 +88,50 @@ class TdxModule:
     # -- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Back to the state after the module is loaded (also what TDH.SYS.DISABLE leaves)."""
-        p = self.profile
-        self.state = SysState.SYSINIT_PENDING
-        self.sys_attributes = 0
-        self.lps = [LpState(i, p.package_of(i)) for i in range(p.num_lps)]
-        self.num_init_lps = 0
-        self.pkg_config: set[int] = set()
-        self.global_keyid: int | None = None
-        self.dynamic_pamt_enabled = False
         self.locks.clear()
-        self.pamt.reset()
-        self.cachewb_intr: dict[int, int] = {}
-        #: Key ownership table: keyid -> KOT_* state (absent = KOT_FREE), and per keyid the
-        #: packages that still need a cache write-back before the keyid can be freed.
-        self.kot: dict[int, int] = {}
-        self.kot_wbinvd: dict[int, set[int]] = {}
-        for hook in self.reset_hooks:
-            hook()
+        self.gd = ModuleState(self.profile)
+
+    # Read-only views of ``gd`` most callers want.
+    @property
+    def state(self) -> SysState:
+        return self.gd.sys_state
+
+    @property
+    def lps(self) -> list[LpState]:
+        return self.gd.lps
+
+    @property
+    def pamt(self) -> PamtManager:
+        return self.gd.pamt
+
+    @property
+    def num_init_lps(self) -> int:
+        return self.gd.num_init_lps
+
+    @property
+    def global_keyid(self) -> int | None:
+        return self.gd.global_keyid
+
+    @property
+    def pkg_config(self) -> set[int]:
+        return self.gd.pkg_config
+
+    @property
+    def kot(self) -> dict[int, int]:
+        return self.gd.kot
 
     @property
     def dynamic_pamt_enabled(self) -> bool:
         """Dynamic PAMT (TDH.SYS.CONFIG); held by the PAMT manager, whose walk depends on it."""
-        return self.pamt.dynamic
-
-    @dynamic_pamt_enabled.setter
-    def dynamic_pamt_enabled(self, value: bool) -> None:
-        self.pamt.dynamic = bool(value)
+        return self.gd.pamt.dynamic
 
     @property
-    def max_pa(self) -> int:
-        return self.profile.phys_bits
+    def controller(self) -> Controller:
+        """The control-point controller (same object as ``control``)."""
+        return self.control
 
     def hkid_of(self, pa: int) -> int:
-        p = self.profile
-        return (pa >> p.hkid_start_bit) & ((1 << p.keyid_bits) - 1)
+        return (pa & self.hkid_mask) >> self.keyid_shift
 
     def is_private_hkid(self, hkid: int) -> bool:
         p = self.profile
@@ -123,74 +139,100 @@ class TdxModule:
 
     def pa_ok(self, pa: int) -> bool:
         """Below MAX_PA and no keyid bits (the module's is_pa_smaller_than_max_pa + hkid 0)."""
-        return pa < (1 << self.max_pa) and self.hkid_of(pa) == 0
+        return pa < self.max_pa and self.hkid_of(pa) == 0
 
     def shared_hpa_ok(self, pa: int, align: int) -> bool:
         """shared_hpa_check_with_pwr_2_alignment() in helpers.c (there is no SEAMRR in RAM)."""
-        return (pa & (align - 1)) == 0 and pa < (1 << self.max_pa) and (
+        return (pa & (align - 1)) == 0 and pa < self.max_pa and (
             self.hkid_of(pa) < self.profile.tdx_keyid_start)
 
-    # -- entry point -----------------------------------------------------------------------
+    # -- observers (compatibility shape over ``events``) -------------------------------------
     def add_observer(self, cb: Observer) -> None:
-        self._observers.append(cb)
+        """``cb(lp, leaf, inputs, outputs, seconds)`` after every call; prefer subscribing
+        to ``CallObserved`` on ``events``."""
+        def adapter(ev: CallObserved) -> None:
+            cb(ev.lp, ev.leaf, ev.inp, ev.out, ev.seconds)
+
+        self._observers[cb] = adapter
+        self.events.subscribe(CallObserved, adapter)
 
     def remove_observer(self, cb: Observer) -> None:
-        if cb in self._observers:
-            self._observers.remove(cb)
+        adapter = self._observers.pop(cb, None)
+        if adapter is not None:
+            self.events.unsubscribe(CallObserved, adapter)
 
+    # -- entry point -----------------------------------------------------------------------
     def seamcall(self, lp: int, regs: Regs) -> Regs:
         """Run one SEAMCALL from logical processor ``lp``; never raises."""
         t0 = time.perf_counter()
         out = copy_regs(regs)
         rax = regs.rax
         leaf = rax & 0xFFFF
+        call_id = next(self._ids)
         with self.cond:
             try:
-                status = self._dispatch(lp, leaf, (rax >> 16) & 0xFF, rax, regs, out)
+                status, injected = self._dispatch(lp, leaf, (rax >> 16) & 0xFF, rax, regs, out,
+                                                  call_id)
             except Exception:  # a model bug must not take the daemon down
                 self.internal_errors.append(traceback.format_exc())
-                status = _OPERAND_INVALID_RAX
+                status, injected = _OPERAND_INVALID_RAX, False
             out.rax = status & MASK64
-            self.call_counts[leaf] = self.call_counts.get(leaf, 0) + 1
-            self.status_counts[out.rax] = self.status_counts.get(out.rax, 0) + 1
-        if self._observers:
             dt = time.perf_counter() - t0
-            for cb in tuple(self._observers):
+            self.stats.record(lp, leaf, out.rax, dt, injected)
+        subs = self.events.calls
+        if subs:
+            ev = CallObserved(lp, leaf, regs, out, dt, call_id, injected)
+            for cb in subs:
                 try:
-                    cb(lp, leaf, regs, out, dt)
+                    cb(ev)
                 except Exception:
                     self.internal_errors.append(traceback.format_exc())
         return out
 
-    def _dispatch(self, lp: int, leaf: int, version: int, rax: int, regs: Regs,
-                  out: Regs) -> int:
+    def _dispatch(self, lp: int, leaf: int, version: int, rax: int, inp: Regs,
+                  out: Regs, call_id: int) -> tuple[int, bool]:
         if rax & _RESERVED_RAX:
-            return _OPERAND_INVALID_RAX
+            return _OPERAND_INVALID_RAX, False
         spec = self._table.get(leaf)
         if version and (spec is None or version > spec.max_version):
-            return _OPERAND_INVALID_RAX
-        state = self.state
+            return _OPERAND_INVALID_RAX, False
+        state = self.gd.sys_state
         if state == SysState.SYS_SHUTDOWN and leaf != _LP_SHUTDOWN:
-            return st.TDX_SYS_SHUTDOWN
+            return st.TDX_SYS_SHUTDOWN, False
         if state != SysState.SYS_READY and leaf not in _ALLOWED_BEFORE_READY:
-            return st.TDX_SYS_NOT_READY
+            return st.TDX_SYS_NOT_READY, False
         if spec is None:
-            return _OPERAND_INVALID_RAX
-        if not 0 <= lp < len(self.lps):
+            return _OPERAND_INVALID_RAX, False
+        if not 0 <= lp < len(self.gd.lps):
             # Cannot happen on hardware (vtdx-specific): an LP the profile does not have.
-            return _OPERAND_INVALID_RAX
+            return _OPERAND_INVALID_RAX, False
         if self.faults.active:
-            injected = self.faults.check(lp, leaf)
-            if injected is not None:
-                return injected
-        ctx = CallContext(self, lp, leaf, version, regs, out, next(self._ids))
+            hit = self.faults.check(lp, leaf)
+            if hit is not None:
+                status, rule_id = hit
+                subs = self.events.faults
+                if subs:
+                    ev = FaultInjected(lp, leaf, status, rule_id, call_id)
+                    for cb in subs:
+                        cb(ev)
+                return status, True
+        ctx = CallContext(self, lp, leaf, version, call_id)
         lp_state = ctx.lp_state
         lp_state.busy = True
         try:
-            result = spec.handler(ctx)
-            return st.TDX_SUCCESS if result is None else result
+            if self.events.checkpoints:
+                ctx.checkpoint("entry")
+                spec.handler(ctx, inp, out)
+                ctx.checkpoint("done")  # committed, locks still held
+            else:  # nobody watches control points: no event objects at all
+                spec.handler(ctx, inp, out)
+            return ctx.status, False
         except TdxError as e:
-            return e.status
+            if e.rcx is not None:
+                out.rcx = e.rcx
+            if e.rdx is not None:
+                out.rdx = e.rdx
+            return e.status, False
         finally:
             ctx.release_all()
             lp_state.busy = False
@@ -198,22 +240,21 @@ class TdxModule:
     # -- inspection (plain data) ----------------------------------------------------------
     def lp_states(self) -> list[dict[str, object]]:
         with self.cond:
-            return [s.to_dict() for s in self.lps]
+            return [s.to_dict() for s in self.gd.lps]
 
     def tdmrs(self) -> list[dict[str, object]]:
         with self.cond:
-            return [t.to_dict() for t in self.pamt.tdmrs]
+            return [t.to_dict() for t in self.gd.pamt.tdmrs]
 
     def pamt_entry(self, pa: int) -> dict[str, object]:
         """PAMT view of the 4K page at ``pa``: entries at each level and the TDMR."""
-        from vtdx.module.pamt import LEVEL_NAMES, LEVELS
-
         with self.cond:
-            t = self.pamt.tdmr_for(pa)
+            pamt = self.gd.pamt
+            t = pamt.tdmr_for(pa)
             return {
                 "pa": pa, "tdmr": t.index if t else None,
-                "ready": self.pamt.block_ready(pa),
-                "levels": {LEVEL_NAMES[x]: self.pamt.get(pa, x).to_dict() for x in LEVELS},
+                "ready": pamt.block_ready(pa),
+                "levels": {LEVEL_NAMES[x]: pamt.get(pa, x).to_dict() for x in LEVELS},
             }
 
     def pamt_entry_by_pfn(self, pfn: int) -> dict[str, object]:
@@ -222,27 +263,27 @@ class TdxModule:
     def keyids(self) -> dict[str, object]:
         p = self.profile
         with self.cond:
-            return {"global": self.global_keyid, "tdx_start": p.tdx_keyid_start,
+            return {"global": self.gd.global_keyid, "tdx_start": p.tdx_keyid_start,
                     "tdx_end": p.tdx_keyid_end, "mktme": p.mktme_keyids,
-                    "configured_packages": sorted(self.pkg_config)}
+                    "configured_packages": sorted(self.gd.pkg_config)}
 
     def snapshot(self) -> dict[str, object]:
         """Everything an inspector wants, as plain Python data."""
-        from vtdx.abi.leaves import leaf_name
-
         with self.cond:
+            gd = self.gd
             return {
-                "state": self.state.name,
-                "lps": [s.to_dict() for s in self.lps],
-                "num_init_lps": self.num_init_lps,
-                "keyids": {"global": self.global_keyid,
-                           "configured_packages": sorted(self.pkg_config)},
-                "dynamic_pamt": self.dynamic_pamt_enabled,
-                "tdmrs": [t.to_dict() for t in self.pamt.tdmrs],
-                "pamt_bytes": self.pamt.pamt_bytes_by_level(),
-                "pamt_materialised_entries": self.pamt.materialised,
+                "state": gd.sys_state.name,
+                "lps": [s.to_dict() for s in gd.lps],
+                "num_init_lps": gd.num_init_lps,
+                "keyids": {"global": gd.global_keyid,
+                           "configured_packages": sorted(gd.pkg_config)},
+                "dynamic_pamt": gd.pamt.dynamic,
+                "tdmrs": [t.to_dict() for t in gd.pamt.tdmrs],
+                "pamt_bytes": gd.pamt.pamt_bytes_by_level(),
+                "pamt_materialised_entries": gd.pamt.materialised,
                 "locks": self.locks.snapshot(),
-                "call_counts": {leaf_name(k): v for k, v in sorted(self.call_counts.items())},
+                "call_counts": {lv.leaf_name(k): v
+                                for k, v in sorted(self.stats.calls_by_leaf().items())},
                 "faults": self.faults.snapshot(),
                 "internal_errors": len(self.internal_errors),
             }

@@ -10,6 +10,21 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass, field
+from typing import TypedDict
+
+from vtdx.abi.regs import MASK64
+
+
+class FaultRuleInfo(TypedDict):
+    """One fault rule as ``FaultInjector.snapshot`` reports it."""
+
+    id: int
+    status: int
+    leaf: int | None
+    count: int | None
+    probability: float
+    lps: list[int] | None
+    fired: int
 
 
 @dataclass(slots=True)
@@ -27,7 +42,7 @@ class FaultRule:
     def matches(self, lp: int, leaf: int) -> bool:
         return (self.leaf is None or self.leaf == leaf) and (self.lps is None or lp in self.lps)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> FaultRuleInfo:
         return {
             "id": self.id, "status": self.status, "leaf": self.leaf, "count": self.count,
             "probability": self.probability,
@@ -55,7 +70,7 @@ class FaultInjector:
         if not 0.0 <= probability <= 1.0:
             raise ValueError("probability must be within [0, 1]")
         with self._lock:
-            rule = FaultRule(status & ((1 << 64) - 1), leaf, count, probability,
+            rule = FaultRule(status & MASK64, leaf, count, probability,
                              frozenset(lps) if lps is not None else None, id=self._next_id)
             self._next_id += 1
             self.rules.append(rule)
@@ -79,8 +94,8 @@ class FaultInjector:
             self.seed = seed
             self._rng = random.Random(seed)
 
-    def check(self, lp: int, leaf: int) -> int | None:
-        """Status to inject for this call, or None to run the leaf normally."""
+    def check(self, lp: int, leaf: int) -> tuple[int, int] | None:
+        """(status, rule id) to inject for this call, or None to run the leaf normally."""
         with self._lock:
             for rule in self.rules:
                 if not rule.matches(lp, leaf):
@@ -91,9 +106,9 @@ class FaultInjector:
                 if rule.count is not None and rule.fired >= rule.count:
                     self.rules.remove(rule)
                     self.active = bool(self.rules)
-                return rule.status
+                return rule.status, rule.id
             return None
 
-    def snapshot(self) -> list[dict[str, object]]:
+    def snapshot(self) -> list[FaultRuleInfo]:
         with self._lock:
             return [r.to_dict() for r in self.rules]

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vtdx.abi import status as st
+from vtdx.module.errors import TdxError
+from vtdx.module.locks import LockKey, lock_key
 
 if TYPE_CHECKING:
     from vtdx.module.context import CallContext
@@ -47,7 +49,36 @@ LEVELS = (LEVEL_4K, LEVEL_2M, LEVEL_1G)
 LEVEL_NAMES = ("4K", "2M", "1G")
 SHIFT = (12, 21, 30)
 PAGE_SIZE = (1 << 12, 1 << 21, 1 << 30)
+PAGE_4K = PAGE_SIZE[LEVEL_4K]
+PAGE_2M = PAGE_SIZE[LEVEL_2M]
 GiB = 1 << 30
+
+
+#: Builds a ``PamtWalk`` without the NamedTuple's Python-level ``__new__`` (the walk runs on
+#: most SEAMCALLs; see ``locks.lock_key``).
+_tuple_new = tuple.__new__
+
+
+def pamt_key(level: int, pa: int) -> LockKey:
+    """Lock key of the PAMT entry covering ``pa`` at ``level`` (the entry's own lock)."""
+    return lock_key("pamt", level, pa >> SHIFT[level])
+
+
+@dataclass(slots=True)
+class DpamtNode:
+    """The pamt_non_leaf_entry_t fields of a PT_PAMT 2MB entry (Dynamic PAMT): the page
+    pair holding the range's 4KB PAMT entries and how many of those pages are assigned."""
+
+    hpa0: int
+    hpa1: int
+    page_count: int = 0
+
+
+class PamtWalk(NamedTuple):
+    """Result of a locked PAMT walk: the level reached and (a view of) its entry."""
+
+    level: int
+    entry: PamtEntry
 #: 4 KB PAMT entries TDH.SYS.TDMR.INIT initialises per call (TDMR_4K_PAMT_INIT_COUNT).
 TDMR_INIT_4K_PER_CALL = 1024
 
@@ -125,6 +156,10 @@ class PamtManager:
         self._entries: tuple[dict[int, PamtEntry], ...] = ({}, {}, {})
         #: Dynamic PAMT (TDH.SYS.CONFIG R8 bit 16); the module's ``dynamic_pamt_enabled``.
         self.dynamic = False
+        #: Dynamic PAMT: 2MB page index -> the page pair backing that range's 4KB level.
+        self.nodes: dict[int, DpamtNode] = {}
+        #: Dynamic PAMT: 4KB page indexes in use as PAMT pages (PAMT_PAGE_BITMAP bits).
+        self.bitmap: set[int] = set()
 
     # -- configuration -------------------------------------------------------------------
     def configure(self, tdmrs: list[Tdmr]) -> None:
@@ -136,6 +171,8 @@ class PamtManager:
     def reset(self) -> None:
         self.configure([])
         self.dynamic = False
+        self.nodes.clear()
+        self.bitmap.clear()
 
     # -- lookups -------------------------------------------------------------------------
     def tdmr_for(self, pa: int) -> Tdmr | None:
@@ -220,26 +257,82 @@ class PamtManager:
         return LEVEL_4K, self.get(pa, LEVEL_4K)
 
     def walk(self, ctx: CallContext, pa: int, exclusive: bool, operand_id: int,
-             target_level: int | None = None) -> tuple[int, PamtEntry]:
-        """Lock and return (level reached, entry) for ``pa`` like the module's pamt_walk().
+             target_level: int = LEVEL_4K) -> PamtWalk:
+        """Lock and return the entry for ``pa`` like the module's pamt_walk().
 
         Parents are locked shared; the entry returned shared or exclusive (a parent that ends
-        the walk is promoted). The walk stops at ``target_level`` (default 4 KB) or earlier
-        where ``ends_walk`` says so. A lock conflict raises TDX_OPERAND_BUSY | ``operand_id``.
+        the walk is promoted). The walk stops at ``target_level`` or earlier where
+        ``ends_walk`` says so. A lock conflict raises TDX_OPERAND_BUSY | ``operand_id``.
         Locks are released by the call context.
         """
         busy = st.TDX_OPERAND_BUSY + operand_id
-        target = LEVEL_4K if target_level is None else target_level
         for level in (LEVEL_1G, LEVEL_2M):
-            key = ("pamt", level, pa >> SHIFT[level])
+            key = pamt_key(level, pa)
             ctx.lock(key, False, busy)
             e = self.get(pa, level)
-            if target == level or self.ends_walk(e, level):
+            if target_level == level or self.ends_walk(e, level):
                 if exclusive:
                     ctx.promote(key, busy)
-                return level, e
-        ctx.lock(("pamt", LEVEL_4K, pa >> SHIFT[LEVEL_4K]), exclusive, busy)
-        return LEVEL_4K, self.get(pa, LEVEL_4K)
+                return _tuple_new(PamtWalk, (level, e))
+        ctx.lock(pamt_key(LEVEL_4K, pa), exclusive, busy)
+        return _tuple_new(PamtWalk, (LEVEL_4K, self.get(pa, LEVEL_4K)))
+
+    def ready_walk(self, ctx: CallContext, pa: int, exclusive: bool, target_level: int,
+                   operand_id: int) -> PamtWalk:
+        """The PAMT block of ``pa`` initialised (else TDX_OPERAND_ADDR_RANGE_ERROR), then the
+        locked walk: how non_shared_hpa_metadata_check_and_lock opens, and how
+        TDH.PHYMEM.PAMT.ADD/REMOVE and TDH.PHYMEM.PAGE.RECLAIM open their own walks."""
+        if not self.block_ready(pa):
+            raise TdxError(st.TDX_OPERAND_ADDR_RANGE_ERROR + operand_id)
+        return self.walk(ctx, pa, exclusive, operand_id, target_level)
+
+    # -- Dynamic PAMT ----------------------------------------------------------------------
+    def node(self, pa: int) -> DpamtNode | None:
+        """The page pair node of the 2MB range holding ``pa``, if any."""
+        return self.nodes.get(pa >> SHIFT[LEVEL_2M])
+
+    def bitmap_get(self, pa: int) -> bool:
+        """dynamic_pamt_4k_bitmap_get: a PAMT page, or a TDMR reserved page (the module sets
+        reserved pages' bits at TDMR init, pamt_4kb_bitmap_init)."""
+        return (pa >> 12) in self.bitmap or self.default_pt(pa, LEVEL_4K) == PT_RSVD
+
+    def add_node(self, pa: int, hpa0: int, hpa1: int, page_count: int) -> None:
+        """Install a page pair as the 4KB level of the 2MB range at ``pa`` (PT_PAMT)."""
+        self.bitmap.update((hpa0 >> 12, hpa1 >> 12))
+        self.nodes[pa >> SHIFT[LEVEL_2M]] = DpamtNode(hpa0, hpa1, page_count)
+        self.set(pa, LEVEL_2M, PT_PAMT)
+
+    def remove_node(self, pa: int) -> DpamtNode | None:
+        """Take the page pair off the 2MB range at ``pa``; the 2MB entry is left to the
+        caller (PROMOTE makes it PT_REG, PAMT.REMOVE PT_NDA)."""
+        node = self.nodes.pop(pa >> SHIFT[LEVEL_2M], None)
+        if node is not None:
+            self.bitmap.discard(node.hpa0 >> 12)
+            self.bitmap.discard(node.hpa1 >> 12)
+        return node
+
+    def range_2m_free(self, pa: int) -> bool:
+        """pamt_is_2mb_range_free: no 4KB page of the range assigned (or a PAMT page)."""
+        base = pa & ~(PAGE_2M - 1)
+        bitmap = self.bitmap
+        for i in range(512):
+            page = base + (i << 12)
+            if (page >> 12) in bitmap or self.get(page, LEVEL_4K).pt != PT_NDA:
+                return False
+        return True
+
+    def inc_page_count(self, pa: int) -> None:
+        """pamt_inc_nl_page_count on the 2MB node of a newly assigned 4KB page."""
+        if self.dynamic:
+            node = self.node(pa)
+            if node is not None:
+                node.page_count += 1
+
+    def dec_page_count(self, pa: int) -> None:
+        if self.dynamic:
+            node = self.node(pa)
+            if node is not None and node.page_count > 0:
+                node.page_count -= 1
 
     # -- accounting ------------------------------------------------------------------------
     def required_size(self, level: int, tdmr_size: int) -> int:

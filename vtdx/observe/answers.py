@@ -65,7 +65,7 @@ KeyIds = TypedDict("KeyIds", {
     "mktme": int,
     "tdx-start": int,
     "tdx-count": int,
-    "global": int,
+    "global": int | None,  # None until TDH.SYS.CONFIG
     "configured-packages": list[int],
 })
 

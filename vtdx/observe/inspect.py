@@ -21,10 +21,12 @@ from typing import Any, cast
 
 from vtdx.abi import leaves
 from vtdx.abi import status as st
+from vtdx.module import CallObserved, CheckpointReached, TdxModule
 from vtdx.module import pamt as P
 from vtdx.module import sept as SEPT
-from vtdx.module import td_common as TDC
-from vtdx.module.faults import FaultInjector
+from vtdx.module.locks import HeldLock as ModuleHeldLock
+from vtdx.module.locks import septe_key
+from vtdx.module.state import LIFECYCLE_NAMES, OP_STATE_NAMES, TdState
 from vtdx.observe.answers import (
     DpamtInfo,
     FaultRuleInfo,
@@ -81,66 +83,30 @@ class InflightCall:
 
 
 class InflightTracker:
-    """Wraps the module's control-point controller to know which calls wait inside it.
+    """Which calls wait inside the module, from its ``CheckpointReached`` events.
 
     Another thread can only see TDX locks held while their call waits at a control point
     (otherwise the call holds the module mutex and no query runs), so this registry names
-    every lock holder a query can meet: call id -> LP, leaf, point.
+    every lock holder a query can meet: call id -> LP, leaf, point. A call leaves the
+    registry when its ``CallObserved`` event arrives (right after it released its locks).
     """
 
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: TdxModule) -> None:
         self.module = module
-        self.inner = module.controller
         self.calls: dict[int, InflightCall] = {}
-        module.controller = self
+        module.events.subscribe(CheckpointReached, self.on_checkpoint)
+        module.events.subscribe(CallObserved, self.on_call)
 
-    @property
-    def active(self) -> bool:
-        return True
+    def on_checkpoint(self, ev: CheckpointReached) -> None:
+        self.calls[ev.call_id] = InflightCall(ev.call_id, ev.lp, ev.leaf, ev.point,
+                                              time.monotonic())
 
-    def checkpoint(self, ctx: Any, name: str) -> None:
-        self.calls[ctx.id] = InflightCall(ctx.id, ctx.lp, ctx.leaf, name, time.monotonic())
-        try:
-            inner = self.inner
-            if inner is not None:
-                inner.checkpoint(ctx, name)
-        finally:
-            self.calls.pop(ctx.id, None)
+    def on_call(self, ev: CallObserved) -> None:
+        self.calls.pop(ev.call_id, None)
 
-    def __getattr__(self, name: str) -> Any:  # pause(), clear()... reach the real controller
-        if self.inner is None:
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-class RecordingFaultInjector(FaultInjector):
-    """FaultInjector that remembers, per LP, whether its latest call was injected.
-
-    The trace observer runs on the same vCPU thread right after the call, so it can mark
-    the record ``injected`` without the module having to report it.
-    """
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._injected: dict[int, bool] = {}
-
-    def check(self, lp: int, leaf: int) -> int | None:
-        status = super().check(lp, leaf)
-        self._injected[lp] = status is not None
-        return status
-
-    def take_injected(self, lp: int) -> bool:
-        return self._injected.pop(lp, False)
-
-
-def install_fault_recorder(module: Any) -> RecordingFaultInjector:
-    """Swap in a recording injector, keeping existing rules and seed."""
-    old = module.faults
-    if isinstance(old, RecordingFaultInjector):
-        return old
-    new = RecordingFaultInjector(seed=old.seed, rules=list(old.rules))
-    module.faults = new
-    return new
+    def detach(self) -> None:
+        self.module.events.unsubscribe(CheckpointReached, self.on_checkpoint)
+        self.module.events.unsubscribe(CallObserved, self.on_call)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -150,16 +116,8 @@ def _names(mapping: dict[int, str], value: int) -> str:
     return mapping.get(value, str(value))
 
 
-LIFECYCLE_NAMES = {TDC.TD_HKID_ASSIGNED: "HKID_ASSIGNED", TDC.TD_KEYS_CONFIGURED:
-                   "KEYS_CONFIGURED", TDC.TD_BLOCKED: "BLOCKED", TDC.TD_TEARDOWN: "TEARDOWN"}
-OP_STATE_NAMES = {TDC.OP_UNINITIALIZED: "UNINITIALIZED", TDC.OP_INITIALIZED: "INITIALIZED",
-                  TDC.OP_RUNNABLE: "RUNNABLE"}
-
-
 def _pt_name(pt: int) -> str:
-    """``PT_REG`` style; td_common knows the TD-only types (TDVPX, PAMT)."""
-    if pt in TDC.PT_NAMES:
-        return "PT_" + TDC.PT_NAMES[pt]
+    """``PT_REG`` style."""
     return P.PAGE_TYPE_NAMES.get(pt, f"PT_{pt}")
 
 
@@ -171,7 +129,7 @@ class Inspector:
 
     def __init__(
         self,
-        module: Any,
+        module: TdxModule,
         recorder: TraceRecorder | None = None,
         tracker: InflightTracker | None = None,
     ) -> None:
@@ -180,20 +138,11 @@ class Inspector:
         self.tracker = tracker
 
     @classmethod
-    def attach(cls, module: Any, recorder: TraceRecorder | None = None) -> Inspector:
-        """Install the hooks (in-flight tracker, recording fault injector) and observe."""
-        # The real controller first (control.attach installs it once, as module.control),
-        # so a later control.attach() by a test or the daemon keeps our wrapper in place.
-        from vtdx.module import control
-
-        control.attach(module)
-        tracker = (module.controller if isinstance(module.controller, InflightTracker)
-                   else InflightTracker(module))
-        faults = install_fault_recorder(module)
+    def attach(cls, module: TdxModule, recorder: TraceRecorder | None = None) -> Inspector:
+        """Subscribe the in-flight tracker (and the trace recorder, if any) to the module."""
+        tracker = InflightTracker(module)
         if recorder is not None:
-            if recorder.is_injected is None:
-                recorder.is_injected = faults.take_injected
-            module.add_observer(recorder)
+            recorder.attach(module)
         return cls(module, recorder, tracker)
 
     @property
@@ -206,7 +155,6 @@ class Inspector:
         m = self.module
         p = m.profile
         with self.lock:
-            tds = self._td_registry()
             out: VtdxStatus = {
                 "state": m.state.name,
                 "num-lps": p.num_lps,
@@ -227,7 +175,7 @@ class Inspector:
                 "tdmrs": len(m.pamt.tdmrs),
                 "pamt-bytes": sum(m.pamt.pamt_bytes_by_level().values()),
                 "ram-bytes": p.ram_bytes,
-                "tds": len(tds.tds) if tds is not None else 0,
+                "tds": len(m.gd.tds),
                 "held-locks": len(m.locks),
                 "fault-rules": len(m.faults.rules),
                 "internal-errors": len(m.internal_errors),
@@ -381,17 +329,14 @@ class Inspector:
         node), the range's 4K refcount, and whether ``pa`` itself serves as a PAMT page."""
         if not self.module.dynamic_pamt_enabled:
             return None
-        env = getattr(self.module, "_td_env", None)
-        dp = getattr(env, "dp", None)
+        pamt = self.module.pamt
         base = pa & ~(P.PAGE_SIZE[P.LEVEL_2M] - 1)
         info: DpamtInfo = {"range": base, "pair": [], "page-count": 0,
-                                "is-pamt-page": False}
-        if dp is not None:
-            node = dp.node(pa)
-            if node is not None:
-                info["pair"] = [node.hpa0, node.hpa1]
-                info["page-count"] = node.page_count
-            info["is-pamt-page"] = dp.bitmap_get(pa)
+                                "is-pamt-page": pamt.bitmap_get(pa)}
+        node = pamt.node(pa)
+        if node is not None:
+            info["pair"] = [node.hpa0, node.hpa1]
+            info["page-count"] = node.page_count
         return info
 
     # -- locks ---------------------------------------------------------------------------
@@ -403,14 +348,14 @@ class Inspector:
                 return cast(LockHolder, call.to_dict())
         return {"call": owner}
 
-    def _lock_index(self) -> dict[str, dict[str, Any]]:
-        """Held locks by ``repr(key)`` (the LockTable's public snapshot form)."""
-        return {d["key"]: d for d in self.module.locks.snapshot()}  # type: ignore[misc]
+    def _lock_index(self) -> dict[str, ModuleHeldLock]:
+        """Held locks by ``str(key)`` (the LockTable's public snapshot form)."""
+        return {d["key"]: d for d in self.module.locks.snapshot()}
 
     def _pamt_lock(
-        self, index: dict[str, dict[str, Any]], level: int, base: int
+        self, index: dict[str, ModuleHeldLock], level: int, base: int
     ) -> LockState | None:
-        d = index.get(repr(("pamt", level, base >> P.SHIFT[level])))  # pamt.py's lock key
+        d = index.get(str(P.pamt_key(level, base)))
         if d is None:
             return None
         return {"mode": d["mode"], "holders": [self._holder(o) for o in d["owners"]]}
@@ -421,24 +366,18 @@ class Inspector:
             for d in self.module.locks.snapshot():
                 held.append({"key": d["key"], "mode": d["mode"],
                              "holders": [self._holder(o) for o in d["owners"]]})
-            inflight = ([c.to_dict() for c in self.tracker.calls.values()]
+            # list() copies in one step: a finished call leaves the registry without the mutex
+            inflight = ([c.to_dict() for c in list(self.tracker.calls.values())]
                         if self.tracker is not None else [])
             return {"held": held, "waiting-calls": inflight}
 
     # -- TDs and S-EPT ------------------------------------------------------------------
 
-    def _td_registry(self) -> Any:
-        env = getattr(self.module, "_td_env", None)  # created by the first TD leaf
-        return env.td if env is not None else None
-
     def tds(self) -> list[TdInfo]:
         with self.lock:
-            reg = self._td_registry()
-            if reg is None:
-                return []
-            return [self._td_dict(td) for _, td in sorted(reg.tds.items())]
+            return [self._td_dict(td) for _, td in sorted(self.module.gd.tds.items())]
 
-    def _td_dict(self, td: Any) -> TdInfo:
+    def _td_dict(self, td: TdState) -> TdInfo:
         sept = td.sept
         leaves_by_level: Counter[str] = Counter()
         if sept is not None:
@@ -469,13 +408,13 @@ class Inspector:
             },
         }
 
-    def _find_td(self, td: int) -> Any:
-        reg = self._td_registry()
-        if reg is None or not reg.tds:
+    def _find_td(self, td: int) -> TdState:
+        tds = self.module.gd.tds
+        if not tds:
             raise InspectError("no TD exists", "DeviceNotFound")
-        if td in reg.tds:
-            return reg.tds[td]
-        ordered = [v for _, v in sorted(reg.tds.items())]
+        if td in tds:
+            return tds[td]
+        ordered = [v for _, v in sorted(tds.items())]
         if 0 <= td < len(ordered):  # small numbers: the TD's position in query-vtdx-tds
             return ordered[td]
         raise InspectError(f"no TD with TDR 0x{td:x} (query-vtdx-tds lists them)",
@@ -521,7 +460,7 @@ class Inspector:
                 "level": lvl, "sept-page": page.hpa, "index": idx,
                 "state": _names(SEPT.STATE_NAMES, state), "hpa": hpa,
             }
-            d = locks.get(repr(("septe", td.tdr_pa, page.hpa, idx)))  # td_common's entry lock
+            d = locks.get(str(septe_key(page.hpa, idx)))
             if d is not None:
                 row["lock"] = {"mode": d["mode"],
                                "holders": [self._holder(o) for o in d["owners"]]}
@@ -544,16 +483,11 @@ class Inspector:
         return cast(list[TraceRecord], recs)
 
     def stats(self) -> VtdxStats:
+        """The module's call statistics, with totals per status and the PAMT footprint."""
         m = self.module
-        if self.recorder is not None:
-            out = cast(VtdxStats, self.recorder.stats())
-        else:
-            with self.lock:
-                out = cast(VtdxStats, {"calls": sum(m.call_counts.values()),
-                                       "per-leaf": {leaves.leaf_name(k): {"calls": v}
-                                                    for k, v in sorted(m.call_counts.items())}})
         with self.lock:
-            out["statuses"] = {st.decode(k): v for k, v in sorted(m.status_counts.items())}
+            out = cast(VtdxStats, m.stats.as_dict())
+            out["statuses"] = {st.decode(k): v for k, v in sorted(m.stats.by_status().items())}
             out["pamt-materialised-entries"] = m.pamt.materialised
         return out
 
@@ -584,10 +518,12 @@ class Inspector:
         return {"removed": 1}
 
     def faults(self) -> list[FaultRuleInfo]:
-        rows = cast(list[FaultRuleInfo], self.module.faults.snapshot())
-        for r in rows:
-            r["status-name"] = st.decode(int(r["status"]))
+        rows: list[FaultRuleInfo] = []
+        for r in self.module.faults.snapshot():
+            row = cast(FaultRuleInfo, dict(r))
+            row["status-name"] = st.decode(r["status"])
             if r["leaf"] is not None:
-                r["leaf-name"] = leaves.leaf_name(int(r["leaf"]))
+                row["leaf-name"] = leaves.leaf_name(r["leaf"])
+            rows.append(row)
         return rows
 

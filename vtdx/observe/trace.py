@@ -15,13 +15,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from vtdx.abi import leaves, status
 from vtdx.abi.regs import REG_NAMES, Regs
 from vtdx.errors import VtdxError
+from vtdx.module import CallObserved, TdxModule
 
 TRACE_FILE = "trace.jsonl"
 
@@ -53,32 +53,13 @@ def _hex(v: int) -> str:
     return f"0x{v:x}"
 
 
-@dataclass
-class LeafStats:
-    calls: int = 0
-    errors: int = 0
-    injected: int = 0
-    total_s: float = 0.0
-    max_s: float = 0.0
-    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "errors": self.errors,
-            "injected": self.injected,
-            "total-us": round(self.total_s * 1e6, 1),
-            "avg-us": round(self.total_s * 1e6 / self.calls, 1) if self.calls else 0.0,
-            "max-us": round(self.max_s * 1e6, 1),
-            "statuses": dict(self.statuses),
-        }
-
-
 class TraceRecorder:
-    """The daemon's module observer: ring buffer, statistics and the JSONL file.
+    """The daemon's SEAMCALL trace: ring buffer and the JSONL file.
 
-    Called on the vCPU thread right after each SEAMCALL, so it does little: build a dict,
-    write one line. ``on_error`` callbacks (QMP events) get each failed call's record.
+    ``attach(module)`` subscribes it to the module's ``CallObserved`` events; it then runs on
+    the vCPU thread right after each SEAMCALL, so it does little: build a dict, write one
+    line. ``on_error`` callbacks (QMP events) get each failed call's record. Counts live in
+    the module (``module.stats``); ``stats()`` reads them from there.
     """
 
     def __init__(
@@ -88,7 +69,6 @@ class TraceRecorder:
         ring: int = 4096,
         context: CpuContext | None = None,
         symbolise: Symboliser | None = None,
-        is_injected: Callable[[int], bool] | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else None
         self._file: IO[str] | None = (
@@ -99,29 +79,30 @@ class TraceRecorder:
         self._seq = itertools.count(1)
         self.context = context
         self.symbolise = symbolise
-        self.is_injected = is_injected
         self.on_error: list[Callable[[dict[str, Any]], None]] = []
-        self.by_leaf: dict[int, LeafStats] = {}
-        self.by_lp: collections.Counter[int] = collections.Counter()
-        self.started = time.time()
+        self.module: TdxModule | None = None
+        self._attached = False
 
-    def __call__(
-        self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs, duration_s: float
-    ) -> None:
-        rec = self.record(lp, leaf, regs_in, regs_out, duration_s)
+    def attach(self, module: TdxModule) -> TraceRecorder:
+        """Record every call ``module`` answers from now on (once; returns self)."""
+        if not self._attached:
+            self.module = module
+            module.events.subscribe(CallObserved, self.on_call)
+            self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Stop recording (``stats()`` keeps reading the module attached last)."""
+        if self._attached and self.module is not None:
+            self.module.events.unsubscribe(CallObserved, self.on_call)
+        self._attached = False
+
+    def on_call(self, ev: CallObserved) -> None:
+        """The ``CallObserved`` subscriber."""
+        rec = self.record(ev.lp, ev.leaf, ev.inp, ev.out, ev.seconds, injected=ev.injected)
         with self._lock:
             rec["seq"] = next(self._seq)
             self._ring.append(rec)
-            st = self.by_leaf.setdefault(leaf, LeafStats())
-            st.calls += 1
-            st.total_s += duration_s
-            st.max_s = max(st.max_s, duration_s)
-            st.statuses[rec["status-name"]] += 1
-            if not rec["ok"]:
-                st.errors += 1
-            if rec.get("injected"):
-                st.injected += 1
-            self.by_lp[lp] += 1
             if self._file is not None:
                 self._file.write(json.dumps(rec, separators=(",", ":")) + "\n")
         if not rec["ok"]:
@@ -129,7 +110,8 @@ class TraceRecorder:
                 cb(rec)
 
     def record(
-        self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs, duration_s: float
+        self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs, duration_s: float,
+        *, injected: bool = False,
     ) -> dict[str, Any]:
         """The trace record of one call (``seq`` is assigned when it is logged)."""
         vin, vout = regs_in.as_tuple(), regs_out.as_tuple()
@@ -154,7 +136,7 @@ class TraceRecorder:
             "ok": not status.is_error(st),
             "duration-us": round(duration_s * 1e6, 1),
         }
-        if self.is_injected is not None and self.is_injected(lp):
+        if injected:
             rec["injected"] = True
         ctx = self.context(lp) if self.context is not None else None
         if ctx is not None:
@@ -184,22 +166,16 @@ class TraceRecorder:
         return out[-count:] if count > 0 else []
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            per_leaf = {leaves.leaf_name(k): v.as_dict() for k, v in sorted(self.by_leaf.items())}
-            calls = sum(v.calls for v in self.by_leaf.values())
-            errors = sum(v.errors for v in self.by_leaf.values())
-            total = sum(v.total_s for v in self.by_leaf.values())
-            per_lp = {str(k): v for k, v in sorted(self.by_lp.items())}
-        return {
-            "calls": calls,
-            "errors": errors,
-            "module-time-us": round(total * 1e6, 1),
-            "uptime-s": round(time.time() - self.started, 3),
-            "per-leaf": per_leaf,
-            "per-lp": per_lp,
-        }
+        """The module's call statistics (``module.stats``); empty before ``attach``."""
+        m = self.module
+        if m is None:
+            return {"calls": 0, "errors": 0, "per-leaf": {}, "per-lp": {}}
+        with m.cond:
+            return m.stats.as_dict()
 
     def close(self) -> None:
+        """Stop recording and close the file."""
+        self.detach()
         with self._lock:
             if self._file is not None:
                 self._file.close()

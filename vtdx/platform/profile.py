@@ -10,6 +10,7 @@ Tests build variants (fewer keyids, no MOVDIR64B, Dynamic PAMT on) from the same
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from vtdx.abi import fields as f
 from vtdx.errors import VtdxError
@@ -113,7 +114,7 @@ class Profile:
     )
 
     @classmethod
-    def from_vm(cls, smp: int, mem_bytes: int, **overrides: object) -> Profile:
+    def from_vm(cls, smp: int, mem_bytes: int, **overrides: Any) -> Profile:
         """Profile for a q35 VM with ``smp`` vCPUs and ``mem_bytes`` of RAM."""
         ram = q35_ram_layout(mem_bytes)
         base = cls(num_lps=smp, ram=ram, cmrs=ram)

@@ -14,7 +14,6 @@ import contextlib
 import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
 from vtdx.module import TdxModule
+from vtdx.module.stats import CallStats
 from vtdx.platform.profile import GiB, KiB, MiB, Profile
 from vtdx.units import format_size
 
@@ -107,38 +107,6 @@ class ConsoleLog:
 # --- SEAMCALL accounting ----------------------------------------------------------------------
 
 
-class CallStats:
-    """Per (LP, leaf) SEAMCALL counts, fed by a ``TdxModule`` observer."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.by_lp_leaf: Counter[tuple[int, int]] = Counter()
-        self.errors: Counter[int] = Counter()
-        #: Leaves in the order the kernel first used them (the summary follows its story).
-        self.order: dict[int, None] = {}
-
-    def observe(self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs,
-                duration_s: float) -> None:
-        with self._lock:
-            self.by_lp_leaf[(lp, leaf)] += 1
-            self.order.setdefault(leaf, None)
-            if regs_out.rax >> 63:
-                self.errors[leaf] += 1
-
-    def count(self, leaf: int, lp: int | None = None) -> int:
-        with self._lock:
-            return sum(n for (p, lf), n in self.by_lp_leaf.items()
-                       if lf == leaf and (lp is None or p == lp))
-
-    def per_leaf(self) -> dict[int, dict[int, int]]:
-        """{leaf: {lp: count}}."""
-        with self._lock:
-            out: dict[int, dict[int, int]] = {leaf: {} for leaf in self.order}
-            for (lp, leaf), n in sorted(self.by_lp_leaf.items()):
-                out[leaf][lp] = n
-        return out
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -208,6 +176,7 @@ class RunResult:
     console: ConsoleLog
     boot_s: float
     snapshot: dict[str, Any]
+    #: The module's call statistics (``TdxModule.stats``; merged if the run had several).
     stats: CallStats
     pamt_module_kb: int | None
     #: Problems on vtdx's side (daemon errors, model exceptions, QEMU's stderr): shown on failure.
@@ -274,11 +243,12 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
         lines.append(f"  keyids:    TDX [{prof.tdx_keyid_start}, {prof.tdx_keyid_end}), global "
                      f"{k.get('global')}, configured on packages {k.get('configured_packages')}")
     per_leaf = res.stats.per_leaf()
+    errors = res.stats.errors_by_leaf()
     if per_leaf:
         lines.append("  SEAMCALLs: leaf: total (per LP)")
         for leaf, by_lp in per_leaf.items():
             lps = " ".join(f"lp{lp}:{n}" for lp, n in by_lp.items())
-            errs = res.stats.errors.get(leaf, 0)
+            errs = errors.get(leaf, 0)
             err = f", {errs} failed" if errs else ""
             who = f"  {res.callers[leaf]}" if leaf in res.callers else ""
             lines.append(f"    {leaf_name(leaf):<22} {sum(by_lp.values()):>5} ({lps}{err}){who}")
@@ -356,13 +326,11 @@ async def run_async(opts: RunOptions, out: TextIO | None,
 
         machine_factory = Machine
     console = ConsoleLog()
-    stats = CallStats()
     finished = asyncio.Event()
     backends: list[_Recorder] = []
 
     def backend(profile: Profile, memory: Any) -> _Recorder:
         module = TdxModule(profile, memory)
-        module.add_observer(stats.observe)
         backends.append(_Recorder(module))
         return backends[-1]
 
@@ -415,6 +383,7 @@ async def run_async(opts: RunOptions, out: TextIO | None,
     if rec:
         diagnostics += [f"module: {e.strip().splitlines()[-1]}"
                         for e in rec.module.internal_errors]
+    stats = CallStats.merged([b.module.stats for b in backends])
     res = RunResult(code, verdict, console, boot_s, snapshot, stats, pamt_kb, diagnostics,
                     disabled_by_kernel=bool(rec and rec.at_disable is not None),
                     callers=callers)

@@ -6,14 +6,13 @@ state only; it returns human-readable problem strings (empty list = consistent).
 
 from __future__ import annotations
 
-from typing import Any
-
+from vtdx.module import TdxModule
 from vtdx.module import sept as S
-from vtdx.module.td_common import (
-    LVL_2M,
-    LVL_4K,
+from vtdx.module.pamt import (
+    LEVEL_2M,
+    LEVEL_4K,
+    PAGE_TYPE_NAMES,
     PT_EPT,
-    PT_NAMES,
     PT_NDA,
     PT_PAMT,
     PT_REG,
@@ -21,27 +20,27 @@ from vtdx.module.td_common import (
     PT_TDCX,
     PT_TDR,
     PT_TDVPR,
-    TD_BLOCKED,
-    TD_TEARDOWN,
-    env_of,
+    SHIFT,
+    PamtManager,
 )
+from vtdx.module.state import TD_BLOCKED, TD_TEARDOWN
 
-_SHIFT = (12, 21, 30)
+#: Page type names as the messages print them ("TDR", not "PT_TDR").
+PT_NAMES = {pt: name.removeprefix("PT_") for pt, name in PAGE_TYPE_NAMES.items()}
 
-
-def _pamt_owned(module: Any) -> dict[tuple[int, int], tuple[int, int]]:
+def _pamt_owned(module: TdxModule) -> dict[tuple[int, int], tuple[int, int]]:
     """(level, pa) -> (pt, owner) for every materialised PAMT entry that is not free."""
     out: dict[tuple[int, int], tuple[int, int]] = {}
     for level in (0, 1, 2):
         for idx, e in module.pamt.entries(level).items():
             if e.pt not in (PT_NDA, PT_RSVD):
-                out[(level, idx << _SHIFT[level])] = (e.pt, e.owner)
+                out[(level, idx << SHIFT[level])] = (e.pt, e.owner)
     return out
 
 
-def check_invariants(module: Any, *, expect_no_locks: bool = False) -> list[str]:
+def check_invariants(module: TdxModule, *, expect_no_locks: bool = False) -> list[str]:
     """All violations found, as readable lines."""
-    env = env_of(module)
+    gd = module.gd
     problems: list[str] = []
     bad = problems.append
     owned = _pamt_owned(module)
@@ -58,10 +57,10 @@ def check_invariants(module: Any, *, expect_no_locks: bool = False) -> list[str]
             bad(f"{what} at {pa:#x} also used as {claimed[key]}")
         claimed[key] = what
 
-    tds = env.td.tds
+    tds = gd.tds
     live_hkids: dict[int, int] = {}
     for tdr, td in tds.items():
-        claim(LVL_4K, tdr, PT_TDR, 0, f"TDR {tdr:#x}")
+        claim(LEVEL_4K, tdr, PT_TDR, 0, f"TDR {tdr:#x}")
         teardown = td.lifecycle == TD_TEARDOWN
         # chldcnt = 4KB-equivalents of every page the TD owns (PAMT owner == TDR)
         n = sum(1 << (9 * lvl) for (lvl, _), (pt, own) in owned.items()
@@ -80,15 +79,15 @@ def check_invariants(module: Any, *, expect_no_locks: bool = False) -> list[str]
         if teardown:
             continue  # pages are being reclaimed; only the ownership count above applies
         for pa in td.tdcx:
-            claim(LVL_4K, pa, PT_TDCX, tdr, f"TDCX of {tdr:#x}")
+            claim(LEVEL_4K, pa, PT_TDCX, tdr, f"TDCX of {tdr:#x}")
         for v in td.vcpus.values():
-            claim(LVL_4K, v.tdvpr_pa, PT_TDVPR, tdr, f"TDVPR of {tdr:#x}")
+            claim(LEVEL_4K, v.tdvpr_pa, PT_TDVPR, tdr, f"TDVPR of {tdr:#x}")
             for pa in v.tdvpx:
-                claim(LVL_4K, pa, PT_TDCX, tdr, f"TDVPX of {tdr:#x}")
+                claim(LEVEL_4K, pa, PT_TDCX, tdr, f"TDVPX of {tdr:#x}")
         if td.sept is None:
             continue
         for page in td.sept.non_root_pages():
-            claim(LVL_4K, page.hpa, PT_EPT, tdr, f"S-EPT page (level {page.level}) of {tdr:#x}")
+            claim(LEVEL_4K, page.hpa, PT_EPT, tdr, f"S-EPT page (level {page.level}) of {tdr:#x}")
         for page in td.sept.pages.values():
             for idx, e in page.entries.items():
                 if e.state in S.NON_LEAF_STATES:
@@ -110,69 +109,69 @@ def check_invariants(module: Any, *, expect_no_locks: bool = False) -> list[str]
             bad(f"PAMT {PT_NAMES.get(pt, pt)} page {pa:#x} (level {level}) owned by "
                 f"{owner:#x} is not part of any TD")
     problems += _check_hierarchy(module, owned)
-    if env.dpamt:
-        problems += _check_dpamt(module, env, owned)
-    elif env.dp.nodes or env.dp.bitmap:
+    if gd.pamt.dynamic:
+        problems += _check_dpamt(gd.pamt, owned)
+    elif gd.pamt.nodes or gd.pamt.bitmap:
         bad("Dynamic PAMT state exists but Dynamic PAMT is off")
     if expect_no_locks and len(module.locks):
         bad(f"locks still held: {module.locks.snapshot()}")
     return problems
 
 
-def _check_hierarchy(module: Any, owned: dict[tuple[int, int], tuple[int, int]]) -> list[str]:
+def _check_hierarchy(module: TdxModule, owned: dict[tuple[int, int], tuple[int, int]]) -> list[str]:
     """A 2MB/1GB leaf (PT_REG) has no assigned pages below it."""
     out = []
     for level, pa in owned:
-        if level == LVL_4K:
-            parent = owned.get((LVL_2M, pa & ~((1 << 21) - 1)))
+        if level == LEVEL_4K:
+            parent = owned.get((LEVEL_2M, pa & ~((1 << 21) - 1)))
             if parent is not None and parent[0] == PT_REG:
                 out.append(f"4KB page {pa:#x} assigned inside the 2MB page "
                            f"{pa & ~((1 << 21) - 1):#x}")
     return out
 
 
-def _check_dpamt(module: Any, env: Any, owned: dict[tuple[int, int], tuple[int, int]]) -> list[str]:
+def _check_dpamt(pamt: PamtManager, owned: dict[tuple[int, int], tuple[int, int]]) -> list[str]:
     out = []
-    nodes = env.dp.nodes
+    nodes = pamt.nodes
     users: dict[int, int] = {}
     for idx, node in nodes.items():
         rng = idx << 21
-        if owned.get((LVL_2M, rng), (None,))[0] != PT_PAMT:
+        if owned.get((LEVEL_2M, rng), (None,))[0] != PT_PAMT:
             out.append(f"DPAMT pair for {rng:#x} but its 2MB PAMT entry is not PT_PAMT")
         for hpa in (node.hpa0, node.hpa1):
-            if (hpa >> 12) not in env.dp.bitmap:
+            if (hpa >> 12) not in pamt.bitmap:
                 out.append(f"DPAMT page {hpa:#x} of range {rng:#x} not marked in the bitmap")
             if hpa >> 12 in users:
                 out.append(f"DPAMT page {hpa:#x} backs ranges {users[hpa >> 12] << 21:#x} "
                            f"and {rng:#x}")
             users[hpa >> 12] = idx
-            if (LVL_4K, hpa) in owned or (LVL_2M, hpa & ~((1 << 21) - 1)) in owned and owned[
-                    (LVL_2M, hpa & ~((1 << 21) - 1))][0] == PT_REG:
+            if (LEVEL_4K, hpa) in owned or (LEVEL_2M, hpa & ~((1 << 21) - 1)) in owned and owned[
+                    (LEVEL_2M, hpa & ~((1 << 21) - 1))][0] == PT_REG:
                 out.append(f"DPAMT page {hpa:#x} is also assigned to a TD")
-        count = sum(1 for i in range(512) if (LVL_4K, rng + (i << 12)) in owned)
+        count = sum(1 for i in range(512) if (LEVEL_4K, rng + (i << 12)) in owned)
         if count != node.page_count:
             out.append(f"DPAMT range {rng:#x}: page count {node.page_count}, "
                        f"{count} pages assigned")
-    for page in env.dp.bitmap:
+    for page in pamt.bitmap:
         if page not in users:
             out.append(f"bitmap marks {page << 12:#x} as a PAMT page but no range uses it")
     for (level, pa), (pt, _) in owned.items():
-        if level == LVL_2M and pt == PT_PAMT and (pa >> 21) not in nodes:
+        if level == LEVEL_2M and pt == PT_PAMT and (pa >> 21) not in nodes:
             out.append(f"2MB entry {pa:#x} is PT_PAMT without a page pair")
-        if level == LVL_4K and (pa >> 21) not in nodes:
+        if level == LEVEL_4K and (pa >> 21) not in nodes:
             out.append(f"4KB PAMT entry {pa:#x} exists without its range's DPAMT pair")
     return out
 
 
-def fingerprint(module: Any) -> tuple:
+def fingerprint(module: TdxModule) -> tuple[object, ...]:
     """Everything a SEAMCALL may change, as comparable plain data (for "a failed call leaves
     state unchanged" checks)."""
-    env = env_of(module)
+    gd = module.gd
     pamt = tuple(sorted((lvl, idx, e.pt, e.owner, e.bepoch)
                         for lvl in (0, 1, 2) for idx, e in module.pamt.entries(lvl).items()))
     tds = []
-    for tdr, td in sorted(env.td.tds.items()):
-        sept = ()
+    for tdr, td in sorted(gd.tds.items()):
+        sept: tuple[object, ...] = ()
         if td.sept is not None:
             sept = tuple(sorted((p.hpa, p.level, tuple(sorted((i, e.state, e.hpa)
                                                              for i, e in p.entries.items()
@@ -185,19 +184,19 @@ def fingerprint(module: Any) -> tuple:
                     td.pkg_config_bitmap, td.td_epoch, tuple(td.refcount), td.num_vcpus,
                     td.mrtd_ctx.copy().digest(), td.mrtd, td.tsc_offset,
                     tuple(sorted(td.fields.items())), sept, vcpus))
-    dp = (tuple(sorted((k, n.hpa0, n.hpa1, n.page_count) for k, n in env.dp.nodes.items())),
-          tuple(sorted(env.dp.bitmap)))
-    kot = (tuple(sorted(module.kot.items())),
-           tuple(sorted((k, tuple(sorted(v))) for k, v in module.kot_wbinvd.items())))
+    dp = (tuple(sorted((k, n.hpa0, n.hpa1, n.page_count) for k, n in gd.pamt.nodes.items())),
+          tuple(sorted(gd.pamt.bitmap)))
+    kot = (tuple(sorted(gd.kot.items())),
+           tuple(sorted((k, tuple(sorted(v))) for k, v in gd.kot_wbinvd.items())))
     return (pamt, tuple(tds), dp, kot)
 
 
-def td_snapshot(module: Any) -> dict[str, object]:
+def td_snapshot(module: TdxModule) -> dict[str, object]:
     """Plain-data view of every TD and of Dynamic PAMT, for inspectors (QMP) and logs."""
-    env = env_of(module)
     with module.cond:
+        gd = module.gd
         tds = []
-        for tdr, td in sorted(env.td.tds.items()):
+        for tdr, td in sorted(gd.tds.items()):
             states: dict[str, int] = {}
             leaves = td.sept.leaves() if td.sept is not None else []
             for _, level, e in leaves:
@@ -212,11 +211,11 @@ def td_snapshot(module: Any) -> dict[str, object]:
             })
         return {
             "tds": tds,
-            "dynamic_pamt": env.dpamt,
+            "dynamic_pamt": gd.pamt.dynamic,
             "dpamt_ranges": [{"range": k << 21, "hpa0": n.hpa0, "hpa1": n.hpa1,
                               "page_count": n.page_count}
-                             for k, n in sorted(env.dp.nodes.items())],
-            "dpamt_pages": len(env.dp.bitmap),
+                             for k, n in sorted(gd.pamt.nodes.items())],
+            "dpamt_pages": len(gd.pamt.bitmap),
             "pauses": [{"lp": h.lp, "leaf": h.leaf, "point": h.point, "paused": h.paused}
                        for h in getattr(module.control, "_pauses", [])],
         }

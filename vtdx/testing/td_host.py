@@ -1,8 +1,8 @@
 """A host-side driver that issues TD SEAMCALLs the way Linux KVM's TDX code does.
 
 Used by tests and by anyone who wants to drive the model without a kernel: builds TD_PARAMS
-in physical memory, runs the per-ioctl SEAMCALL sequences listed in
-/work/shared/reference/kvm-tdx-without-vmx.md (KVM_TDX_INIT_VM, INIT_VCPU, INIT_MEM_REGION,
+in physical memory, runs the per-ioctl SEAMCALL sequences of
+Linux arch/x86/kvm/vmx/tdx.c (KVM_TDX_INIT_VM, INIT_VCPU, INIT_MEM_REGION,
 FINALIZE_VM, fault-in with SEPT.ADD + PAGE.AUG, zap with BLOCK/TRACK/REMOVE, teardown) and,
 with Dynamic PAMT, the kernel's tdx_pamt_get()/tdx_pamt_put() refcounting around every page
 it hands to the module (RFC v5 patches 14-16). Every call goes through

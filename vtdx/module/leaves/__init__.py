@@ -3,6 +3,12 @@
 ``LEAF_TABLE`` is the dispatcher's table, in the spirit of tdx_vmm_dispatcher.c's switch:
 each family exports ``LEAVES`` (a list of ``LeafSpec``) and is named here once, so the link
 from a leaf number to its handler is an import an editor can follow.
+
+Adding a leaf: write ``def tdh_xxx(ctx: CallContext, inp: Regs, out: Regs) -> None`` in its
+family's file (checks in the module's order through ``vtdx.module.helpers``, failures raised
+as ``TdxError`` with operand ids from ``vtdx.abi.status``, ``ctx.checkpoint("locked")`` after
+the last check, then the state changes on ``ctx.gd``), add ``LeafSpec(Leaf.TDH_XXX, tdh_xxx)``
+to that file's ``LEAVES``, and name a new family file in ``_FAMILIES`` below.
 """
 
 from __future__ import annotations

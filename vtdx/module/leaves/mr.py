@@ -8,44 +8,50 @@ MR.FINALIZE finalises the running hash into MRTD and makes the TD runnable.
 
 from __future__ import annotations
 
-from typing import Any
-
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.module import sept as S
-from vtdx.module.leaves.mem_page import _sha_block
-from vtdx.module.td_common import EX, OP_RUNNABLE, TdEnv, TdxFail, fail, septe_fail, td_leaf
+from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module.errors import TdxError, fail
+from vtdx.module.helpers import (
+    EX,
+    check_gpa_validity,
+    check_lock_and_map_explicit_tdr,
+    check_state_map_tdcs_and_lock,
+    septe_error,
+    sha_block,
+)
+from vtdx.module.state import OP_RUNNABLE
 
 
-def mr_extend(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mr_extend(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MR.EXTEND(RCX = GPA of a 256-byte chunk, RDX = TDR)."""
-    gpa, tdr_pa = regs.rcx, regs.rdx
-    regs.rcx = regs.rdx = 0
-    _, td = env.lock_tdr(ctx, tdr_pa, st.OPERAND_ID_RDX, EX)
-    assert td is not None
-    env.tdcs(ctx, td, None, Leaf.TDH_MR_EXTEND)
-    if gpa % 256 or not env.gpa_valid(td, gpa):
+    gpa, tdr_pa = inp.rcx, inp.rdx
+    out.rcx = out.rdx = 0
+    td = check_lock_and_map_explicit_tdr(ctx, tdr_pa, st.OPERAND_ID_RDX, EX)
+    check_state_map_tdcs_and_lock(ctx, td, None, Leaf.TDH_MR_EXTEND)
+    if gpa % 256 or not check_gpa_validity(td, gpa):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
     assert td.sept is not None
     # check_and_walk_private_gpa_to_leaf: no S-EPT lock (the TDR is held exclusive)
     w = td.sept.walk(gpa, 0)
     if not w.entry.is_leaf or w.entry.state not in S.RWX_STATES:
-        raise septe_fail(st.TDX_EPT_ENTRY_NOT_PRESENT, st.OPERAND_ID_RCX, w)
+        raise septe_error(st.TDX_EPT_ENTRY_NOT_PRESENT, st.OPERAND_ID_RCX, w)
     if w.entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MR_EXTEND]:
-        raise TdxFail(st.TDX_EPT_ENTRY_NOT_PRESENT)
+        raise TdxError(st.TDX_EPT_ENTRY_NOT_PRESENT)
     ctx.checkpoint("locked")
     hpa = w.entry.hpa + (gpa & (S.level_size(w.level) - 1))
-    td.mrtd_ctx.update(_sha_block(b"MR.EXTEND", gpa))
-    td.mrtd_ctx.update(env.memory.read(hpa, 256))
+    td.mrtd_ctx.update(sha_block(b"MR.EXTEND", gpa))
+    td.mrtd_ctx.update(ctx.module.memory.read(hpa, 256))
 
 
-def mr_finalize(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mr_finalize(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MR.FINALIZE(RCX = TDR): MRTD = SHA-384 of everything measured so far."""
-    _, td = env.lock_tdr(ctx, regs.rcx, st.OPERAND_ID_RCX, EX)
-    assert td is not None
-    env.tdcs(ctx, td, None, Leaf.TDH_MR_FINALIZE)
+    td = check_lock_and_map_explicit_tdr(ctx, inp.rcx, st.OPERAND_ID_RCX, EX)
+    check_state_map_tdcs_and_lock(ctx, td, None, Leaf.TDH_MR_FINALIZE)
     if td.num_vcpus == 0:
-        raise fail(st.TDX_NO_VCPUS)
+        raise TdxError(st.TDX_NO_VCPUS)
     ctx.checkpoint("locked")
     td.mrtd = td.mrtd_ctx.digest()
     td.finalized = True
@@ -53,6 +59,6 @@ def mr_finalize(env: TdEnv, ctx: Any, regs: Any) -> None:
 
 
 LEAVES = [
-    td_leaf(Leaf.TDH_MR_EXTEND, mr_extend),
-    td_leaf(Leaf.TDH_MR_FINALIZE, mr_finalize),
+    LeafSpec(Leaf.TDH_MR_EXTEND, tdh_mr_extend),
+    LeafSpec(Leaf.TDH_MR_FINALIZE, tdh_mr_finalize),
 ]

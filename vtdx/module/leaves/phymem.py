@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module.errors import TdxError, fail
+from vtdx.module.locks import KOT_LOCK, wbt_key
 from vtdx.module.pamt import (
     LEVEL_1G,
     LEVEL_4K,
@@ -30,7 +33,6 @@ from vtdx.module.pamt import (
     PT_RSVD,
 )
 from vtdx.module.state import KOT_FLUSHED
-from vtdx.module.td_common import env_of
 
 CACHEWB_START = 0
 CACHEWB_RESUME = 1
@@ -38,56 +40,54 @@ CACHEWB_RESUME = 1
 RDMD_NON_LEAF = 1 << 63
 
 
-def tdh_phymem_cache_wb(ctx: CallContext) -> int:
-    m = ctx.module
-    cmd = ctx.regs.rcx
+def tdh_phymem_cache_wb(ctx: CallContext, inp: Regs, out: Regs) -> None:
+    gd = ctx.gd
+    cmd = inp.rcx
     if cmd > CACHEWB_RESUME:
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
     pkg = ctx.lp_state.package
-    ctx.lock(("wbt", pkg), True, st.TDX_OPERAND_BUSY + st.OPERAND_ID_WBCACHE)
-    ctx.lock(("kot",), False, st.TDX_OPERAND_BUSY + st.OPERAND_ID_KOT)
+    ctx.lock(wbt_key(pkg), True, st.TDX_OPERAND_BUSY + st.OPERAND_ID_WBCACHE)
+    ctx.lock(KOT_LOCK, False, st.TDX_OPERAND_BUSY + st.OPERAND_ID_KOT)
     ctx.checkpoint("locked")
     if cmd == CACHEWB_START:
-        m.cachewb_intr[pkg] = 0
-        flushed = [h for h, s in m.kot.items() if s == KOT_FLUSHED]
+        gd.cachewb_intr[pkg] = 0
+        flushed = [h for h, s in gd.kot.items() if s == KOT_FLUSHED]
         if not flushed:
-            return st.TDX_NO_HKID_READY_TO_WBCACHE
+            ctx.set_status(st.TDX_NO_HKID_READY_TO_WBCACHE)
+            return
     else:
-        if not m.cachewb_intr.get(pkg):
-            return st.TDX_WBCACHE_RESUME_ERROR
-        flushed = [h for h, s in m.kot.items() if s == KOT_FLUSHED]
+        if not gd.cachewb_intr.get(pkg):
+            raise TdxError(st.TDX_WBCACHE_RESUME_ERROR)
+        flushed = [h for h, s in gd.kot.items() if s == KOT_FLUSHED]
     for h in flushed:
-        m.kot_wbinvd.setdefault(h, set()).discard(pkg)
-    m.cachewb_intr[pkg] = 0
-    return st.TDX_SUCCESS
+        gd.kot_wbinvd.setdefault(h, set()).discard(pkg)
+    gd.cachewb_intr[pkg] = 0
 
 
-def tdh_phymem_page_rdmd(ctx: CallContext) -> int:
-    m, out = ctx.module, ctx.out
+def tdh_phymem_page_rdmd(ctx: CallContext, inp: Regs, out: Regs) -> None:
     out.rcx = out.rdx = out.r8 = out.r9 = out.r10 = out.r11 = 0
-    rcx = ctx.regs.rcx
+    rcx = inp.rcx
     level = rcx & 0x7
     pa = rcx & ~0xFFF  # bits 63:52 (reserved) fail the MAX_PA check below
-    dpamt = m.dynamic_pamt_enabled
+    pamt = ctx.gd.pamt
+    dpamt = pamt.dynamic
     if rcx & 0xFF8 or level > LEVEL_1G or (not dpamt and level > LEVEL_4K):
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
-    if pa & (PAGE_SIZE[level] - 1) or not m.pa_ok(pa):
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
-    if not m.pamt.block_ready(pa):
-        return st.TDX_OPERAND_ADDR_RANGE_ERROR + st.OPERAND_ID_RCX
-    reached, entry = m.pamt.walk(ctx, pa, False, st.OPERAND_ID_RCX, level)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
+    if pa & (PAGE_SIZE[level] - 1) or not ctx.module.pa_ok(pa):
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
+    w = pamt.ready_walk(ctx, pa, False, level, st.OPERAND_ID_RCX)
     ctx.checkpoint("locked")
+    entry = w.entry
     pt, flags = entry.pt, 0
-    out.r8 = reached
+    out.r8 = w.level
     if dpamt:
-        env = env_of(m)
         # Under DPAMT the module keeps no PT_RSVD 4K entries (pair pages start zeroed); the
         # model's default PT_RSVD 4K entry stands for PT_NDA with the reserved page's bit set.
-        if level == LEVEL_4K and pt in (PT_NDA, PT_RSVD) and env.bitmap_get(pa):
+        if level == LEVEL_4K and pt in (PT_NDA, PT_RSVD) and pamt.bitmap_get(pa):
             pt, out.r8 = PT_PAMT, LEVEL_4K
         elif pt == PT_PAMT:
             flags = RDMD_NON_LEAF
-            node = env.dp.node(pa)
+            node = pamt.node(pa)
             if node is not None:
                 out.r10, out.r11 = node.hpa0, node.hpa1
     out.rcx = pt | flags
@@ -95,11 +95,9 @@ def tdh_phymem_page_rdmd(ctx: CallContext) -> int:
         out.rdx = entry.owner
     if entry.pt in (PT_REG, PT_EPT):
         out.r9 = entry.bepoch
-    return st.TDX_SUCCESS
 
 
 LEAVES = [
     LeafSpec(Leaf.TDH_PHYMEM_CACHE_WB, tdh_phymem_cache_wb),
     LeafSpec(Leaf.TDH_PHYMEM_PAGE_RDMD, tdh_phymem_page_rdmd),
 ]
-

@@ -3,18 +3,25 @@
 From intel/tdx-module tdh_phymem_page_reclaim.c: walk the page's PAMT exclusive (to any
 leaf level); PT_NDA/PT_RSVD -> TDX_PAGE_METADATA_INCORRECT|RCX; outputs RCX = page type,
 RDX = owner, R8 = level; a non-TDR page needs its TD in TEARDOWN (implicit TDR lock shared),
-a TDR needs TEARDOWN and CHLDCNT == 0. Registered after MODULE's "phymem" family.
+a TDR needs TEARDOWN and CHLDCNT == 0.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
-from vtdx.module.td_common import (
+from vtdx.abi.regs import Regs
+from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module.errors import TdxError, fail
+from vtdx.module.helpers import (
     EX,
-    LVL_4K,
+    SH,
+    check_and_lock_explicit_private_hpa,
+    hpa_check_with_pwr_2_alignment,
+)
+from vtdx.module.pamt import (
+    LEVEL_4K,
+    PAGE_4K,
     PT_EPT,
     PT_NDA,
     PT_PAMT,
@@ -23,54 +30,49 @@ from vtdx.module.td_common import (
     PT_TDCX,
     PT_TDR,
     PT_TDVPR,
-    SH,
-    TD_TEARDOWN,
-    TdEnv,
-    TdxFail,
-    fail,
     pamt_key,
-    td_leaf,
 )
+from vtdx.module.state import TD_TEARDOWN
 
-OPERAND_ID_TDR = 128
 
-
-def page_reclaim(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_phymem_page_reclaim(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.PHYMEM.PAGE.RECLAIM(RCX = page HPA) -> RCX type, RDX owner, R8 size."""
-    pa = regs.rcx
-    regs.rcx = regs.rdx = 0
-    if not env.hpa_check(pa, 4096):
+    pa = inp.rcx
+    out.rcx = out.rdx = 0
+    if not hpa_check_with_pwr_2_alignment(ctx, pa, PAGE_4K):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
-    w = env.ready_walk(ctx, pa, EX, LVL_4K, st.OPERAND_ID_RCX)
+    gd = ctx.gd
+    pamt = gd.pamt
+    w = pamt.ready_walk(ctx, pa, EX, LEVEL_4K, st.OPERAND_ID_RCX)
     pt, owner, level = w.entry.pt, w.entry.owner, w.level
     if pt in (PT_NDA, PT_RSVD, PT_PAMT):
         raise fail(st.TDX_PAGE_METADATA_INCORRECT, st.OPERAND_ID_RCX)
-    regs.rcx, regs.rdx, regs.r8 = pt, owner, level
-    if level > LVL_4K and pa % (4096 << (9 * level)):
+    out.rcx, out.rdx, out.r8 = pt, owner, level
+    if level > LEVEL_4K and pa % (PAGE_4K << (9 * level)):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
-    tds = env.td.tds
+    tds = gd.tds
     if pt != PT_TDR:
-        if not ctx.try_lock(pamt_key(LVL_4K, owner), SH):
-            raise fail(st.TDX_OPERAND_BUSY, OPERAND_ID_TDR)
+        if not ctx.try_lock(pamt_key(LEVEL_4K, owner), SH):
+            raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_TDR)
         td = tds[owner]
         if td.lifecycle != TD_TEARDOWN:
-            raise TdxFail(st.TDX_LIFECYCLE_STATE_INCORRECT)
+            raise TdxError(st.TDX_LIFECYCLE_STATE_INCORRECT)
     else:
         td = tds[pa]
         if td.lifecycle != TD_TEARDOWN:
-            raise TdxFail(st.TDX_LIFECYCLE_STATE_INCORRECT)
+            raise TdxError(st.TDX_LIFECYCLE_STATE_INCORRECT)
         if td.chldcnt:
-            raise TdxFail(st.TDX_TD_ASSOCIATED_PAGES_EXIST)
+            raise TdxError(st.TDX_TD_ASSOCIATED_PAGES_EXIST)
     ctx.checkpoint("locked")
-    env.set_entry(pa, level, PT_NDA)
-    if level == LVL_4K:
-        env.dec_page_count(pa)
+    pamt.set(pa, level, PT_NDA)
+    if level == LEVEL_4K:
+        pamt.dec_page_count(pa)
     if pt == PT_TDR:
         del tds[pa]
         return
     td.chldcnt -= 1 << (9 * level)
     if pt == PT_TDVPR:
-        env.td.vcpus.pop(pa, None)
+        gd.vcpus.pop(pa, None)
         td.vcpus.pop(pa, None)
     elif pt == PT_TDCX:
         for v in td.vcpus.values():
@@ -84,15 +86,15 @@ def page_reclaim(env: TdEnv, ctx: Any, regs: Any) -> None:
         pass  # data page; its S-EPT entry went with the S-EPT teardown
 
 
-def page_wbinvd(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_phymem_page_wbinvd(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.PHYMEM.PAGE.WBINVD(RCX = page HPA, HKID bits allowed): write back a page that
     was just removed from a TD (its PAMT entry must already be PT_NDA)."""
-    pa = regs.rcx & ~env.hkid_mask
-    env.check_lock_private(ctx, pa, st.OPERAND_ID_RCX, SH, PT_NDA)
+    pa = inp.rcx & ~ctx.module.hkid_mask
+    check_and_lock_explicit_private_hpa(ctx, pa, st.OPERAND_ID_RCX, SH, PT_NDA)
     ctx.checkpoint("locked")
 
 
 LEAVES = [
-    td_leaf(Leaf.TDH_PHYMEM_PAGE_RECLAIM, page_reclaim),
-    td_leaf(Leaf.TDH_PHYMEM_PAGE_WBINVD, page_wbinvd),
+    LeafSpec(Leaf.TDH_PHYMEM_PAGE_RECLAIM, tdh_phymem_page_reclaim),
+    LeafSpec(Leaf.TDH_PHYMEM_PAGE_WBINVD, tdh_phymem_page_wbinvd),
 ]

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import MASK64 as U64_MAX
+from vtdx.abi.regs import Regs
 from vtdx.module.context import CallContext, LeafSpec
-from vtdx.module.errors import TdxError
-from vtdx.module.leaves.sys_init import SYS_LOCK
+from vtdx.module.errors import TdxError, fail
+from vtdx.module.locks import SYS_LOCK
 from vtdx.module.pamt import LEVEL_1G, LEVEL_2M, LEVEL_4K, GiB, Tdmr
 from vtdx.module.state import KOT_RESERVED, SysState
 
@@ -27,7 +29,6 @@ MAX_TDMRS = 64
 MAX_RESERVED_AREAS = 16
 TDMR_INFO_ALIGN = 512
 TDMR_INFO_SIZE = 8 * 8 + MAX_RESERVED_AREAS * 16
-U64_MAX = (1 << 64) - 1
 PAGE_MASK = 0xFFF
 DPAMT_ENABLE_BIT = 1 << 16
 _CHECK_ORDER = (LEVEL_1G, LEVEL_2M, LEVEL_4K)
@@ -49,7 +50,7 @@ class _Info:
 
     def available(self) -> list[tuple[int, int]]:
         """Non-reserved [start, end) pieces, walked like the module (null entry ends the list)."""
-        out = []
+        out: list[tuple[int, int]] = []
         start = self.base
         end_all = self.base + self.size
         valid = False
@@ -139,7 +140,7 @@ def _pamt_required(m: TdxModule, level: int, tdmr_size: int, dpamt: bool) -> int
     if dpamt and level == LEVEL_4K:
         bits = m.profile.pamt_bitmap_entry_bits
         return ((tdmr_size >> 12) * bits + 7) // 8
-    return m.pamt.required_size(level, tdmr_size)
+    return m.gd.pamt.required_size(level, tdmr_size)
 
 
 def _check_pamts(m: TdxModule, infos: list[_Info], i: int, dpamt: bool) -> None:
@@ -180,31 +181,31 @@ def _hits(avail: list[tuple[int, int]], base: int, size: int) -> bool:
     return any(_overlap(base, size, s, e - s) for s, e in avail if e > s)
 
 
-def tdh_sys_config(ctx: CallContext) -> int:
-    m, regs = ctx.module, ctx.regs
+def tdh_sys_config(ctx: CallContext, inp: Regs, out: Regs) -> None:
+    m, gd = ctx.module, ctx.gd
     ctx.lock(SYS_LOCK, True, st.TDX_SYS_BUSY)
     ctx.checkpoint("locked")
-    if m.state != SysState.SYSINIT_DONE or m.num_init_lps < len(m.lps):
-        return st.TDX_SYS_CONFIG_NOT_PENDING
-    array_pa, count, hkid_in = regs.rcx, regs.rdx, regs.r8
+    if gd.sys_state != SysState.SYSINIT_DONE or gd.num_init_lps < len(gd.lps):
+        raise TdxError(st.TDX_SYS_CONFIG_NOT_PENDING)
+    array_pa, count, hkid_in = inp.rcx, inp.rdx, inp.r8
     if not m.shared_hpa_ok(array_pa, TDMR_INFO_ALIGN):
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
     if count > MAX_TDMRS or count < 1:
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RDX
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     reserved = ~0xFFFF & U64_MAX
     if m.profile.dynamic_pamt:
         reserved &= ~DPAMT_ENABLE_BIT
     hkid = hkid_in & 0xFFFF
     if hkid_in & reserved or not m.is_private_hkid(hkid):
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_R8
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_R8)
     dpamt = bool(hkid_in & DPAMT_ENABLE_BIT)
-    m.global_keyid = hkid  # the module records it before checking the TDMRs
-    m.kot[hkid] = KOT_RESERVED
+    gd.global_keyid = hkid  # the module records it before checking the TDMRs
+    gd.kot[hkid] = KOT_RESERVED
     infos: list[_Info] = []
     for i in range(count):
         entry_pa = ctx.read_u64(array_pa + 8 * i)
         if not m.shared_hpa_ok(entry_pa, TDMR_INFO_ALIGN):
-            return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
+            raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
         infos.append(_Info(ctx.read(entry_pa, TDMR_INFO_SIZE)))
         _check_tdmr(m, infos, i, dpamt)
     tdmrs = []
@@ -215,11 +216,10 @@ def tdh_sys_config(ctx: CallContext) -> int:
                 break
             rsvd.append((off, size))
         tdmrs.append(Tdmr(i, t.base, t.size, t.pamt_base, t.pamt_size, tuple(rsvd)))
-    m.pamt.configure(tdmrs)
-    m.dynamic_pamt_enabled = dpamt
-    m.pkg_config.clear()
-    m.state = SysState.SYSCONFIG_DONE
-    return st.TDX_SUCCESS
+    gd.pamt.configure(tdmrs)
+    gd.pamt.dynamic = dpamt
+    gd.pkg_config.clear()
+    gd.sys_state = SysState.SYSCONFIG_DONE
 
 
 LEAVES = [LeafSpec(Leaf.TDH_SYS_CONFIG, tdh_sys_config)]

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 from vtdx.abi import fields as fl
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module.errors import TdxError, fail
 
 if TYPE_CHECKING:
     from vtdx.module.core import TdxModule
@@ -51,7 +53,7 @@ def global_values(m: TdxModule) -> dict[str, list[int]]:
         "MIN_UPDATE_HV": [0],
         "NO_DOWNGRADE": [0],
         "NUM_HANDOFF_PAGES": [0],
-        "SYS_ATTRIBUTES": [m.sys_attributes],
+        "SYS_ATTRIBUTES": [m.gd.sys_attributes],
         "NUM_TDX_FEATURES": [1],
         "TDX_FEATURES0": [p.features0],
         "NUM_CMRS": [len(cmrs)],
@@ -103,7 +105,7 @@ class _Catalogue:
     __slots__ = ("key", "values", "ids", "next_of")
 
     def __init__(self, m: TdxModule) -> None:
-        self.key = m.sys_attributes
+        self.key = m.gd.sys_attributes
         self.values = global_values(m)
         self.ids = _elements(self.values)
         self.next_of = {
@@ -114,58 +116,59 @@ class _Catalogue:
 
 
 def catalogue(m: TdxModule) -> _Catalogue:
-    cat = m.ext.get("sys_rd")
-    if cat is None or cat.key != m.sys_attributes:
-        cat = m.ext["sys_rd"] = _Catalogue(m)
+    """The catalogue, cached in the module state (rebuilt when SYS_ATTRIBUTES changes)."""
+    cat = m.gd.sys_rd_catalogue
+    if not isinstance(cat, _Catalogue) or cat.key != m.gd.sys_attributes:
+        cat = m.gd.sys_rd_catalogue = _Catalogue(m)
     return cat
 
 
-def tdh_sys_rd(ctx: CallContext) -> int:
-    m, out = ctx.module, ctx.out
+def tdh_sys_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
     out.rdx = _FIELD_NA
     out.r8 = 0
     if not ctx.lp_state.initialized:
-        return st.TDX_SYS_LP_INIT_NOT_DONE
-    field_id = ctx.regs.rdx & ~fl.CONTEXT_MASK  # context code is implicit (SYS = 0)
-    cat = catalogue(m)
+        raise TdxError(st.TDX_SYS_LP_INIT_NOT_DONE)
+    field_id = inp.rdx & ~fl.CONTEXT_MASK  # context code is implicit (SYS = 0)
+    cat = catalogue(ctx.module)
     values = cat.values
     if fl.is_null(field_id):
         out.rdx = cat.ids[0] if cat.ids else _FIELD_NA
-        return st.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT
+        ctx.set_status(st.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT)
+        return
     if field_id & fl.SINGLE_ELEMENT_MBZ:
-        return st.TDX_METADATA_FIELD_ID_INCORRECT
+        raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
     hit = fl.lookup_global(field_id)
     if hit is None or hit[0].name not in values:
-        return st.TDX_METADATA_FIELD_ID_INCORRECT
+        raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
     f, idx = hit
     vals = values[f.name]
     if idx >= len(vals):  # CPUID config entries past NUM_CPUID_CONFIG
-        return st.TDX_METADATA_FIELD_SKIP
+        ctx.set_status(st.TDX_METADATA_FIELD_SKIP)
+        return
     out.r8 = vals[idx] & _mask(f)
     out.rdx = cat.next_of.get((fl.class_code(field_id), fl.field_code(field_id)), _FIELD_NA)
-    return st.TDX_SUCCESS
 
 
 RDALL_BUF = 4096
 
 
-def tdh_sys_rdall(ctx: CallContext) -> int:
+def tdh_sys_rdall(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """Dump fields from R8 on as a metadata list: u16 size, u16 sequences, u32 0, then per
     sequence a field id header (last-element / last-field counts set) and u64 elements."""
-    m, out = ctx.module, ctx.out
+    m = ctx.module
     out.r8 = _FIELD_NA
     if not ctx.lp_state.initialized:
-        return st.TDX_SYS_LP_INIT_NOT_DONE
-    buf_pa = ctx.regs.rdx
+        raise TdxError(st.TDX_SYS_LP_INIT_NOT_DONE)
+    buf_pa = inp.rdx
     if not m.shared_hpa_ok(buf_pa, RDALL_BUF):
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RDX
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     values = catalogue(m).values
-    start = ctx.regs.r8 & ~fl.CONTEXT_MASK
+    start = inp.r8 & ~fl.CONTEXT_MASK
     fields = [f for f in fl.GLOBAL_FIELDS if f.name in values]
     if not fl.is_null(start):
         hit = fl.lookup_global(start)
         if hit is None or hit[0] not in fields:
-            return st.TDX_METADATA_FIELD_ID_INCORRECT
+            raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
         fields = fields[fields.index(hit[0]):]
     body = bytearray()
     nseq = 0
@@ -181,10 +184,11 @@ def tdh_sys_rdall(ctx: CallContext) -> int:
         body += b"".join(struct.pack("<Q", x & _mask(f)) for x in vals)
         nseq += 1
     if not m.memory.contains(buf_pa, RDALL_BUF):
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RDX
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     m.memory.write(buf_pa, struct.pack("<HHI", 8 + len(body), nseq, 0) + bytes(body))
     out.r8 = next_id
-    return st.TDX_SUCCESS if next_id == _FIELD_NA else st.TDX_METADATA_LIST_OVERFLOW
+    if next_id != _FIELD_NA:
+        raise TdxError(st.TDX_METADATA_LIST_OVERFLOW)
 
 
 LEAVES = [

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.module.context import CallContext, LeafSpec
-from vtdx.module.leaves.sys_init import SYS_LOCK
+from vtdx.module.errors import TdxError, fail
+from vtdx.module.locks import SYS_LOCK
 from vtdx.module.state import SysState
 
 MODULE_HV = 0
@@ -21,32 +23,29 @@ NO_DOWNGRADE = False
 
 
 def _others_busy(ctx: CallContext) -> bool:
-    return any(s.busy for s in ctx.module.lps if s.lp != ctx.lp)
+    return any(s.busy for s in ctx.gd.lps if s.lp != ctx.lp)
 
 
-def tdh_sys_shutdown(ctx: CallContext) -> int:
-    m = ctx.module
-    hv = ctx.regs.rcx
+def tdh_sys_shutdown(ctx: CallContext, inp: Regs, out: Regs) -> None:
+    hv = inp.rcx
     if hv < MIN_UPDATE_HV or hv > MODULE_HV or (NO_DOWNGRADE and hv != MODULE_HV):
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
     ctx.lock(SYS_LOCK, True, st.TDX_SYS_BUSY)
     ctx.checkpoint("locked")
     if _others_busy(ctx):  # another LP is inside the module
-        return st.TDX_SYS_BUSY
-    m.state = SysState.SYS_SHUTDOWN
-    return st.TDX_SUCCESS
+        raise TdxError(st.TDX_SYS_BUSY)
+    ctx.gd.sys_state = SysState.SYS_SHUTDOWN
 
 
-def tdh_sys_disable(ctx: CallContext) -> int:
+def tdh_sys_disable(ctx: CallContext, inp: Regs, out: Regs) -> None:
     m = ctx.module
     if not m.profile.sys_disable:
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RAX
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RAX)
     ctx.lock(SYS_LOCK, True, st.TDX_SYS_BUSY)
     ctx.checkpoint("locked")
     if _others_busy(ctx):
-        return st.TDX_SYS_BUSY
+        raise TdxError(st.TDX_SYS_BUSY)
     m.reset()
-    return st.TDX_SUCCESS
 
 
 LEAVES = [

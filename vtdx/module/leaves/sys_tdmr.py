@@ -9,26 +9,27 @@ from __future__ import annotations
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.module.context import CallContext, LeafSpec
-from vtdx.module.pamt import TDMR_INIT_4K_PER_CALL, GiB
+from vtdx.module.errors import TdxError, fail
+from vtdx.module.locks import tdmr_key
+from vtdx.module.pamt import PAGE_4K, TDMR_INIT_4K_PER_CALL, GiB
 
 
-def tdh_sys_tdmr_init(ctx: CallContext) -> int:
-    m, out = ctx.module, ctx.out
+def tdh_sys_tdmr_init(ctx: CallContext, inp: Regs, out: Regs) -> None:
     out.rdx = 0
-    tdmr_pa = ctx.regs.rcx
-    if tdmr_pa & (GiB - 1) or not m.pa_ok(tdmr_pa):
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
-    tdmr = m.pamt.tdmr_by_base(tdmr_pa)
+    tdmr_pa = inp.rcx
+    if tdmr_pa & (GiB - 1) or not ctx.module.pa_ok(tdmr_pa):
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
+    tdmr = ctx.gd.pamt.tdmr_by_base(tdmr_pa)
     if tdmr is None:
-        return st.TDX_OPERAND_INVALID + st.OPERAND_ID_RCX
-    ctx.lock(("tdmr", tdmr.index), True, st.TDX_OPERAND_BUSY + st.OPERAND_ID_RCX)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RCX)
+    ctx.lock(tdmr_key(tdmr.index), True, st.TDX_OPERAND_BUSY + st.OPERAND_ID_RCX)
     ctx.checkpoint("locked")
     if tdmr.next_init >= tdmr.end:
-        return st.TDX_TDMR_ALREADY_INITIALIZED
-    tdmr.next_init += TDMR_INIT_4K_PER_CALL * 4096
+        raise TdxError(st.TDX_TDMR_ALREADY_INITIALIZED)
+    tdmr.next_init += TDMR_INIT_4K_PER_CALL * PAGE_4K
     out.rdx = tdmr.next_init & ~(GiB - 1)
-    return st.TDX_SUCCESS
 
 
 LEAVES = [LeafSpec(Leaf.TDH_SYS_TDMR_INIT, tdh_sys_tdmr_init)]

@@ -7,46 +7,40 @@ tdh_mng_{create,key_config,add_cx,init,rd_wr,vpflushdone,key_freeid,key_reclaimi
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
+from vtdx.abi.regs import Regs
 from vtdx.module import sept as S
-from vtdx.module.state import KOT_ASSIGNED, KOT_FLUSHED, KOT_FREE
-from vtdx.module.td_common import (
+from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module.errors import TdxError, fail
+from vtdx.module.helpers import (
     EX,
-    LVL_4K,
+    SH,
+    check_and_lock_explicit_private_hpa,
+    check_lock_and_map_explicit_tdr,
+    check_state_map_tdcs_and_lock,
+    shared_hpa_check_with_pwr_2_alignment,
+)
+from vtdx.module.locks import KOT_LOCK, ket_key
+from vtdx.module.pamt import LEVEL_4K, PAGE_4K, PT_NDA, PT_TDCX, PT_TDR
+from vtdx.module.state import (
+    KOT_ASSIGNED,
+    KOT_FLUSHED,
+    KOT_FREE,
     OP_INITIALIZED,
     OP_UNINITIALIZED,
-    PT_NDA,
-    PT_TDCX,
-    PT_TDR,
     SEPT_ROOT_PAGE_INDEX,
-    SH,
     TD_BLOCKED,
     TD_HKID_ASSIGNED,
     TD_KEYS_CONFIGURED,
     TD_TEARDOWN,
-    TdEnv,
     TdState,
-    TdxFail,
-    fail,
-    td_leaf,
 )
-
-OPERAND_ID_KOT = 186
-OPERAND_ID_ATTRIBUTES = 64
-OPERAND_ID_XFAM = 65
-OPERAND_ID_EXEC_CONTROLS = 66
-OPERAND_ID_EPTP_CONTROLS = 67
-OPERAND_ID_MAX_VCPUS = 68
-OPERAND_ID_CPUID_CONFIG = 69
-OPERAND_ID_TSC_FREQUENCY = 70
-OPERAND_ID_NUM_L2_VMS = 71
 
 TD_PARAMS_SIZE = 1024
 CPUID_CONFIG_OFFSET = 256
-# MNG.RD/WR field ids KVM uses (kvm-tdx-without-vmx.md).
+# MNG.RD/WR field ids KVM uses (Linux arch/x86/kvm/vmx/tdx.c, arch/x86/include/asm/tdx.h).
 FIELD_TSC_OFFSET = 0x110000000000000A
 FIELD_TSC_MULTIPLIER = 0x110000000000000B
 FIELD_CPUID_BASE = 0x9410000300000000
@@ -56,121 +50,118 @@ FIELD_NUM_VCPUS = 0x1110000200000002
 FIELD_MAX_VCPUS = 0x1110000200000003
 
 
-def _tdr(env: TdEnv, ctx: Any, tdr_pa: int, operand: int, exclusive: bool) -> TdState:
-    _, td = env.lock_tdr(ctx, tdr_pa, operand, exclusive)
-    assert td is not None, "PT_TDR page without TD state"
-    return td
-
-
-def mng_create(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_create(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.CREATE(RCX = TDR PA, RDX = HKID)."""
-    tdr_pa, hkid_info = regs.rcx, regs.rdx
+    tdr_pa, hkid_info = inp.rcx, inp.rdx
     hkid = hkid_info & 0xFFFF
-    prof = env.module.profile
+    prof = ctx.module.profile
     first, last = prof.tdx_keyid_start, prof.tdx_keyid_start + prof.tdx_keyids
     if (hkid_info >> 16) or not (first <= hkid < last):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
-    env.lock_tdr(ctx, tdr_pa, st.OPERAND_ID_RCX, EX, PT_NDA)
-    if not ctx.try_lock(("kot",), EX):
-        raise fail(st.TDX_OPERAND_BUSY, OPERAND_ID_KOT)
-    kot = env.module.kot
+    check_and_lock_explicit_private_hpa(ctx, tdr_pa, st.OPERAND_ID_RCX, EX, PT_NDA)
+    if not ctx.try_lock(KOT_LOCK, EX):
+        raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_KOT)
+    gd = ctx.gd
+    kot = gd.kot
     if kot.get(hkid, KOT_FREE) != KOT_FREE:
-        raise TdxFail(st.TDX_HKID_NOT_FREE)
+        raise TdxError(st.TDX_HKID_NOT_FREE)
     ctx.checkpoint("locked")
     kot[hkid] = KOT_ASSIGNED
-    env.td.tds[tdr_pa] = TdState(tdr_pa=tdr_pa, hkid=hkid)
-    env.memory.zero(tdr_pa, 4096)
-    env.set_entry(tdr_pa, LVL_4K, PT_TDR)
-    env.inc_page_count(tdr_pa)
+    gd.tds[tdr_pa] = TdState(tdr_pa=tdr_pa, hkid=hkid)
+    ctx.module.memory.zero(tdr_pa, PAGE_4K)
+    gd.pamt.set(tdr_pa, LEVEL_4K, PT_TDR)
+    gd.pamt.inc_page_count(tdr_pa)
 
 
-def mng_key_config(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_key_config(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.KEY.CONFIG(RCX = TDR PA): program the TD key on this LP's package."""
-    td = _tdr(env, ctx, regs.rcx, st.OPERAND_ID_RCX, EX)
+    td = check_lock_and_map_explicit_tdr(ctx, inp.rcx, st.OPERAND_ID_RCX, EX)
     if td.fatal:
-        raise TdxFail(st.TDX_TD_FATAL)
+        raise TdxError(st.TDX_TD_FATAL)
     if td.lifecycle != TD_HKID_ASSIGNED:
-        raise TdxFail(st.TDX_LIFECYCLE_STATE_INCORRECT)
-    prof = env.module.profile
+        raise TdxError(st.TDX_LIFECYCLE_STATE_INCORRECT)
+    prof = ctx.module.profile
     pkg_bit = 1 << prof.package_of(ctx.lp)
     if td.pkg_config_bitmap & pkg_bit:
-        raise TdxFail(st.TDX_KEY_CONFIGURED)
-    if not ctx.try_lock(("ket", prof.package_of(ctx.lp)), EX):
-        raise fail(st.TDX_OPERAND_BUSY, 187)
+        raise TdxError(st.TDX_KEY_CONFIGURED)
+    if not ctx.try_lock(ket_key(prof.package_of(ctx.lp)), EX):
+        raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_KET)
     ctx.checkpoint("locked")
     td.pkg_config_bitmap |= pkg_bit
     if td.pkg_config_bitmap == (1 << prof.num_packages) - 1:
         td.lifecycle = TD_KEYS_CONFIGURED
 
 
-def mng_addcx(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_addcx(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.ADDCX(RCX = TDCX PA, RDX = TDR PA)."""
-    tdcx_pa, tdr_pa = regs.rcx, regs.rdx
-    td = _tdr(env, ctx, tdr_pa, st.OPERAND_ID_RDX, EX)
+    tdcx_pa, tdr_pa = inp.rcx, inp.rdx
+    td = check_lock_and_map_explicit_tdr(ctx, tdr_pa, st.OPERAND_ID_RDX, EX)
     if td.fatal:
-        raise TdxFail(st.TDX_TD_FATAL)
+        raise TdxError(st.TDX_TD_FATAL)
     if td.lifecycle != TD_KEYS_CONFIGURED:
-        raise TdxFail(st.TDX_TD_KEYS_NOT_CONFIGURED)
-    if len(td.tdcx) >= env.min_tdcs:
-        raise TdxFail(st.TDX_TDCX_NUM_INCORRECT)  # no L2 VMs in this model
-    env.check_lock_private(ctx, tdcx_pa, st.OPERAND_ID_RCX, EX, PT_NDA)
+        raise TdxError(st.TDX_TD_KEYS_NOT_CONFIGURED)
+    if len(td.tdcx) >= ctx.module.min_tdcs:
+        raise TdxError(st.TDX_TDCX_NUM_INCORRECT)  # no L2 VMs in this model
+    check_and_lock_explicit_private_hpa(ctx, tdcx_pa, st.OPERAND_ID_RCX, EX, PT_NDA)
     ctx.checkpoint("locked")
-    env.memory.zero(tdcx_pa, 4096)
+    ctx.module.memory.zero(tdcx_pa, PAGE_4K)
     td.tdcx.append(tdcx_pa)
     td.chldcnt += 1
-    env.set_entry(tdcx_pa, LVL_4K, PT_TDCX, tdr_pa)
-    env.inc_page_count(tdcx_pa)
+    pamt = ctx.gd.pamt
+    pamt.set(tdcx_pa, LEVEL_4K, PT_TDCX, tdr_pa)
+    pamt.inc_page_count(tdcx_pa)
 
 
-def _cpuid_configs(env: TdEnv) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+def _cpuid_configs(ctx: CallContext) -> list[tuple[int, int, tuple[int, int, int, int]]]:
     """(leaf, subleaf, configurable-bit masks) the module enumerates (CPUID_CONFIG_*)."""
-    return [(leaf, sub, masks) for (leaf, sub), masks in env.module.profile.cpuid_config]
+    return [(leaf, sub, masks) for (leaf, sub), masks in ctx.module.profile.cpuid_config]
 
 
-def mng_init(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_init(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.INIT(RCX = TDR PA, RDX = TD_PARAMS PA): validate TD_PARAMS and configure."""
-    tdr_pa, params_pa = regs.rcx, regs.rdx
-    td = _tdr(env, ctx, tdr_pa, st.OPERAND_ID_RCX, EX)
-    env.tdcs(ctx, td, None, 21)
-    code = env.shared_hpa_check(params_pa, TD_PARAMS_SIZE, TD_PARAMS_SIZE)
+    tdr_pa, params_pa = inp.rcx, inp.rdx
+    td = check_lock_and_map_explicit_tdr(ctx, tdr_pa, st.OPERAND_ID_RCX, EX)
+    check_state_map_tdcs_and_lock(ctx, td, None, Leaf.TDH_MNG_INIT)
+    code = shared_hpa_check_with_pwr_2_alignment(ctx, params_pa, TD_PARAMS_SIZE,
+                                                 TD_PARAMS_SIZE)
     if code:
         raise fail(code, st.OPERAND_ID_RDX)
-    p = env.memory.read(params_pa, TD_PARAMS_SIZE)
+    p = ctx.module.memory.read(params_pa, TD_PARAMS_SIZE)
     attributes, xfam, max_vcpus, num_l2_vms, msr_ctls = struct.unpack_from("<QQHBB", p, 0)
     eptp_controls, config_flags, tsc_frequency = struct.unpack_from("<QQH", p, 24)
-    prof = env.module.profile
+    prof = ctx.module.profile
     if (attributes & ~prof.attributes_fixed0
             or attributes & prof.attributes_fixed1 != prof.attributes_fixed1):
-        raise fail(st.TDX_OPERAND_INVALID, OPERAND_ID_ATTRIBUTES)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_ATTRIBUTES)
     if xfam & ~prof.xfam_fixed0 or xfam & prof.xfam_fixed1 != prof.xfam_fixed1:
-        raise fail(st.TDX_OPERAND_INVALID, OPERAND_ID_XFAM)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_XFAM)
     if max_vcpus == 0:
-        raise fail(st.TDX_OPERAND_INVALID, OPERAND_ID_MAX_VCPUS)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_MAX_VCPUS)
     if num_l2_vms != 0:
-        raise fail(st.TDX_OPERAND_INVALID, OPERAND_ID_NUM_L2_VMS)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_NUM_L2_VMS)
     if any(p[20:24]):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     if config_flags & ~prof.config_flags_fixed0:
-        raise fail(st.TDX_OPERAND_INVALID, OPERAND_ID_EXEC_CONTROLS)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_EXEC_CONTROLS)
     gpaw = bool(config_flags & 1)
     pwl = (eptp_controls >> 3) & 7
     # eptp_controls: memory type WB (6) in bits 2:0, PWL 3 (4-level) or 4 (5-level) in 5:3,
     # nothing else; 4-level requires GPAW = 0 (verify_and_set_td_eptp_controls).
     if eptp_controls & ~0x3F or (eptp_controls & 7) != 6 or pwl not in (3, 4) or (
             pwl == 3 and gpaw):
-        raise fail(st.TDX_OPERAND_INVALID, OPERAND_ID_EPTP_CONTROLS)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_EPTP_CONTROLS)
     if not (4 <= tsc_frequency <= 400):  # VIRT_TSC_FREQUENCY_MIN/MAX: 100 MHz .. 10 GHz
-        raise fail(st.TDX_OPERAND_INVALID, OPERAND_ID_TSC_FREQUENCY)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_TSC_FREQUENCY)
     if any(p[42:80]) or (msr_ctls & 0xFE) or any(p[232:256]):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
-    configs = _cpuid_configs(env)
+    configs = _cpuid_configs(ctx)
     cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
     for i, (leaf, sub, allowed) in enumerate(configs):
         vals = struct.unpack_from("<IIII", p, CPUID_CONFIG_OFFSET + 16 * i)
         if any(v & ~a for v, a in zip(vals, allowed, strict=True)):
             # the module also reports the offending leaf/subleaf in RCX
-            raise TdxFail(st.TDX_OPERAND_INVALID + OPERAND_ID_CPUID_CONFIG,
-                          rcx=leaf | (sub << 32))
+            raise TdxError(st.TDX_OPERAND_INVALID + st.OPERAND_ID_CPUID_CONFIG,
+                           rcx=leaf | (sub << 32))
         cpuid[(leaf, sub)] = vals
     end = CPUID_CONFIG_OFFSET + 16 * len(configs)
     if any(p[end:TD_PARAMS_SIZE]):
@@ -186,39 +177,40 @@ def mng_init(env: TdEnv, ctx: Any, regs: Any) -> None:
     td.op_state = OP_INITIALIZED
 
 
-def mng_vpflushdone(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_vpflushdone(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.VPFLUSHDONE(RCX = TDR PA): no vCPU associated any more -> TD_BLOCKED."""
-    td = _tdr(env, ctx, regs.rcx, st.OPERAND_ID_RCX, EX)
-    if not ctx.try_lock(("kot",), EX):
-        raise fail(st.TDX_OPERAND_BUSY, OPERAND_ID_KOT)
+    td = check_lock_and_map_explicit_tdr(ctx, inp.rcx, st.OPERAND_ID_RCX, EX)
+    if not ctx.try_lock(KOT_LOCK, EX):
+        raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_KOT)
     if td.lifecycle not in (TD_KEYS_CONFIGURED, TD_HKID_ASSIGNED):
-        raise TdxFail(st.TDX_LIFECYCLE_STATE_INCORRECT)
-    if len(td.tdcx) >= env.min_tdcs and td.op_state != OP_UNINITIALIZED and any(
+        raise TdxError(st.TDX_LIFECYCLE_STATE_INCORRECT)
+    if len(td.tdcx) >= ctx.module.min_tdcs and td.op_state != OP_UNINITIALIZED and any(
             v.associated_lp is not None for v in td.vcpus.values()):
-        raise TdxFail(st.TDX_FLUSHVP_NOT_DONE)
+        raise TdxError(st.TDX_FLUSHVP_NOT_DONE)
     ctx.checkpoint("locked")
-    prof = env.module.profile
-    env.module.kot_wbinvd[td.hkid] = set(range(prof.num_packages))
-    env.module.kot[td.hkid] = KOT_FLUSHED
+    gd = ctx.gd
+    gd.kot_wbinvd[td.hkid] = set(range(ctx.module.profile.num_packages))
+    gd.kot[td.hkid] = KOT_FLUSHED
     td.lifecycle = TD_BLOCKED
 
 
-def mng_key_freeid(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_key_freeid(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.KEY.FREEID(RCX = TDR PA): after CACHE.WB on every package, free the HKID."""
-    td = _tdr(env, ctx, regs.rcx, st.OPERAND_ID_RCX, EX)
+    td = check_lock_and_map_explicit_tdr(ctx, inp.rcx, st.OPERAND_ID_RCX, EX)
     if td.lifecycle != TD_BLOCKED:
-        raise TdxFail(st.TDX_LIFECYCLE_STATE_INCORRECT)
-    if not ctx.try_lock(("kot",), EX):
-        raise fail(st.TDX_OPERAND_BUSY, OPERAND_ID_KOT)
-    if env.module.kot_wbinvd.get(td.hkid):
-        raise TdxFail(st.TDX_WBCACHE_NOT_COMPLETE)
+        raise TdxError(st.TDX_LIFECYCLE_STATE_INCORRECT)
+    if not ctx.try_lock(KOT_LOCK, EX):
+        raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_KOT)
+    gd = ctx.gd
+    if gd.kot_wbinvd.get(td.hkid):
+        raise TdxError(st.TDX_WBCACHE_NOT_COMPLETE)
     ctx.checkpoint("locked")
-    env.module.kot.pop(td.hkid, None)
-    env.module.kot_wbinvd.pop(td.hkid, None)
+    gd.kot.pop(td.hkid, None)
+    gd.kot_wbinvd.pop(td.hkid, None)
     td.lifecycle = TD_TEARDOWN
 
 
-def mng_key_reclaimid(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_key_reclaimid(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.KEY.RECLAIMID: a no-op that succeeds in TDX 1.5 (kept for old hosts)."""
 
 
@@ -247,48 +239,47 @@ def _td_field(td: TdState, field_id: int) -> int | None:
     return td.fields.get(field_id)
 
 
-def _locked_field(env: TdEnv, ctx: Any, regs: Any, leaf: int) -> tuple[TdState, int]:
+def _locked_field(ctx: CallContext, inp: Regs, leaf: int) -> tuple[TdState, int]:
     """TDH.MNG.RD and TDH.MNG.WR open alike: TDR (RCX) shared, TDCS with OP_STATE shared,
     then the field id in RDX must name a field. Returns the TD and the field's value."""
-    td = _tdr(env, ctx, regs.rcx, st.OPERAND_ID_RCX, SH)
-    env.tdcs(ctx, td, SH, leaf)
-    value = _td_field(td, regs.rdx)
+    td = check_lock_and_map_explicit_tdr(ctx, inp.rcx, st.OPERAND_ID_RCX, SH)
+    check_state_map_tdcs_and_lock(ctx, td, SH, leaf)
+    value = _td_field(td, inp.rdx)
     if value is None:
         raise fail(st.TDX_METADATA_FIELD_ID_INCORRECT, st.OPERAND_ID_RDX)
     return td, value
 
 
-def mng_rd(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.RD(RCX = TDR PA, RDX = field id) -> R8 = value."""
-    _, value = _locked_field(env, ctx, regs, Leaf.TDH_MNG_RD)
+    _, value = _locked_field(ctx, inp, Leaf.TDH_MNG_RD)
     ctx.checkpoint("locked")
-    regs.rdx = regs.rdx
-    regs.r8 = value
+    out.r8 = value
 
 
-def mng_wr(env: TdEnv, ctx: Any, regs: Any) -> None:
+def tdh_mng_wr(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.WR(RCX = TDR PA, RDX = field id, R8 = value, R9 = mask) -> R8 = old value."""
-    td, old = _locked_field(env, ctx, regs, Leaf.TDH_MNG_WR)
-    if regs.rdx in (FIELD_ATTRIBUTES, FIELD_XFAM, FIELD_NUM_VCPUS, FIELD_MAX_VCPUS,
+    td, old = _locked_field(ctx, inp, Leaf.TDH_MNG_WR)
+    if inp.rdx in (FIELD_ATTRIBUTES, FIELD_XFAM, FIELD_NUM_VCPUS, FIELD_MAX_VCPUS,
                     FIELD_TSC_MULTIPLIER):
         raise fail(st.TDX_METADATA_FIELD_NOT_WRITABLE, st.OPERAND_ID_RDX)
     ctx.checkpoint("locked")
-    new = (old & ~regs.r9) | (regs.r8 & regs.r9)
-    if regs.rdx == FIELD_TSC_OFFSET:
+    new = (old & ~inp.r9) | (inp.r8 & inp.r9)
+    if inp.rdx == FIELD_TSC_OFFSET:
         td.tsc_offset = new
     else:
-        td.fields[regs.rdx] = new
-    regs.r8 = old
+        td.fields[inp.rdx] = new
+    out.r8 = old
 
 
 LEAVES = [
-    td_leaf(Leaf.TDH_MNG_CREATE, mng_create),
-    td_leaf(Leaf.TDH_MNG_KEY_CONFIG, mng_key_config),
-    td_leaf(Leaf.TDH_MNG_ADDCX, mng_addcx),
-    td_leaf(Leaf.TDH_MNG_INIT, mng_init),
-    td_leaf(Leaf.TDH_MNG_RD, mng_rd),
-    td_leaf(Leaf.TDH_MNG_WR, mng_wr),
-    td_leaf(Leaf.TDH_MNG_VPFLUSHDONE, mng_vpflushdone),
-    td_leaf(Leaf.TDH_MNG_KEY_FREEID, mng_key_freeid),
-    td_leaf(Leaf.TDH_MNG_KEY_RECLAIMID, mng_key_reclaimid),
+    LeafSpec(Leaf.TDH_MNG_CREATE, tdh_mng_create),
+    LeafSpec(Leaf.TDH_MNG_KEY_CONFIG, tdh_mng_key_config),
+    LeafSpec(Leaf.TDH_MNG_ADDCX, tdh_mng_addcx),
+    LeafSpec(Leaf.TDH_MNG_INIT, tdh_mng_init),
+    LeafSpec(Leaf.TDH_MNG_RD, tdh_mng_rd),
+    LeafSpec(Leaf.TDH_MNG_WR, tdh_mng_wr),
+    LeafSpec(Leaf.TDH_MNG_VPFLUSHDONE, tdh_mng_vpflushdone),
+    LeafSpec(Leaf.TDH_MNG_KEY_FREEID, tdh_mng_key_freeid),
+    LeafSpec(Leaf.TDH_MNG_KEY_RECLAIMID, tdh_mng_key_reclaimid),
 ]

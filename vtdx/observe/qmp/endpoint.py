@@ -85,7 +85,6 @@ class InspectEndpoint:
         if self._thread is not None:
             self._thread.stop()
             self._thread = None
-        self.inspector.module.remove_observer(self.recorder)
         self.recorder.close()
 
     def __enter__(self) -> InspectEndpoint:
