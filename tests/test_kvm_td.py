@@ -233,6 +233,104 @@ def test_tdguest_reports_a_fatal_error_on_a_wrong_configuration(image: bytes) ->
     assert "vcpu0: FAIL check 0x3 detail 0x10000000" in td.console[0]
 
 
+def _run_on_td_engine(image: bytes, nr_vcpus: int) -> dict:
+    """The guest on vtdx's TD vCPU engine (vtdx.module.engine) in its sandbox TD, this
+    function acting as KVM and the VMM: private EPT violations answered with PAGE.AUG,
+    shared ones by mapping a page in KVM's shared EPT (non-present entries carry
+    suppress-#VE, as KVM's do), TDVMCALLs as kvm-td.c answers them."""
+    # Imported here: the engine (vtdx.module.engine) may not be in this tree yet.
+    sandbox = pytest.importorskip("vtdx.module.engine.sandbox",
+                                  reason="the TD vCPU engine is not in this tree")
+    from vtdx.module.engine import TdConfig, TdVcpuEngine
+    from vtdx.module.engine.exits import EXIT_EPT_VIOLATION, EXIT_TDCALL, EXIT_TIME_SLICE
+
+    from vtdx.abi.regs import Regs
+
+    shared_bit = 1 << 47
+    out: dict = {"console": collections.defaultdict(str), "done": {}, "map_gpa": [],
+                 "report": None, "exits": collections.Counter()}
+    with sandbox.temp_host_ram(128 << 20) as ram:
+        td = sandbox.SandboxTd(ram, TdConfig(max_vcpus=2, attributes=ATTRIBUTES))
+        td.vcpus = nr_vcpus
+        td.metadata.update({0x1110000300000000: ATTRIBUTES, 0x1110000300000001: XFAM,
+                            0x1110000200000003: 2})
+        cookie = 0xC00C1E_0000_0042
+        img = bytearray(image)
+        blk = struct.pack("<QIIQQIIQQ", CONFIG_MAGIC, nr_vcpus, 2, ATTRIBUTES, XFAM, 48, 0,
+                          0x5EC12E7_0000_0001, cookie)
+        img[:len(blk)] = blk
+        for off in range(0, TDGUEST_IMAGE_SIZE, 4096):
+            td.page_add(IMAGE_GPA + off, bytes(img[off:off + 4096]))
+        ept = sandbox.SharedEpt(td)
+        ept.map(shared_bit | SHARED_GPA, td.alloc())
+        ept.unmap(shared_bit | SHARED_GPA, suppress_ve=True)
+        shared: dict[int, int] = {}
+        mmio = 0
+        for vcpu in range(nr_vcpus):
+            engine = TdVcpuEngine(ram, td, vcpu_index=vcpu, init_rcx=IMAGE_GPA)
+            engine.shared_eptp = ept.eptp
+            td.engines.add(engine)
+            regs = Regs()
+            for _ in range(5000):
+                ex, regs = engine.enter(regs)
+                out["exits"][ex.reason] += 1
+                if ex.reason == EXIT_TIME_SLICE:
+                    continue
+                if ex.reason == EXIT_EPT_VIOLATION:
+                    if ex.gpa & shared_bit:
+                        page = ex.gpa & ~shared_bit & ~0xFFF
+                        ept.map(ex.gpa & ~0xFFF, shared.setdefault(page, td.alloc()))
+                        td.engines.sept_changed("UNBLOCK", ex.gpa)
+                    else:
+                        td.page_aug(ex.gpa & ~0xFFF)
+                    continue
+                assert ex.reason == EXIT_TDCALL, ex
+                g = ex.gprs
+                regs.r10 = 0
+                if g["r11"] == 30 and g["r14"] == PORT_CONSOLE:
+                    out["console"][vcpu] += chr(g["r15"] & 0xFF)
+                elif g["r11"] == 30 and g["r14"] == PORT_CONFIG:
+                    regs.r11 = CONFIG_MAGIC & 0xFFFFFFFF
+                elif g["r11"] == 30 and g["r14"] == PORT_DOORBELL:
+                    hpa = shared[SHARED_GPA]
+                    out["report"] = REPORT.unpack(ram.read(hpa, REPORT.size))
+                    ram.write_u64(hpa + REPORT.size - 8, ~cookie & (1 << 64) - 1)
+                elif g["r11"] == 30 and g["r14"] == PORT_DONE:
+                    out["done"][vcpu] = g["r15"]
+                    break
+                elif g["r11"] == 48:
+                    if g["r13"]:
+                        mmio = g["r15"]
+                    else:
+                        regs.r11 = mmio
+                elif g["r11"] == 0x10001:
+                    gpa = g["r12"]
+                    out["map_gpa"].append(gpa)
+                    if gpa & shared_bit:  # KVM zaps the private page
+                        td.range_block(gpa & ~shared_bit)
+                        td.page_remove(gpa & ~shared_bit)
+                    else:
+                        ept.unmap(gpa | shared_bit)
+                        shared.pop(gpa, None)
+                else:
+                    out["done"][vcpu] = ("fatal", g.get("r12"))
+                    break
+    return out
+
+
+@pytest.mark.parametrize("nr_vcpus", [1, 2])
+def test_tdguest_on_the_td_engine(image: bytes, nr_vcpus: int) -> None:
+    out = _run_on_td_engine(image, nr_vcpus)
+    assert out["done"] == {v: DONE_PASS for v in range(nr_vcpus)}, out["console"]
+    report = out["report"]
+    assert report is not None and report[2] == 0b111111110 and report[12] == 16
+    assert report[7] == 2 << 32 | nr_vcpus  # TDG.VP.INFO R8: MAX_VCPUS, NUM_VCPUS
+    assert out["map_gpa"] == [(1 << 47) | SHARED_GPA, SHARED_GPA]
+    # One EPT violation per page accepted (16 + 4 per extra vCPU, the shared page twice)
+    # and one for the shared alias.
+    assert out["exits"][48] == 16 + 4 * (nr_vcpus - 1) + 2 + 1
+
+
 # --------------------------------------------------------------------------- whole stack
 
 
