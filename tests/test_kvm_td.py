@@ -489,9 +489,6 @@ def test_kernel_log_clean_after_partial_lives(tdx_vm) -> None:
 
 @pytest.mark.kernel
 @pytest.mark.stack
-@pytest.mark.xfail(strict=True, reason="platform: INVEPT (66 0F 38 80) raises #UD, so "
-                   "kvm_mmu_load -> ept_sync_global in KVM_TDX_INIT_MEM_REGION oopses in "
-                   "kvm_spurious_fault (a no-op INVEPT is needed, kvm-tdx-without-vmx.md)")
 def test_measured_image_and_finalize() -> None:
     """KVM_TDX_INIT_MEM_REGION adds and measures the TD guest (SEPT.ADD per missing level,
     PAGE.ADD and 16 MR.EXTEND per page), KVM_TDX_FINALIZE_VM seals MRTD; two vCPUs."""
