@@ -241,10 +241,9 @@ def _run_on_td_engine(image: bytes, nr_vcpus: int) -> dict:
     # Imported here: the engine (vtdx.module.engine) may not be in this tree yet.
     sandbox = pytest.importorskip("vtdx.module.engine.sandbox",
                                   reason="the TD vCPU engine is not in this tree")
+    from vtdx.abi.regs import Regs
     from vtdx.module.engine import TdConfig, TdVcpuEngine
     from vtdx.module.engine.exits import EXIT_EPT_VIOLATION, EXIT_TDCALL, EXIT_TIME_SLICE
-
-    from vtdx.abi.regs import Regs
 
     shared_bit = 1 << 47
     out: dict = {"console": collections.defaultdict(str), "done": {}, "map_gpa": [],
