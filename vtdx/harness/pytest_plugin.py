@@ -24,6 +24,8 @@ test made none), so a CI log shows what the kernel and the TDX module did.
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,7 +181,29 @@ class VmPool:
 def _pool(config: pytest.Config) -> VmPool:
     if _POOL not in config.stash:
         config.stash[_POOL] = VmPool()
+        _stop_on_signals()
     return config.stash[_POOL]
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (CI timeouts, `timeout`) and SIGHUP (closed terminal) end the session the way
+    Ctrl-C does, so pytest tears the fixtures down and ``pytest_unconfigure`` stops every
+    machine (QEMU, daemon, run directory). Without this either signal kills pytest at once;
+    QEMU would still die with it (parent-death signal) and the run directory be removed by
+    the machine's reaper, but no test would be reported. Installed with the first machine, so
+    a session without vtdx machines keeps pytest's own behaviour."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        # Once: a second signal during the cleanup it starts must not abort that cleanup.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"vtdx: {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -6,6 +6,18 @@ RAM, starts the daemon (in this process, or as a child process when the test mus
 to kill it) and starts QEMU with the plugin. The serial console is streamed line by line
 to a callback and a queue. On exit everything is stopped and removed, whatever happened.
 
+Nothing outlives its owner, even when the owner is killed without a chance to clean up:
+
+- QEMU and a daemon child get PR_SET_PDEATHSIG(SIGKILL): the kernel kills them when the
+  thread that started them dies (SIGKILL of ``vtdx run``, a pytest session killed by CI).
+- A reaper (``sh``, its own session) holds the read end of a pipe only this process writes
+  to; when the pipe closes (this process gone, however) it removes the run directory and the
+  multi-GiB ``ram`` file in it.
+- The run directory names its owner (``owner``: pid and start time); ``Machine.start`` first
+  removes the run directories of owners that no longer exist (``remove_stale_runs``).
+- ``on_signals`` turns SIGTERM/SIGHUP into a cancellation, so ``vtdx run`` unwinds through
+  ``Machine.stop`` as it does for Ctrl-C.
+
     async with Machine(kernel=elf, append="test=roundtrip", smp=4, extra_args=[...]) as m:
         status = await m.wait(timeout=30)
         print(m.console_text())
@@ -15,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +50,110 @@ from vtdx.units import parse_size
 def default_runtime() -> QemuRuntime:
     """The runtime ``vtdx setup`` recorded."""
     return QemuRuntime.find()
+
+
+#: Prefix of every run directory (in $TMPDIR or /tmp).
+RUN_PREFIX = "vtdx-run-"
+#: File in the run directory naming the process that owns it: "<pid> <start time>".
+OWNER_FILE = "owner"
+
+_PR_SET_PDEATHSIG = 1
+# Resolved before any fork: the child only calls it (no dlopen between fork and exec).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn for a child that must not outlive the thread that started it."""
+
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None
+    when there is no such process: with the pid it names one process across pid reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_alive(run_dir: Path) -> bool | None:
+    """True/False when the run directory names its owner, None when it does not (yet)."""
+    try:
+        pid_text, started = (run_dir / OWNER_FILE).read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    return _start_time(pid) == started
+
+
+def remove_stale_runs(tmp: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove run directories (this user's) whose owner process is gone; the removed ones.
+
+    A directory without an owner file is left alone: it is being created right now, or was
+    made by a vtdx that predates the owner file.
+    """
+    base = Path(tmp or tempfile.gettempdir())
+    removed = []
+    uid = os.getuid()
+    for d in base.glob(RUN_PREFIX + "*"):
+        try:
+            if not d.is_dir() or d.is_symlink() or d.stat().st_uid != uid:
+                continue
+        except OSError:
+            continue
+        if _owner_alive(d) is False:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+class Terminated(VtdxError):
+    """The run was stopped by a signal (SIGTERM, SIGHUP); everything was cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; QEMU stopped, "
+                         "run directory removed")
+
+
+#: Signals that end a run the way Ctrl-C does: `timeout`/CI (TERM), a closed terminal (HUP).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def on_signals(task: asyncio.Task[object] | None = None) -> Iterator[list[int]]:
+    """Within the block, SIGTERM/SIGHUP cancel ``task`` (default: the current one); the list
+    yielded holds the signals received, so the caller can raise ``Terminated`` after its
+    cleanup ran. Outside the main thread (no signal handlers there) it does nothing."""
+    loop = asyncio.get_running_loop()
+    task = task or asyncio.current_task()
+    got: list[int] = []
+
+    def handle(signum: int) -> None:
+        if not got and task is not None:
+            task.cancel()
+        got.append(signum)
+
+    installed = []
+    for sig in STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, handle, int(sig))
+            installed.append(sig)
+        except (RuntimeError, ValueError):  # not the main thread
+            break
+    try:
+        yield got
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 #: A TDX host is an Intel machine. TCG's "max" model reports AMD, and Linux only honours
@@ -95,6 +213,9 @@ class Machine:
         self.console_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self._readers: list[asyncio.Task[None]] = []
+        self._reaper: subprocess.Popen[bytes] | None = None
+        #: Set by stop(): a start() still in progress (stop from another task) gives up.
+        self._stopping = False
         #: QMP inspection endpoint (vtdx.observe.qmp, issue 6) when the backend is a TDX module.
         self.inspect: Any = None
 
@@ -148,20 +269,78 @@ class Machine:
         rt = self.runtime or default_runtime()
         if rt.plugin_path is None:
             raise VtdxError("the vtdx TCG plugin is not built; run `vtdx setup`")
-        self.run_dir = Path(tempfile.mkdtemp(prefix="vtdx-run-"))
+        remove_stale_runs()
+        self._stopping = False
+        self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX))
         os.chmod(self.run_dir, 0o700)
+        me = os.getpid()
+        (self.run_dir / OWNER_FILE).write_text(f"{me} {_start_time(me)}\n")
+        self._start_reaper(self.run_dir)
+        self._check_ram_room(self.run_dir)
         # QEMU opens this existing file; making it first lets the daemon map it before boot.
         with open(self.ram_path, "wb") as f:
             f.truncate(self.mem)
         self.ram = GuestRam(self.ram_path, self.profile.ram)
         await self._start_daemon()
+        self._check_stopping()
         argv = [*rt.command(), *self.qemu_args(rt)]
         self.qemu = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *argv, stdin=self.qemu_stdin(), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env={**os.environ, **rt.env()},
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_die_with_parent(me))
         self._readers.append(asyncio.create_task(self._read_console(self.qemu.stdout)))
         self._readers.append(asyncio.create_task(self._read_stderr(self.qemu.stderr)))
+
+    def qemu_stdin(self) -> int | None:
+        """QEMU's stdin (its ttyS0 input): nothing by default."""
+        return asyncio.subprocess.DEVNULL
+
+    def _check_stopping(self) -> None:
+        if self._stopping:
+            raise VtdxError("the machine was stopped while it was starting")
+
+    def _check_ram_room(self, run_dir: Path) -> None:
+        """Refuse a RAM size the run directory's filesystem cannot back, in one line, instead
+        of a SIGBUS in the daemon or QEMU when the guest first touches the missing page."""
+        try:
+            st = os.statvfs(run_dir)
+        except OSError:
+            return
+        room = st.f_bavail * st.f_frsize
+        if self.mem > room:
+            raise VtdxError(f"guest RAM of {self.mem / (1 << 30):.1f} GiB does not fit in "
+                            f"{run_dir.parent} ({room / (1 << 30):.1f} GiB free): use a smaller "
+                            "--mem or point TMPDIR at a larger filesystem")
+
+    def _start_reaper(self, run_dir: Path) -> None:
+        """A process that removes ``run_dir`` once this one is gone, however it ended (see the
+        module docstring); it learns of the end from EOF on its stdin."""
+        self._reaper = subprocess.Popen(
+            ["sh", "-c", 'cat >/dev/null; rm -rf -- "$1"', "vtdx-reaper", str(run_dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+
+    def _stop_reaper(self) -> None:
+        if self._reaper is None:
+            return
+        with contextlib.suppress(OSError):
+            assert self._reaper.stdin is not None
+            self._reaper.stdin.close()
+        try:
+            self._reaper.wait(5)
+        except subprocess.TimeoutExpired:
+            self._reaper.kill()
+            self._reaper.wait()
+        self._reaper = None
+
+    def failure_text(self) -> str:
+        """QEMU's exit status and what it wrote to stderr: why the machine is gone."""
+        rc = self.qemu.returncode if self.qemu is not None else None
+        if rc is None:
+            return ""
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+        err = [ln for ln in self.stderr_lines if ln.strip()]
+        return f"QEMU {how}" + (": " + " | ".join(err[-5:]) if err else "")
 
     def qemu_args(self, rt: QemuRuntime) -> list[str]:
         """QEMU arguments after the runtime's command prefix."""
@@ -196,7 +375,8 @@ class Machine:
             self.daemon_proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "vtdx.runtime.daemon", "--socket", str(self.socket_path),
                 "--ram", str(self.ram_path), "--smp", str(self.smp), "--mem", str(self.mem),
-                "--backend", spec, stdout=asyncio.subprocess.PIPE, start_new_session=True)
+                "--backend", spec, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()))
             assert self.daemon_proc.stdout is not None
             try:
                 line = await asyncio.wait_for(self.daemon_proc.stdout.readline(), 30)
@@ -274,6 +454,7 @@ class Machine:
 
     async def stop(self) -> None:
         """Stop QEMU and the daemon and remove the run directory (idempotent)."""
+        self._stopping = True
         if self.qemu is not None:
             await self._kill(self.qemu)
         for t in self._readers:
@@ -294,7 +475,10 @@ class Machine:
             self.ram = None
         if self.run_dir is not None:
             trace = self.run_dir / TRACE_FILE
-            if self.save_trace is not None and trace.is_file():
-                shutil.copyfile(trace, self.save_trace)
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            self.run_dir = None
+            try:
+                if self.save_trace is not None and trace.is_file():
+                    shutil.copyfile(trace, self.save_trace)
+            finally:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.run_dir = None
+        self._stop_reaper()

@@ -56,10 +56,44 @@ TDX_REFUSAL = re.compile(
     _TS + r"(virt/tdx: (?:initialization failed: .*|.* is required for TDX|"
     r"TDX not supported by the host platform|TDX-Module initialization failed.*|"
     r"module not loaded|SEAMCALL .*failed.*))$")
-PANIC = re.compile(_TS + r"(Kernel panic - not syncing.*|Oops: .*|BUG: .*|"
-                   r"general protection fault.*|WARNING: CPU: .*|kernel BUG at .*)")
+#: A line that ends the kernel (the run stops waiting for the init script).
+FATAL = re.compile(_TS + r"(Kernel panic - not syncing.*|Oops: .*|"
+                   r"general protection fault.*|kernel BUG at .*)")
+#: The first line of a kernel report that something is wrong: WARN_ON (and KVM_BUG_ON,
+#: TDX_BUG_ON), BUG_ON, lockdep ("WARNING: possible circular locking dependency detected"),
+#: DEBUG_ATOMIC_SLEEP ("BUG: sleeping function called from invalid context"), DEBUG_LIST
+#: (its WARN), UBSAN, an oops. A run or a test fails on any such report unless expected.
+SPLAT = re.compile(_TS + r"((?:WARNING|BUG|UBSAN|KASAN): .*|Oops: .*|kernel BUG at .*|"
+                   r"general protection fault.*|Kernel panic - not syncing.*)")
+#: The line that closes a report (lib/bug.c, kernel/panic.c: "---[ end trace <id> ]---").
+SPLAT_END = re.compile(r"---\[ end (?:trace|Kernel panic)")
+#: Lines kept per report (header, registers, call trace).
+SPLAT_LINES = 60
 RESULT = re.compile(r"VTDX-RESULT (\w+)=(.*)$")
 POWER_DOWN = re.compile(_TS + r"reboot: (Power down|Restarting system)")
+
+
+@dataclass
+class Splat:
+    """One kernel report (WARNING/BUG/oops...): its first line and the lines that follow."""
+
+    header: str
+    lines: list[str] = field(default_factory=list)
+    closed: bool = False
+    expected: bool = False
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def split_splats(lines: list[str], expect: tuple[str, ...] = ()) -> list[Splat]:
+    """The kernel reports in console ``lines``; ``expect`` regexes mark the ones a test or a
+    run declared expected (a pattern found anywhere in the report's text)."""
+    log = ConsoleLog(expect=expect)
+    for line in lines:
+        log.feed(line)
+    return log.splats
 
 
 @dataclass
@@ -72,12 +106,17 @@ class ConsoleLog:
     pamt_kb: int | None = None
     keyid_range: tuple[int, int] | None = None
     refusals: list[str] = field(default_factory=list)
+    #: Why the kernel died: the first line of the report the fatal line belongs to.
     panic: str | None = None
     powered_off: bool = False
+    #: Regexes of kernel reports that are expected (``vtdx run --expect-warn``).
+    expect: tuple[str, ...] = ()
+    splats: list[Splat] = field(default_factory=list)
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\r\n")
         self.lines.append(line)
+        self._feed_splat(line)
         if m := RESULT.search(line):
             self.results[m[1]] = m[2].strip()
         elif TDX_OK.search(line):
@@ -88,10 +127,40 @@ class ConsoleLog:
             self.keyid_range = (int(m[1]), int(m[2]))
         elif m := TDX_REFUSAL.search(line):
             self.refusals.append(m[1])
-        elif (m := PANIC.search(line)) and self.panic is None:
-            self.panic = m[1]
+        elif (m := FATAL.search(line)) and self.panic is None:
+            open_ = self.splats[-1] if self.splats and not self.splats[-1].closed else None
+            self.panic = open_.header if open_ is not None else m[1]
         elif POWER_DOWN.search(line):
             self.powered_off = True
+
+    def _feed_splat(self, line: str) -> None:
+        cur = self.splats[-1] if self.splats and not self.splats[-1].closed else None
+        m = SPLAT.search(line)
+        # An oops right after the BUG: line that explains it is one report, not two.
+        if m and not (cur is not None and FATAL.search(line)):
+            if cur is not None:
+                self._close(cur)
+            self.splats.append(Splat(m[1], [line]))
+            return
+        if cur is None:
+            return
+        cur.lines.append(line)
+        if SPLAT_END.search(line) or len(cur.lines) >= SPLAT_LINES or RESULT.search(line):
+            self._close(cur)
+
+    def _close(self, splat: Splat) -> None:
+        splat.closed = True
+        splat.expected = any(re.search(p, splat.text) for p in self.expect)
+
+    @property
+    def unexpected_splats(self) -> list[Splat]:
+        out = []
+        for s in self.splats:
+            if not s.closed:  # still streaming: judge what arrived so far
+                s.expected = any(re.search(p, s.text) for p in self.expect)
+            if not s.expected:
+                out.append(s)
+        return out
 
     @property
     def done(self) -> bool:
@@ -160,6 +229,8 @@ class RunOptions:
     stream: bool = True
     #: Keep the SEAMCALL trace (JSON lines) here after the run; `vtdx trace FILE` reads it.
     save_trace: Path | None = None
+    #: Kernel reports (WARNING/BUG...) matching one of these regexes do not fail the run.
+    expect_warn: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if not self.kernel.is_file():
@@ -176,6 +247,13 @@ class RunOptions:
             raise VtdxError(f"--smp {self.smp}: must be 1..64")
         if self.mem < 256 * MiB:
             raise VtdxError(f"--mem {format_size(self.mem)}: need at least 256M")
+        # Guest-physical addresses stop below the keyid bits (Profile.hkid_start_bit); q35
+        # puts RAM beyond 3 GiB above 4 GiB, so the top of RAM is about mem + 1 GiB.
+        top = 1 << Profile().hkid_start_bit
+        if self.mem > top - 4 * GiB:
+            raise VtdxError(f"--mem {format_size(self.mem)}: at most {format_size(top - 4 * GiB)}"
+                            f" (the platform's physical addresses end at {format_size(top)},"
+                            " below the keyid bits)")
         if self.tdx_keyids is not None:
             base = Profile()
             room = (1 << base.keyid_bits) - 1 - base.mktme_keyids
@@ -184,6 +262,11 @@ class RunOptions:
                                 f"({base.keyid_bits} keyid bits, {base.mktme_keyids} MKTME keyids)")
         if self.timeout <= 0:
             raise VtdxError("--timeout must be positive")
+        for pat in self.expect_warn:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise VtdxError(f"--expect-warn {pat!r}: not a regular expression ({e})") from None
 
     def profile(self) -> Profile:
         over: dict[str, Any] = {"movdir64b": self.movdir64b}
@@ -225,6 +308,10 @@ def judge(console: ConsoleLog, pamt_module_kb: int | None, timed_out: bool,
     """(exit code, one-line verdict) from what the guest printed and the module's state."""
     if console.panic:
         return EXIT_FAILED, f"kernel crashed: {console.panic}"
+    splats = console.unexpected_splats
+    if splats:
+        more = f" (and {len(splats) - 1} more report(s))" if len(splats) > 1 else ""
+        return EXIT_FAILED, f"kernel reported a bug: {splats[0].header}{more}"
     if timed_out:
         return EXIT_FAILED, "timed out before the guest powered off"
     if not console.done:
@@ -294,6 +381,12 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
                      "(kernel CONFIG_NR_CPUS or maxcpus= too small?)")
     if res.diagnostics:
         lines.append("  vtdx:      " + "\n             ".join(res.diagnostics[-12:]))
+    for sp in res.console.splats:
+        tag = "expected (--expect-warn)" if sp.expected else "FAILS the run"
+        lines.append(f"  kernel report, {tag}:")
+        lines += ["    " + ln for ln in sp.lines[:25]]
+        if len(sp.lines) > 25:
+            lines.append(f"    ... ({len(sp.lines) - 25} more lines)")
     return "\n".join(lines)
 
 
@@ -346,7 +439,21 @@ def _first_callers(machine: Any) -> dict[int, str]:
 async def run_async(opts: RunOptions, out: TextIO | None,
                     machine_factory: Callable[..., Any] | None = None) -> RunResult:
     """Boot once; the Machine context manager stops QEMU and the daemon and removes the run
-    directory whatever happens (timeout, panic, Ctrl-C)."""
+    directory whatever happens (timeout, panic, Ctrl-C, SIGTERM, SIGHUP: the last two raise
+    ``Terminated`` once everything is cleaned up)."""
+    from vtdx.session.machine import Terminated, on_signals
+
+    with on_signals() as caught:
+        try:
+            return await _run_async(opts, out, machine_factory)
+        except asyncio.CancelledError:
+            if caught:
+                raise Terminated(caught[0]) from None
+            raise
+
+
+async def _run_async(opts: RunOptions, out: TextIO | None,
+                     machine_factory: Callable[..., Any] | None) -> RunResult:
     from vtdx.host import initramfs
 
     opts.validate()
@@ -355,7 +462,7 @@ async def run_async(opts: RunOptions, out: TextIO | None,
         from vtdx.session.machine import Machine
 
         machine_factory = Machine
-    console = ConsoleLog()
+    console = ConsoleLog(expect=tuple(opts.expect_warn))
     stats = CallStats()
     finished = asyncio.Event()
     backends: list[_Recorder] = []
@@ -366,11 +473,16 @@ async def run_async(opts: RunOptions, out: TextIO | None,
         backends.append(_Recorder(module))
         return backends[-1]
 
+    echo = [out is not None and opts.stream]
+
     def on_console(line: str) -> None:
         console.feed(line)
-        if out is not None and opts.stream:
-            out.write(line + "\n")
-            out.flush()
+        if echo[0] and out is not None:
+            try:
+                out.write(line + "\n")
+                out.flush()
+            except (OSError, ValueError):  # terminal gone (SIGHUP), pipe closed: keep running
+                echo[0] = False
         if console.done or console.panic or console.powered_off:
             finished.set()
 
@@ -381,11 +493,15 @@ async def run_async(opts: RunOptions, out: TextIO | None,
         profile=opts.profile(), backend=backend, on_console=on_console, cpu=CPU_MODEL,
         vmlinux=opts.vmlinux, save_trace=opts.save_trace,
     ) as machine:
-        if out is not None and getattr(machine, "inspect", None) is not None:
+        if out is not None:
             # Where to attach while it runs: `vtdx console`, qmp-shell, `vtdx trace`.
-            out.write(f"vtdx: QMP (vtdx) {machine.vtdx_qmp_path}\n"
-                      f"vtdx: QMP (QEMU) {machine.qmp_path}\n")
-            out.flush()
+            where = [f"vtdx: run directory {machine.run_dir}"]
+            if getattr(machine, "inspect", None) is not None:
+                where += [f"vtdx: QMP (vtdx) {machine.vtdx_qmp_path}",
+                          f"vtdx: QMP (QEMU) {machine.qmp_path}"]
+            with contextlib.suppress(OSError, ValueError):
+                out.write("\n".join(where) + "\n")
+                out.flush()
         exited = asyncio.ensure_future(machine.qemu.wait())
         seen = asyncio.ensure_future(finished.wait())
         try:
