@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vtdx.errors import VtdxError
 from vtdx.host import kernel as kernel_build
-from vtdx.session.run import RunOptions
+from vtdx.session.run import CHECKS, InjectRule, RunOptions
 from vtdx.session.run import run as run_vm
 from vtdx.units import parse_size
 
@@ -46,11 +46,30 @@ def options(args: argparse.Namespace) -> RunOptions:
                       mem=parse_size(args.mem), append=args.append or "",
                       kernel_src=args.kernel_src, tdx_keyids=tdx_keyids, movdir64b=movdir64b,
                       checks=args.checks, timeout=args.timeout, stream=not args.quiet,
-                      save_trace=args.save_trace)
+                      save_trace=args.save_trace, expect_warn=tuple(args.expect_warn),
+                      inject=tuple(InjectRule.parse(t) for t in args.inject),
+                      qemu_args=tuple(args.qemu_arg), gdb=args.gdb, keep=args.keep)
+
+
+def _check_config(opts: RunOptions, kernel_src: Path | None) -> None:
+    """Name what a kernel built elsewhere lacks of what vtdx relies on (one line)."""
+    cfg = kernel_build.find_config(kernel_src, opts.vmlinux, opts.kernel)
+    if cfg is None:
+        return
+    try:
+        missing = kernel_build.missing_for_vtdx(cfg.read_text(errors="replace"))
+    except OSError:
+        return
+    if missing:
+        print(f"vtdx run: warning: {cfg} lacks {'; '.join(missing)}", file=sys.stderr,
+              flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     opts = options(args)
+    opts.validate()
+    if args.kernel is not None:
+        _check_config(opts, args.kernel_src)
     res = run_vm(opts, out=sys.stdout)
     print(res.summary, flush=True)
     if res.exit_code:
@@ -75,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the kernel's (in-tree) build directory: its vmlinux names "
                    "SEAMCALL callers when --vmlinux is not given")
     p.add_argument("--checks", default="tdx", metavar="LIST",
-                   help="in-guest checks, comma separated: tdx, hotplug (default: tdx)")
+                   help=f"in-guest checks, comma separated: {', '.join(CHECKS)} (default: tdx)")
     p.add_argument("--profile", choices=PROFILES, default="default",
                    help="platform profile: no-movdir64b / one-keyid lack what Linux needs")
     p.add_argument("--tdx-keyids", type=int, default=None, metavar="N",
@@ -87,5 +106,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="do not echo the guest console")
     p.add_argument("--save-trace", type=Path, default=None, metavar="FILE",
                    help="keep the SEAMCALL trace (JSON lines) in FILE; `vtdx trace FILE` reads it")
+    p.add_argument("--keep", action="store_true",
+                   help="stay up after boot until stopped (Ctrl-C, SIGTERM): inspect it with "
+                   "`vtdx console`, `vtdx trace -f`, qmp-shell")
+    p.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                   help="arm a module fault before boot: STATUS[:LEAF][:lp=N][:count=N|all]"
+                   "[:after=N], e.g. TDX_SYS_BUSY:TDH.SYS.LP.INIT:lp=1 (repeatable)")
+    p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
+                   help="extra QEMU argument, appended last (repeatable: --qemu-arg=-d "
+                   "--qemu-arg=int)")
+    p.add_argument("--gdb", type=int, nargs="?", const=1234, default=None, metavar="PORT",
+                   help="QEMU gdbstub on 127.0.0.1:PORT (default 1234)")
+    p.add_argument("--expect-warn", action="append", default=[], metavar="REGEX",
+                   help="a kernel WARNING/BUG report matching REGEX does not fail the run "
+                   "(repeatable); any other report does")
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)

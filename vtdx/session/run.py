@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import threading
 import time
@@ -173,6 +174,79 @@ class ConsoleLog:
         return self.refusals[0] if self.refusals else None
 
 
+# --- options -----------------------------------------------------------------------------------
+
+#: The in-guest checks guest/initramfs/init knows.
+CHECKS = ("tdx", "hotplug", "none")
+
+
+@dataclass(frozen=True)
+class InjectRule:
+    """``--inject STATUS[:LEAF][:lp=N][:count=N|all][:after=N]``: the fields of the pytest
+    marker's ``Fault`` (vtdx.harness.vm), armed in the module before the kernel starts.
+    ``count`` calls of LEAF (on LP ``lp``) return STATUS once ``after`` matching calls
+    succeeded."""
+
+    status: int
+    leaf: int | None = None
+    count: int | None = 1
+    lp: int | None = None
+    after: int = 0
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> InjectRule:
+        from vtdx.observe.qmp import QmpError, _status_arg
+        from vtdx.observe.trace import parse_leaf
+
+        parts = [p.strip() for p in text.split(":")]
+        bad = f"--inject {text!r}: "
+        try:
+            status = _status_arg(parts[0])
+        except QmpError as e:
+            raise VtdxError(bad + e.desc) from None
+        kw: dict[str, Any] = {}
+        for part in parts[1:]:
+            key, eq, value = part.partition("=")
+            try:
+                if not eq and "leaf" not in kw:
+                    kw["leaf"] = parse_leaf(part)
+                elif key in ("lp", "after"):
+                    kw[key] = int(value, 0)
+                elif key == "count":
+                    kw["count"] = None if value == "all" else int(value, 0)
+                else:
+                    raise VtdxError(f"unknown field {part!r} (use lp=, count=, after=)")
+            except ValueError:
+                raise VtdxError(bad + f"{key}={value!r} is not a number") from None
+            except VtdxError as e:
+                raise VtdxError(bad + str(e)) from None
+        rule = cls(status, text=text, **kw)
+        if (rule.count is not None and rule.count < 1) or rule.after < 0 or (
+                rule.lp is not None and rule.lp < 0):
+            raise VtdxError(bad + "count must be >= 1 (or all), after >= 0, lp >= 0")
+        return rule
+
+    def arm(self, module: TdxModule) -> None:
+        lps = {self.lp} if self.lp is not None else None
+        if self.after <= 0:
+            module.faults.add(self.status, self.leaf, count=self.count, lps=lps)
+            return
+        seen = [0]
+        lock = threading.Lock()
+
+        def observe(lp: int, leaf: int, _in: Regs, _out: Regs, _s: float) -> None:
+            if (self.leaf is not None and leaf != self.leaf) or (lps is not None
+                                                                   and lp not in lps):
+                return
+            with lock:
+                seen[0] += 1
+                if seen[0] == self.after:  # the next matching call gets the status
+                    module.faults.add(self.status, self.leaf, count=self.count, lps=lps)
+
+        module.add_observer(observe)
+
+
 # --- SEAMCALL accounting ----------------------------------------------------------------------
 
 
@@ -231,6 +305,19 @@ class RunOptions:
     save_trace: Path | None = None
     #: Kernel reports (WARNING/BUG...) matching one of these regexes do not fail the run.
     expect_warn: tuple[str, ...] = ()
+    #: Module faults armed before the kernel starts.
+    inject: tuple[InjectRule, ...] = ()
+    #: Extra QEMU arguments, appended last.
+    qemu_args: tuple[str, ...] = ()
+    #: QEMU gdbstub on 127.0.0.1:PORT.
+    gdb: int | None = None
+    #: Stay up after boot until stopped (Ctrl-C, SIGTERM) or the guest powers off.
+    keep: bool = False
+
+    @property
+    def own_initrd(self) -> bool:
+        """A user's initramfs: no vtdx init, so the kernel's TDX lines are the verdict."""
+        return self.initrd is not None
 
     def validate(self) -> None:
         if not self.kernel.is_file():
@@ -262,6 +349,13 @@ class RunOptions:
                                 f"({base.keyid_bits} keyid bits, {base.mktme_keyids} MKTME keyids)")
         if self.timeout <= 0:
             raise VtdxError("--timeout must be positive")
+        unknown = [c for c in self.checks.split(",") if c.strip() not in CHECKS]
+        if unknown or not self.checks.strip():
+            raise VtdxError(f"--checks {self.checks}: unknown check(s) "
+                            f"{', '.join(repr(c) for c in unknown) or 'none given'}; "
+                            f"valid: {', '.join(CHECKS)}")
+        if self.gdb is not None and not 1 <= self.gdb <= 65535:
+            raise VtdxError(f"--gdb {self.gdb}: a TCP port is 1..65535")
         for pat in self.expect_warn:
             try:
                 re.compile(pat)
@@ -281,7 +375,12 @@ class RunOptions:
     def cmdline(self) -> str:
         extra = self.append.strip()
         checks = "" if "vtdx.checks=" in extra else f" vtdx.checks={self.checks}"
-        return f"{BASE_APPEND}{checks} {extra}".strip()
+        keep = " vtdx.keep=1" if self.keep else ""
+        return f"{BASE_APPEND}{checks}{keep} {extra}".strip()
+
+    def extra_qemu_args(self) -> list[str]:
+        gdb = ["-gdb", f"tcp:127.0.0.1:{self.gdb}"] if self.gdb is not None else []
+        return [*gdb, *self.qemu_args]
 
 
 @dataclass
@@ -304,19 +403,43 @@ class RunResult:
 
 
 def judge(console: ConsoleLog, pamt_module_kb: int | None, timed_out: bool,
-          qemu_rc: int | None) -> tuple[int, str]:
-    """(exit code, one-line verdict) from what the guest printed and the module's state."""
+          qemu_rc: int | None, own_initrd: bool = False) -> tuple[int, str]:
+    """(exit code, one-line verdict) from what the guest printed and the module's state.
+
+    With a user's own initramfs (no vtdx init, no ``VTDX-RESULT`` lines) the kernel's own
+    TDX lines decide: "TDX-Module initialized" and its PAMT size, or its refusal line."""
     if console.panic:
         return EXIT_FAILED, f"kernel crashed: {console.panic}"
     splats = console.unexpected_splats
     if splats:
         more = f" (and {len(splats) - 1} more report(s))" if len(splats) > 1 else ""
         return EXIT_FAILED, f"kernel reported a bug: {splats[0].header}{more}"
+    if own_initrd:
+        if console.tdx_initialized or console.refusals:
+            return _judge_tdx(console, pamt_module_kb)
+        if timed_out:
+            return EXIT_FAILED, "timed out before the kernel printed a TDX line"
+        why = f"QEMU exited with status {qemu_rc}" if qemu_rc else "QEMU exited"
+        return EXIT_FAILED, f"{why} before the kernel printed a TDX line"
     if timed_out:
         return EXIT_FAILED, "timed out before the guest powered off"
     if not console.done:
         why = f"QEMU exited with status {qemu_rc}" if qemu_rc else "QEMU exited"
         return EXIT_FAILED, f"{why} before the guest's init finished"
+    code, verdict = _judge_tdx(console, pamt_module_kb)
+    if code != EXIT_OK:
+        return code, verdict
+    r = console.results
+    bad = [k for k, v in r.items() if v == "failed" or v.startswith("unsupported")]
+    if r.get("hotplug_tdx_errors", "0") != "0":
+        bad.append(f"hotplug_tdx_errors={r['hotplug_tdx_errors']}")
+    if bad:
+        return EXIT_FAILED, f"in-guest check failed: {', '.join(bad)}"
+    return code, verdict
+
+
+def _judge_tdx(console: ConsoleLog, pamt_module_kb: int | None) -> tuple[int, str]:
+    """The verdict of the kernel's TDX lines."""
     if not console.tdx_initialized:
         reason = console.refusal_reason or "no TDX message from the kernel (TDX host code absent?)"
         return EXIT_TDX_REFUSED, f"kernel refused TDX: {reason}"
@@ -325,12 +448,6 @@ def judge(console: ConsoleLog, pamt_module_kb: int | None, timed_out: bool,
     if pamt_module_kb != console.pamt_kb:
         return EXIT_FAILED, (f"PAMT mismatch: kernel allocated {console.pamt_kb} KB, "
                              f"vtdx accounts {pamt_module_kb} KB")
-    r = console.results
-    bad = [k for k, v in r.items() if v == "failed" or v.startswith("unsupported")]
-    if r.get("hotplug_tdx_errors", "0") != "0":
-        bad.append(f"hotplug_tdx_errors={r['hotplug_tdx_errors']}")
-    if bad:
-        return EXIT_FAILED, f"in-guest check failed: {', '.join(bad)}"
     return EXIT_OK, f"TDX-Module initialized, PAMT {console.pamt_kb} KB matches vtdx"
 
 
@@ -470,6 +587,8 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
     def backend(profile: Profile, memory: Any) -> _Recorder:
         module = TdxModule(profile, memory)
         module.add_observer(stats.observe)
+        for rule in opts.inject:
+            rule.arm(module)
         backends.append(_Recorder(module))
         return backends[-1]
 
@@ -483,7 +602,9 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
                 out.flush()
             except (OSError, ValueError):  # terminal gone (SIGHUP), pipe closed: keep running
                 echo[0] = False
-        if console.done or console.panic or console.powered_off:
+        decided = console.tdx_initialized and console.pamt_kb is not None or console.refusals
+        if console.done or console.panic or console.powered_off or (
+                opts.own_initrd and decided):
             finished.set()
 
     timed_out = False
@@ -491,26 +612,42 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
     async with machine_factory(
         opts.kernel, initrd=initrd, append=opts.cmdline(), smp=opts.smp, mem=opts.mem,
         profile=opts.profile(), backend=backend, on_console=on_console, cpu=CPU_MODEL,
-        vmlinux=opts.vmlinux, save_trace=opts.save_trace,
+        vmlinux=opts.vmlinux, save_trace=opts.save_trace, extra_args=opts.extra_qemu_args(),
     ) as machine:
-        if out is not None:
-            # Where to attach while it runs: `vtdx console`, qmp-shell, `vtdx trace`.
-            where = [f"vtdx: run directory {machine.run_dir}"]
-            if getattr(machine, "inspect", None) is not None:
-                where += [f"vtdx: QMP (vtdx) {machine.vtdx_qmp_path}",
-                          f"vtdx: QMP (QEMU) {machine.qmp_path}"]
-            with contextlib.suppress(OSError, ValueError):
-                out.write("\n".join(where) + "\n")
-                out.flush()
+        def say(*lines: str) -> None:
+            if out is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    out.write("".join(f"vtdx: {ln}\n" for ln in lines))
+                    out.flush()
+
+        # Where to attach while it runs: `vtdx console`, qmp-shell, `vtdx trace`.
+        where = [f"run directory {machine.run_dir}"]
+        if getattr(machine, "inspect", None) is not None:
+            where += [f"QMP (vtdx) {machine.vtdx_qmp_path}", f"QMP (QEMU) {machine.qmp_path}"]
+        if opts.gdb is not None:
+            where.append(f"gdb stub on 127.0.0.1:{opts.gdb} "
+                         f"(gdb vmlinux -ex 'target remote :{opts.gdb}')")
+        say(*where)
         exited = asyncio.ensure_future(machine.qemu.wait())
         seen = asyncio.ensure_future(finished.wait())
         try:
             await asyncio.wait({exited, seen}, timeout=opts.timeout,
                                return_when=asyncio.FIRST_COMPLETED)
-            if not exited.done():
+            if opts.keep and seen.done() and not exited.done() and not console.panic:
+                say(f"machine kept up (--keep): run directory {machine.run_dir}; "
+                    f"stop it with Ctrl-C or `kill {os.getpid()}`")
+                try:
+                    await asyncio.wait({exited})
+                except asyncio.CancelledError:  # the way a kept machine is stopped
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()
+            elif not exited.done() and not opts.own_initrd:
                 # Done/panic seen: give the guest a moment to power off or finish its trace.
                 grace = 1.0 if console.panic else 10.0
                 await asyncio.wait({exited}, timeout=grace)
+            elif not exited.done():
+                await asyncio.sleep(1.0)  # the kernel's TDX lines decided: let the trace settle
             timed_out = not (exited.done() or seen.done())
         finally:
             seen.cancel()
@@ -527,7 +664,10 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
     rec = backends[0] if backends else None
     snapshot, pamt_bytes = rec.state() if rec else ({}, 0)
     pamt_kb = pamt_bytes // KiB if snapshot.get("tdmrs") else None
-    code, verdict = judge(console, pamt_kb, timed_out, qemu_rc)
+    code, verdict = judge(console, pamt_kb, timed_out, qemu_rc, opts.own_initrd)
+    qemu_err = [ln for ln in diagnostics if ln.startswith("qemu: ")]
+    if code == EXIT_FAILED and qemu_rc and qemu_err and not console.done:
+        verdict += f" ({qemu_err[-1]})"  # QEMU's own reason (bad option, bad image...)
     if rec:
         diagnostics += [f"module: {e.strip().splitlines()[-1]}"
                         for e in rec.module.internal_errors]
