@@ -166,7 +166,7 @@ def _start_pytest(tmp: Path) -> subprocess.Popen[str]:
     (tmp / "suite").mkdir()
     (tmp / "suite" / "test_hold.py").write_text(_SESSION_TEST)
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "vtdx.harness.pytest_plugin",
+        [sys.executable, "-m", "pytest",
          "-p", "no:cacheprovider", "-s", "-q", "--vtdx-kernel=default",
          str(tmp / "suite" / "test_hold.py")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp),

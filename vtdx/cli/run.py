@@ -29,6 +29,9 @@ def options(args: argparse.Namespace) -> RunOptions:
                             "guest/kernel/tdx-host.config: run `vtdx build-kernel` "
                             "or pass --kernel BZIMAGE")
         kernel, vmlinux = art.bzimage, vmlinux or art.vmlinux
+        src = art.info().get("path")
+        if args.kernel_src is None and isinstance(src, str) and Path(src).is_dir():
+            args.kernel_src = Path(src)
     elif vmlinux is None and (kernel.parent / "vmlinux").is_file():
         vmlinux = kernel.parent / "vmlinux"
     if vmlinux is None and args.kernel_src is not None:

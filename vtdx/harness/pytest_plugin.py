@@ -16,6 +16,11 @@ Fixtures:
                machines or control over when they boot; each is stopped after the test.
     vtdx_spec  the ``BootSpec`` from the command line.
 
+A kernel report on the console while a test ran (WARNING:, BUG:, lockdep, an oops: the
+kernel vtdx builds keeps CONFIG_BUG) fails that test, with the report in the failure text,
+unless the test declares it: ``@pytest.mark.vtdx(expect_warnings=["TDH_MNG_CREATE"])``
+(regexes searched in the report; ``True`` accepts any).
+
 A failed test that used a machine gets two extra report sections: the tail of the guest's
 serial console and the SEAMCALLs made during the test (the last ones of the run when the
 test made none), so a CI log shows what the kernel and the TDX module did.
@@ -70,9 +75,25 @@ def pytest_configure(config: pytest.Config) -> None:
         "--vtdx-kernel", None) else None
     config.addinivalue_line(
         "markers",
-        "vtdx(smp=, mem=, append=, faults=, scope=): the machine the vtdx_vm fixture gives "
-        "this test (faults: vtdx.harness.vm.Fault rules armed before boot; scope: session, module "
-        "or function)")
+        "vtdx(smp=, mem=, append=, faults=, scope=, expect_warnings=): the machine the vtdx_vm "
+        "fixture gives this test (faults: vtdx.harness.vm.Fault rules armed before boot; scope: "
+        "session, module or function; expect_warnings: regexes of kernel WARNING/BUG reports "
+        "that do not fail the test, True for any)")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name what a kernel built elsewhere lacks of what vtdx and kernel tests rely on."""
+    spec = config.stash.get(_SPEC, None)
+    if spec is None or config.getoption("--vtdx-kernel") == "default":
+        return []
+    from vtdx.host import kernel as kernel_build
+
+    cfg = kernel_build.find_config(spec.kernel_src, spec.vmlinux, spec.kernel)
+    if cfg is None:
+        return [f"vtdx: no .config found for {spec.kernel}: cannot check it for CONFIG_BUG, "
+                "CONFIG_INTEL_TDX_HOST, ..."]
+    missing = kernel_build.missing_for_vtdx(cfg.read_text(errors="replace"))
+    return [f"vtdx: WARNING: {cfg} lacks {m}" for m in missing]
 
 
 # --------------------------------------------------------------------------- spec
@@ -131,6 +152,7 @@ def spec_from_options(config: pytest.Config) -> BootSpec | None:
 def _customise(base: BootSpec, kw: dict[str, Any]) -> tuple[BootSpec, str]:
     """(spec, scope) from marker / factory keywords."""
     kw = dict(kw)
+    kw.pop("expect_warnings", None)  # about the test, not the machine (see _expected)
     scope = kw.pop("scope", "session")
     if scope not in SCOPES:
         raise pytest.UsageError(f"vtdx marker: scope={scope!r}, use one of {SCOPES}")
@@ -352,11 +374,66 @@ def failure_sections(used: list[tuple[Any, int, int, int]], lines: int = 40
     return out
 
 
+def _expected(item: pytest.Item) -> tuple[str, ...]:
+    """The regexes of kernel reports the test declared expected (``(".",)``: any)."""
+    marker = item.get_closest_marker("vtdx")
+    want = marker.kwargs.get("expect_warnings", ()) if marker else ()
+    if want is True:
+        return (".",)
+    if isinstance(want, str):
+        return (want,)
+    return tuple(want or ())
+
+
+def _settle(vm: Any, quiet: float = 0.2, limit: float = 1.0) -> None:
+    """Let the console catch up: a report the test's last command caused is printed by
+    the kernel before the command returns, but reaches the host a moment later."""
+    import time
+
+    lines = getattr(vm.machine, "console_lines", None)
+    if lines is None or not vm.alive:
+        return
+    end = time.monotonic() + limit
+    n, since = len(lines), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        if len(lines) != n:
+            n, since = len(lines), time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
+def kernel_reports(used: list[tuple[Any, int, int, int]], expect: tuple[str, ...] = ()
+                   ) -> list[Any]:
+    """The unexpected kernel reports (vtdx.session.run.Splat) printed on the consoles of the
+    machines a test used, since it got them."""
+    from vtdx.session.run import split_splats
+
+    out = []
+    for vm, _trace_mark, console_mark, _cmd_mark in used:
+        lines = list(getattr(vm.machine, "console_lines", []) or [])[console_mark:]
+        out += [s for s in split_splats(lines, expect) if not s.expected]
+    return out
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
     used = item.stash.get(_USED, None)
+    if used and call.when == "call":
+        for vm, *_ in used:
+            _settle(vm)
+        reports = kernel_reports(used, _expected(item))
+        if reports:
+            text = "\n\n".join(s.text for s in reports)
+            title = (f"vtdx: the kernel reported {len(reports)} bug(s) during this test "
+                     "(declare expected ones: @pytest.mark.vtdx(expect_warnings=[REGEX]))")
+            if rep.passed:
+                rep.outcome = "failed"
+                rep.longrepr = f"{title}\n{text}"
+            else:
+                rep.sections.append((title, text))
     if not used or not rep.failed:
         return
     for title, text in failure_sections(used, item.config.getoption("--vtdx-report-lines")):

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
+from vtdx.host import initramfs, payloads
 from vtdx.module import TdxModule
 from vtdx.platform.profile import GiB, KiB, MiB, Profile
 from vtdx.units import format_size
@@ -177,7 +178,7 @@ class ConsoleLog:
 # --- options -----------------------------------------------------------------------------------
 
 #: The in-guest checks guest/initramfs/init knows.
-CHECKS = ("tdx", "hotplug", "none")
+CHECKS = ("tdx", "hotplug", "kvm", "none")
 
 
 @dataclass(frozen=True)
@@ -376,7 +377,23 @@ class RunOptions:
         extra = self.append.strip()
         checks = "" if "vtdx.checks=" in extra else f" vtdx.checks={self.checks}"
         keep = " vtdx.keep=1" if self.keep else ""
-        return f"{BASE_APPEND}{checks}{keep} {extra}".strip()
+        kvm = " kvm_intel.tdx=1" if "kvm" in self.checks.split(",") and \
+            "kvm_intel.tdx=" not in extra else ""
+        return f"{BASE_APPEND}{checks}{kvm}{keep} {extra}".strip()
+
+    def initramfs(self) -> Path:
+        """The user's --initrd, or vtdx's (with the KVM payload when ``kvm`` is checked)."""
+        if self.initrd is not None:
+            return self.initrd
+        base = initramfs.ensure_initramfs()
+        if "kvm" not in self.checks.split(","):
+            return base
+        if self.kernel_src is None:
+            raise VtdxError("--checks kvm: the KVM payload is built against the kernel's UAPI "
+                            "headers: pass --kernel-src DIR (default kernel: its source)")
+        headers = payloads.kernel_headers(self.kernel_src)
+        kvm = payloads.build_payloads(headers=headers)["kvm-tdx"]
+        return initramfs.with_files(base, {"vtdx/bin/kvm-tdx": kvm}, tag="kvm")
 
     def extra_qemu_args(self) -> list[str]:
         gdb = ["-gdb", f"tcp:127.0.0.1:{self.gdb}"] if self.gdb is not None else []
@@ -571,10 +588,8 @@ async def run_async(opts: RunOptions, out: TextIO | None,
 
 async def _run_async(opts: RunOptions, out: TextIO | None,
                      machine_factory: Callable[..., Any] | None) -> RunResult:
-    from vtdx.host import initramfs
-
     opts.validate()
-    initrd = opts.initrd or initramfs.ensure_initramfs()
+    initrd = opts.initramfs()
     if machine_factory is None:
         from vtdx.session.machine import Machine
 
