@@ -8,7 +8,9 @@ Exit status: 0 TDX initialised (and the kernel's PAMT size equals vtdx's account
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import termios
 from pathlib import Path
 
 from vtdx.errors import VtdxError
@@ -51,7 +53,23 @@ def options(args: argparse.Namespace) -> RunOptions:
                       checks=args.checks, timeout=args.timeout, stream=not args.quiet,
                       save_trace=args.save_trace, expect_warn=tuple(args.expect_warn),
                       inject=tuple(InjectRule.parse(t) for t in args.inject),
-                      qemu_args=tuple(args.qemu_arg), gdb=args.gdb, keep=args.keep)
+                      qemu_args=tuple(args.qemu_arg), gdb=args.gdb, keep=args.keep,
+                      shell=args.shell)
+
+
+def _save_terminal() -> list | None:
+    """The terminal's settings: QEMU switches it to raw mode for --shell and restores it when
+    it exits normally; a killed QEMU would leave it raw."""
+    try:
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (termios.error, OSError, ValueError):
+        return None
+
+
+def _restore_terminal(saved: list | None) -> None:
+    if saved is not None:
+        with contextlib.suppress(termios.error, OSError, ValueError):
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
 
 
 def _check_config(opts: RunOptions, kernel_src: Path | None) -> None:
@@ -73,7 +91,13 @@ def run(args: argparse.Namespace) -> int:
     opts.validate()
     if args.kernel is not None:
         _check_config(opts, args.kernel_src)
-    res = run_vm(opts, out=sys.stdout)
+    if opts.shell and not sys.stdin.isatty():
+        raise VtdxError("--shell needs a terminal on stdin")
+    saved = _save_terminal() if opts.shell else None
+    try:
+        res = run_vm(opts, out=sys.stdout)
+    finally:
+        _restore_terminal(saved)
     print(res.summary, flush=True)
     if res.exit_code:
         print(f"vtdx run: {res.verdict}", file=sys.stderr)
@@ -112,6 +136,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true",
                    help="stay up after boot until stopped (Ctrl-C, SIGTERM): inspect it with "
                    "`vtdx console`, `vtdx trace -f`, qmp-shell")
+    p.add_argument("--shell", action="store_true",
+                   help="an interactive shell in the guest on this terminal once TDX is up "
+                   "(QMP, `vtdx console` and `vtdx trace -f` work from another terminal); "
+                   "`exit` powers the machine off")
     p.add_argument("--inject", action="append", default=[], metavar="FAULT",
                    help="arm a module fault before boot: STATUS[:LEAF][:lp=N][:count=N|all]"
                    "[:after=N], e.g. TDX_SYS_BUSY:TDH.SYS.LP.INIT:lp=1 (repeatable)")

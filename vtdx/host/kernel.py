@@ -309,14 +309,15 @@ def missing_for_vtdx(config_text: str) -> list[str]:
 
 
 def find_config(*places: Path | None) -> Path | None:
-    """The .config of a kernel built elsewhere: beside its image or vmlinux, or at the top
-    of its build tree (three levels above arch/x86/boot/bzImage)."""
+    """The .config of a kernel built elsewhere: in its tree, beside its image or vmlinux, or
+    at the top of its build tree (the directory holding arch/x86/boot/bzImage)."""
     for p in places:
         if p is None:
             continue
         p = Path(p)
+        top = p.parents[3] if len(p.parents) > 3 else p.parent
         for cand in (p / ".config", p.parent / ".config", p.parent / "config",
-                     p.parent.parent.parent / ".config"):
+                     top / ".config"):
             if cand.is_file():
                 return cand
     return None

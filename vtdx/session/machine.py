@@ -184,6 +184,8 @@ class Machine:
         cpu: str = INTEL_CPU,
         vmlinux: str | Path | None = None,
         save_trace: str | Path | None = None,
+        console_input: bool = False,
+        on_output: Callable[[bytes], None] | None = None,
     ) -> None:
         self.kernel = Path(kernel)
         self.initrd = Path(initrd) if initrd else None
@@ -204,6 +206,11 @@ class Machine:
         self.vmlinux = Path(vmlinux) if vmlinux else None
         #: Copy the run's SEAMCALL trace here before the run directory is removed.
         self.save_trace = Path(save_trace) if save_trace else None
+        #: This process's stdin (a terminal) is the guest's ttyS0 input: ``vtdx run --shell``.
+        self.console_input = console_input
+        #: Raw console bytes as they arrive (a prompt has no newline yet); lines still go to
+        #: ``on_console`` and the queue.
+        self.on_output = on_output
         self.run_dir: Path | None = None
         self.ram: GuestRam | None = None
         self.daemon: Daemon | None = None
@@ -292,8 +299,8 @@ class Machine:
         self._readers.append(asyncio.create_task(self._read_stderr(self.qemu.stderr)))
 
     def qemu_stdin(self) -> int | None:
-        """QEMU's stdin (its ttyS0 input): nothing by default."""
-        return asyncio.subprocess.DEVNULL
+        """QEMU's stdin (its ttyS0 input): nothing, or ours with ``console_input``."""
+        return None if self.console_input else asyncio.subprocess.DEVNULL
 
     def _check_stopping(self) -> None:
         if self._stopping:
@@ -355,7 +362,10 @@ class Machine:
                        f"mem-path={self.ram_path},share=on",
             "-cpu", self.cpu, "-smp", str(self.smp), "-m", f"{self.mem >> 10}K",
             "-display", "none", "-vga", "none", "-no-reboot",
-            "-serial", "stdio", "-monitor", "none",
+            # signal=off: with console input, Ctrl-C is a byte for the guest's shell, not
+            # QEMU's exit.
+            "-chardev", f"stdio,id=console,signal={'off' if self.console_input else 'on'}",
+            "-serial", "chardev:console", "-monitor", "none",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *rt.plugin_args(*opts),
             "-kernel", str(self.kernel),
@@ -374,7 +384,7 @@ class Machine:
                 raise VtdxError("a daemon process needs a backend name: " + ", ".join(BACKENDS))
             self.daemon_proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "vtdx.runtime.daemon", "--socket", str(self.socket_path),
-                "--ram", str(self.ram_path), "--smp", str(self.smp), "--mem", str(self.mem),
+                "--ram", str(self.ram_path), "--smp", str(self.smp), "--mem", f"{self.mem >> 10}K",
                 "--backend", spec, stdout=asyncio.subprocess.PIPE, start_new_session=True,
                 preexec_fn=_die_with_parent(os.getpid()))
             assert self.daemon_proc.stdout is not None
@@ -402,12 +412,23 @@ class Machine:
 
     async def _read_console(self, stream: asyncio.StreamReader | None) -> None:
         assert stream is not None
-        while line := await stream.readline():
-            text = line.decode(errors="replace").rstrip("\r\n")
-            self.console_lines.append(text)
-            self.console.put_nowait(text)
-            if self.on_console:
-                self.on_console(text)
+        buf = b""
+        while chunk := await stream.read(65536):
+            if self.on_output:
+                self.on_output(chunk)
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                self._console_line(line)
+        if buf:
+            self._console_line(buf)
+
+    def _console_line(self, line: bytes) -> None:
+        text = line.decode(errors="replace").rstrip("\r\n")
+        self.console_lines.append(text)
+        self.console.put_nowait(text)
+        if self.on_console:
+            self.on_console(text)
 
     async def _read_stderr(self, stream: asyncio.StreamReader | None) -> None:
         assert stream is not None

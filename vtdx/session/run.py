@@ -314,6 +314,9 @@ class RunOptions:
     gdb: int | None = None
     #: Stay up after boot until stopped (Ctrl-C, SIGTERM) or the guest powers off.
     keep: bool = False
+    #: An interactive shell in the guest on this terminal (implies ``keep``): stdin is the
+    #: guest's ttyS0 input, the console is passed through byte by byte.
+    shell: bool = False
 
     @property
     def own_initrd(self) -> bool:
@@ -355,6 +358,9 @@ class RunOptions:
             raise VtdxError(f"--checks {self.checks}: unknown check(s) "
                             f"{', '.join(repr(c) for c in unknown) or 'none given'}; "
                             f"valid: {', '.join(CHECKS)}")
+        if self.shell and self.own_initrd:
+            raise VtdxError("--shell needs vtdx's initramfs (its init offers the shell); "
+                            "drop --initrd")
         if self.gdb is not None and not 1 <= self.gdb <= 65535:
             raise VtdxError(f"--gdb {self.gdb}: a TCP port is 1..65535")
         for pat in self.expect_warn:
@@ -376,7 +382,7 @@ class RunOptions:
     def cmdline(self) -> str:
         extra = self.append.strip()
         checks = "" if "vtdx.checks=" in extra else f" vtdx.checks={self.checks}"
-        keep = " vtdx.keep=1" if self.keep else ""
+        keep = " vtdx.shell=1" if self.shell else " vtdx.keep=1" if self.keep else ""
         kvm = " kvm_intel.tdx=1" if "kvm" in self.checks.split(",") and \
             "kvm_intel.tdx=" not in extra else ""
         return f"{BASE_APPEND}{checks}{kvm}{keep} {extra}".strip()
@@ -607,7 +613,22 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
         backends.append(_Recorder(module))
         return backends[-1]
 
-    echo = [out is not None and opts.stream]
+    echo = [out is not None and opts.stream and not opts.shell]
+
+    def on_output(data: bytes) -> None:  # --shell: the terminal sees what the guest sends
+        if out is None:
+            return
+        try:
+            buffer = getattr(out, "buffer", None)
+            if buffer is not None:
+                out.flush()
+                buffer.write(data)
+                buffer.flush()
+            else:
+                out.write(data.decode(errors="replace"))
+                out.flush()
+        except (OSError, ValueError):
+            pass
 
     def on_console(line: str) -> None:
         console.feed(line)
@@ -628,11 +649,13 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
         opts.kernel, initrd=initrd, append=opts.cmdline(), smp=opts.smp, mem=opts.mem,
         profile=opts.profile(), backend=backend, on_console=on_console, cpu=CPU_MODEL,
         vmlinux=opts.vmlinux, save_trace=opts.save_trace, extra_args=opts.extra_qemu_args(),
+        **({"console_input": True, "on_output": on_output} if opts.shell else {}),
     ) as machine:
         def say(*lines: str) -> None:
             if out is not None:
                 with contextlib.suppress(OSError, ValueError):
-                    out.write("".join(f"vtdx: {ln}\n" for ln in lines))
+                    end = "\r\n" if opts.shell else "\n"  # the terminal may be raw already
+                    out.write("".join(f"vtdx: {ln}{end}" for ln in lines))
                     out.flush()
 
         # Where to attach while it runs: `vtdx console`, qmp-shell, `vtdx trace`.
@@ -648,9 +671,11 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
         try:
             await asyncio.wait({exited, seen}, timeout=opts.timeout,
                                return_when=asyncio.FIRST_COMPLETED)
-            if opts.keep and seen.done() and not exited.done() and not console.panic:
-                say(f"machine kept up (--keep): run directory {machine.run_dir}; "
-                    f"stop it with Ctrl-C or `kill {os.getpid()}`")
+            if (opts.keep or opts.shell) and seen.done() and not exited.done() \
+                    and not console.panic:
+                if not opts.shell:
+                    say(f"machine kept up (--keep): run directory {machine.run_dir}; "
+                        f"stop it with Ctrl-C or `kill {os.getpid()}`")
                 try:
                     await asyncio.wait({exited})
                 except asyncio.CancelledError:  # the way a kept machine is stopped
