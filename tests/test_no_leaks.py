@@ -220,3 +220,32 @@ def test_pytest_ctrl_c_mid_boot_is_clean(tmp_path: Path) -> None:
                   "RuntimeError", "ResourceWarning"):
         assert noise not in out, out
     _assert_clean(tmp_path, run_dir)
+
+
+# --------------------------------------------------------------------------- vtdx daemon
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
+                         ids=["TERM", "HUP", "INT"])
+def test_vtdx_daemon_stops_cleanly_on_signals(tmp_path: Path, sig: signal.Signals) -> None:
+    """The standalone daemon (for a QEMU started by hand) ends on TERM/HUP/INT: exit 0,
+    its socket removed, no traceback."""
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.truncate(256 << 20)
+    sock = tmp_path / "vtdx.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vtdx", "daemon", "--socket", str(sock),
+                             "--ram", str(ram), "--smp", "1", "--mem", "256M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path), start_new_session=True)
+    try:
+        _read_until(proc, "ready", timeout=60)
+        assert sock.exists()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not sock.exists()

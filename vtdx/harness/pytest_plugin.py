@@ -239,9 +239,10 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return
     pool = item.config.stash[_POOL]
     pool.release(f"function:{item.nodeid}")
-    mod = item.module.__name__ if getattr(item, "module", None) else ""
-    next_mod = nextitem.module.__name__ if nextitem is not None and getattr(
-        nextitem, "module", None) else None
+    this_module = getattr(item, "module", None)
+    next_module = getattr(nextitem, "module", None) if nextitem is not None else None
+    mod = this_module.__name__ if this_module is not None else ""
+    next_mod = next_module.__name__ if next_module is not None else None
     if mod != next_mod:
         pool.release(f"module:{mod}")
 
@@ -417,7 +418,8 @@ def kernel_reports(used: list[tuple[Any, int, int, int]], expect: tuple[str, ...
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     rep = outcome.get_result()
     used = item.stash.get(_USED, None)

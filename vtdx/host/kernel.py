@@ -122,8 +122,10 @@ def newest(packages: Iterable[DebPackage]) -> DebPackage | None:
     pkgs = list(packages)
     if not pkgs:
         return None
-    key = functools.cmp_to_key(lambda x, y: _compare_versions(x.version, y.version))
-    return max(pkgs, key=key)
+    def cmp(x: DebPackage, y: DebPackage) -> int:
+        return _compare_versions(x.version, y.version)
+
+    return max(pkgs, key=functools.cmp_to_key(cmp))
 
 
 def _fetch(url: str, dest: Path | None = None, timeout: float = 60) -> bytes:
@@ -435,7 +437,7 @@ class KernelBuilder:
         units, t0, last = 0, time.monotonic(), time.monotonic()
         with proc:
             for line in proc.stdout:
-                if logf is not subprocess.DEVNULL:
+                if not isinstance(logf, int):
                     logf.write(line)
                 tail = (tail + [line])[-40:]
                 if line.startswith(("  CC ", "  AS ")):
@@ -444,7 +446,7 @@ class KernelBuilder:
                     last = time.monotonic()
                     self.log(f"  {time.monotonic() - t0:4.0f} s, {units} units compiled, "
                              f"now {line.strip()[:70]}")
-        if logf is not subprocess.DEVNULL:
+        if not isinstance(logf, int):
             logf.close()
         if proc.returncode:
             where = f" (log: {log})" if log else ""

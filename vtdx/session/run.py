@@ -26,7 +26,10 @@ from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
 from vtdx.host import initramfs, payloads
 from vtdx.module import TdxModule
+from vtdx.observe.qmp import QmpError, _status_arg
+from vtdx.observe.trace import parse_leaf
 from vtdx.platform.profile import GiB, KiB, MiB, Profile
+from vtdx.session.machine import Machine, Terminated, on_signals
 from vtdx.units import format_size
 
 #: A TDX host is an Intel machine: with TCG's default (AMD) vendor the kernel never sets
@@ -197,9 +200,6 @@ class InjectRule:
 
     @classmethod
     def parse(cls, text: str) -> InjectRule:
-        from vtdx.observe.qmp import QmpError, _status_arg
-        from vtdx.observe.trace import parse_leaf
-
         parts = [p.strip() for p in text.split(":")]
         bad = f"--inject {text!r}: "
         try:
@@ -581,8 +581,6 @@ async def run_async(opts: RunOptions, out: TextIO | None,
     """Boot once; the Machine context manager stops QEMU and the daemon and removes the run
     directory whatever happens (timeout, panic, Ctrl-C, SIGTERM, SIGHUP: the last two raise
     ``Terminated`` once everything is cleaned up)."""
-    from vtdx.session.machine import Terminated, on_signals
-
     with on_signals() as caught:
         try:
             return await _run_async(opts, out, machine_factory)
@@ -596,10 +594,7 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
                      machine_factory: Callable[..., Any] | None) -> RunResult:
     opts.validate()
     initrd = opts.initramfs()
-    if machine_factory is None:
-        from vtdx.session.machine import Machine
-
-        machine_factory = Machine
+    factory: Callable[..., Any] = machine_factory or Machine
     console = ConsoleLog(expect=tuple(opts.expect_warn))
     stats = CallStats()
     finished = asyncio.Event()
@@ -645,11 +640,11 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
 
     timed_out = False
     t0 = time.monotonic()
-    async with machine_factory(
+    async with factory(
         opts.kernel, initrd=initrd, append=opts.cmdline(), smp=opts.smp, mem=opts.mem,
         profile=opts.profile(), backend=backend, on_console=on_console, cpu=CPU_MODEL,
         vmlinux=opts.vmlinux, save_trace=opts.save_trace, extra_args=opts.extra_qemu_args(),
-        **({"console_input": True, "on_output": on_output} if opts.shell else {}),
+        console_input=opts.shell, on_output=on_output if opts.shell else None,
     ) as machine:
         def say(*lines: str) -> None:
             if out is not None:
