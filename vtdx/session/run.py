@@ -184,6 +184,19 @@ class ConsoleLog:
 CHECKS = ("tdx", "hotplug", "kvm", "none")
 
 
+def check_mem(mem: int, option: str) -> None:
+    """A guest RAM size vtdx can give a machine, else VtdxError naming ``option``."""
+    if mem < 256 * MiB:
+        raise VtdxError(f"{option} {format_size(mem)}: need at least 256M")
+    # Guest-physical addresses stop below the keyid bits (Profile.hkid_start_bit); q35 puts
+    # RAM beyond 3 GiB above 4 GiB, so the top of RAM is about mem + 1 GiB.
+    top = 1 << Profile().hkid_start_bit
+    if mem > top - 4 * GiB:
+        raise VtdxError(f"{option} {format_size(mem)}: at most {format_size(top - 4 * GiB)} "
+                        f"(the platform's physical addresses end at {format_size(top)}, "
+                        "below the keyid bits)")
+
+
 @dataclass(frozen=True)
 class InjectRule:
     """``--inject STATUS[:LEAF][:lp=N][:count=N|all][:after=N]``: the fields of the pytest
@@ -336,15 +349,7 @@ class RunOptions:
             raise VtdxError(f"--kernel-src {self.kernel_src}: not a kernel tree")
         if not 1 <= self.smp <= 64:
             raise VtdxError(f"--smp {self.smp}: must be 1..64")
-        if self.mem < 256 * MiB:
-            raise VtdxError(f"--mem {format_size(self.mem)}: need at least 256M")
-        # Guest-physical addresses stop below the keyid bits (Profile.hkid_start_bit); q35
-        # puts RAM beyond 3 GiB above 4 GiB, so the top of RAM is about mem + 1 GiB.
-        top = 1 << Profile().hkid_start_bit
-        if self.mem > top - 4 * GiB:
-            raise VtdxError(f"--mem {format_size(self.mem)}: at most {format_size(top - 4 * GiB)}"
-                            f" (the platform's physical addresses end at {format_size(top)},"
-                            " below the keyid bits)")
+        check_mem(self.mem, "--mem")
         if self.tdx_keyids is not None:
             base = Profile()
             room = (1 << base.keyid_bits) - 1 - base.mktme_keyids
