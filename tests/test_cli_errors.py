@@ -73,6 +73,8 @@ def test_run_unknown_check_lists_the_valid_ones(kernel_file: Path) -> None:
     (["--inject", "TDX_SYS_BUSY:TDH.NOPE"], "--inject"),
     (["--inject", "TDX_SYS_BUSY:TDH.SYS.INIT:bogus=1"], "--inject"),
     (["--gdb", "70000"], "--gdb 70000"),
+    (["--put", "/nonexistent/tool"], "--put /nonexistent/tool: no such file or directory"),
+    (["--put", "/etc/hostname=relative/path"], "the guest path must be absolute"),
 ])
 def test_run_bad_options(kernel_file: Path, args: list[str], needle: str) -> None:
     one_line_error(vtdx("run", "--kernel", str(kernel_file), *args), 1, needle)

@@ -249,3 +249,28 @@ def test_vtdx_daemon_stops_cleanly_on_signals(tmp_path: Path, sig: signal.Signal
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert not sock.exists()
+
+
+@pytest.mark.stack
+def test_next_start_sweeps_run_directories_of_dead_owners(tmp_path: Path) -> None:
+    """A run whose reaper was killed too (kill of the whole session) leaves its directory;
+    the next machine start removes it, and leaves a live owner's alone."""
+    stale = tmp_path / f"{RUN_PREFIX}stale"
+    stale.mkdir()
+    with open(stale / "ram", "wb") as f:
+        f.truncate(1 << 30)
+    (stale / OWNER_FILE).write_text("1 0\n")  # pid 1 did not start at tick 0: gone
+    live = tmp_path / f"{RUN_PREFIX}live"
+    live.mkdir()
+    start = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    (live / OWNER_FILE).write_text(f"{os.getpid()} {start}\n")
+    r = subprocess.run([sys.executable, "-m", "vtdx", "run", "--kernel", str(testguest.build()),
+                        "--smp", "1", "--mem", "256M", "--timeout", "60", "--append",
+                        "test=roundtrip iters=1",
+                        # the guest's last `out` to this device ends QEMU (testguest)
+                        *(f"--qemu-arg={a}" for a in testguest.EXIT_DEVICE)],
+                       capture_output=True, text=True,
+                       env=_env(tmp_path), timeout=120)
+    assert "Traceback" not in r.stderr
+    assert not stale.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.glob(RUN_PREFIX + "*")) == [live.name]

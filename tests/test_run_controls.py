@@ -49,7 +49,12 @@ def _run_dir(screen: str) -> Path:
 @pytest.mark.kernel
 @needs_kernel
 def test_shell_in_the_guest_and_live_inspection_from_another_terminal(tmp_path: Path) -> None:
-    t = Tmux(f"cd {tmp_path} && {VTDX} run --shell; echo VTDX-EXIT=$?; sleep 300",
+    (tmp_path / "note.txt").write_text("brought from the host\n")
+    tools = tmp_path / "tools"
+    (tools / "sub").mkdir(parents=True)
+    (tools / "sub" / "hello.sh").write_text("#!/bin/sh\necho hello-from-tools\n")
+    put = f"--put {tmp_path / 'note.txt'} --put {tools}=/opt/tools"
+    t = Tmux(f"cd {tmp_path} && {VTDX} run --shell {put}; echo VTDX-EXIT=$?; sleep 300",
              env={"PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)})
     try:
         t.wait_for("vtdx# ", timeout=240)
@@ -59,6 +64,11 @@ def test_shell_in_the_guest_and_live_inspection_from_another_terminal(tmp_path: 
         t.type("echo tdx_lines=$(dmesg | grep -c 'TDX-Module initialized') answer=$((6*7))")
         t.send("Enter")
         t.wait_for("tdx_lines=1 answer=42", timeout=30)
+        # --put: a file and a directory tree from the host are in the guest.
+        t.type("cat /root/note.txt; /opt/tools/sub/hello.sh")
+        t.send("Enter")
+        t.wait_for("hello-from-tools", timeout=30)
+        assert "brought from the host" in t.screen()
         # Ctrl-C interrupts the guest's command, not the machine.
         t.type("sleep 1000")
         t.send("Enter")

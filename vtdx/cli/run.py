@@ -54,7 +54,13 @@ def options(args: argparse.Namespace) -> RunOptions:
                       save_trace=args.save_trace, expect_warn=tuple(args.expect_warn),
                       inject=tuple(InjectRule.parse(t) for t in args.inject),
                       qemu_args=tuple(args.qemu_arg), gdb=args.gdb, keep=args.keep,
-                      shell=args.shell)
+                      shell=args.shell, put=tuple(_put(p) for p in args.put))
+
+
+def _put(text: str) -> tuple[Path, str]:
+    """``SRC[=DEST]``: DEST defaults to /root/<name of SRC>."""
+    src, eq, dest = text.partition("=")
+    return Path(src).expanduser(), dest if eq else f"/root/{Path(src).name}"
 
 
 def _save_terminal() -> list | None:
@@ -140,6 +146,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="an interactive shell in the guest on this terminal once TDX is up "
                    "(QMP, `vtdx console` and `vtdx trace -f` work from another terminal); "
                    "`exit` powers the machine off")
+    p.add_argument("--put", action="append", default=[], metavar="SRC[=DEST]",
+                   help="put a host file or directory into the guest (packed into the "
+                   "initramfs; default DEST /root/NAME), e.g. your tools or a TD payload")
     p.add_argument("--inject", action="append", default=[], metavar="FAULT",
                    help="arm a module fault before boot: STATUS[:LEAF][:lp=N][:count=N|all]"
                    "[:after=N], e.g. TDX_SYS_BUSY:TDH.SYS.LP.INIT:lp=1 (repeatable)")

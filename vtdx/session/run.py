@@ -327,6 +327,8 @@ class RunOptions:
     gdb: int | None = None
     #: Stay up after boot until stopped (Ctrl-C, SIGTERM) or the guest powers off.
     keep: bool = False
+    #: Host files or directories put into the guest: (source, absolute guest path).
+    put: tuple[tuple[Path, str], ...] = ()
     #: An interactive shell in the guest on this terminal (implies ``keep``): stdin is the
     #: guest's ttyS0 input, the console is passed through byte by byte.
     shell: bool = False
@@ -366,6 +368,12 @@ class RunOptions:
         if self.shell and self.own_initrd:
             raise VtdxError("--shell needs vtdx's initramfs (its init offers the shell); "
                             "drop --initrd")
+        for src, dest in self.put:
+            if not src.exists():
+                raise VtdxError(f"--put {src}: no such file or directory")
+            if not dest.startswith("/") or ".." in dest.split("/") or dest.rstrip("/") == "":
+                raise VtdxError(f"--put {src}={dest}: the guest path must be absolute, "
+                                "e.g. /root/tools")
         if self.gdb is not None and not 1 <= self.gdb <= 65535:
             raise VtdxError(f"--gdb {self.gdb}: a TCP port is 1..65535")
         for pat in self.expect_warn:
@@ -394,17 +402,37 @@ class RunOptions:
 
     def initramfs(self) -> Path:
         """The user's --initrd, or vtdx's (with the KVM payload when ``kvm`` is checked)."""
-        if self.initrd is not None:
-            return self.initrd
-        base = initramfs.ensure_initramfs()
-        if "kvm" not in self.checks.split(","):
-            return base
-        if self.kernel_src is None:
-            raise VtdxError("--checks kvm: the KVM payload is built against the kernel's UAPI "
-                            "headers: pass --kernel-src DIR (default kernel: its source)")
-        headers = payloads.kernel_headers(self.kernel_src)
-        kvm = payloads.build_payloads(headers=headers)["kvm-tdx"]
-        return initramfs.with_files(base, {"vtdx/bin/kvm-tdx": kvm}, tag="kvm")
+        rd = self.initrd if self.initrd is not None else initramfs.ensure_initramfs()
+        if "kvm" in self.checks.split(",") and self.initrd is None:
+            if self.kernel_src is None:
+                raise VtdxError("--checks kvm: the KVM payload is built against the kernel's "
+                                "UAPI headers: pass --kernel-src DIR (default kernel: its "
+                                "source)")
+            headers = payloads.kernel_headers(self.kernel_src)
+            kvm = payloads.build_payloads(headers=headers)["kvm-tdx"]
+            rd = initramfs.with_files(rd, {"vtdx/bin/kvm-tdx": kvm}, tag="kvm")
+        if self.put:
+            rd = initramfs.with_files(rd, self.put_files(), tag="put")
+        return rd
+
+    def put_files(self) -> dict[str, bytes]:
+        """--put as {guest path without the leading /: contents}; a directory recursively."""
+        files: dict[str, bytes] = {}
+        for src, dest in self.put:
+            dest = dest.strip("/")
+            try:
+                if src.is_dir():
+                    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+                        files[f"{dest}/{f.relative_to(src).as_posix()}"] = f.read_bytes()
+                else:
+                    files[dest] = src.read_bytes()
+            except OSError as e:
+                raise VtdxError(f"--put {src}: {e.strerror}") from None
+        total = sum(len(b) for b in files.values())
+        if total > self.mem // 4:
+            raise VtdxError(f"--put: {total >> 20} MiB does not fit a guest with "
+                            f"{format_size(self.mem)} of RAM (the initramfs lives in RAM)")
+        return files
 
     def extra_qemu_args(self) -> list[str]:
         gdb = ["-gdb", f"tcp:127.0.0.1:{self.gdb}"] if self.gdb is not None else []
