@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import signal
@@ -99,9 +100,12 @@ def test_keep_stays_up_until_stopped_and_gdb_stub_answers(tmp_path: Path) -> Non
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    saved = tmp_path / "saved-trace.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "vtdx", "run", "--keep", "--gdb", str(port),
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**ENV, "TMPDIR": str(tmp_path)})
+                             "--quiet", "--save-trace", str(saved)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "TMPDIR": str(tmp_path)})
+    follow = None
     try:
         assert proc.stdout is not None
         lines = []
@@ -124,14 +128,30 @@ def test_keep_stays_up_until_stopped_and_gdb_stub_answers(tmp_path: Path) -> Non
             g.sendall(b"+$D#44")  # detach: the guest continues
         r = vtdx("console", str(run_dir), "-c", "status")
         assert r.returncode == 0 and "SYS_READY" in r.stdout
+        # `vtdx trace -f` on the live run: everything so far, then the end of the run.
+        follow = subprocess.Popen([sys.executable, "-m", "vtdx", "trace", str(run_dir), "-f",
+                                   "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=ENV)
+        assert follow.stdout is not None
+        first = follow.stdout.readline()  # the follower is attached
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
+        rest = follow.stdout.read()  # same buffered reader as the first line: nothing lost
+        follow.wait(30)
+        follow_err = follow.stderr.read() if follow.stderr else ""
+        followed = first + rest
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, follow):
+            if p is not None and p.poll() is None:
+                p.kill()
     assert proc.returncode == 0, err
     assert "vtdx run: PASS: TDX-Module initialized" in out
     assert not run_dir.exists()
+    # The follower ended with the run (exit 0) and missed no call, the last one included.
+    assert follow.returncode == 0, follow_err
+    seqs = [json.loads(ln)["seq"] for ln in followed.splitlines()]
+    want = [json.loads(ln)["seq"] for ln in saved.read_text().splitlines()]
+    assert seqs == want and len(want) > 500
 
 
 def test_qemu_arg_reaches_qemu_and_its_error_is_the_verdict(tmp_path: Path) -> None:

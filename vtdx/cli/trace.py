@@ -69,15 +69,16 @@ def _follow(path: Path, args: argparse.Namespace, filters: dict) -> None:
     def waiting() -> None:
         print(f"vtdx trace: waiting for {path}", file=sys.stderr, flush=True)
 
-    seen = 0
+    backlog: list[dict] | None = []  # None once the records written before are printed
     try:
-        if path.is_file():
-            backlog = list(read_trace(path))
-            seen = max((int(r.get("seq", 0)) for r in backlog), default=0)
-            for rec in filter_trace(backlog, last=args.last, **filters):
-                _print(rec, args.json)
         for rec in follow_trace(path, on_wait=waiting):
-            if int(rec.get("seq", 0)) > seen:
+            if rec is None:
+                for r in filter_trace(backlog or [], last=args.last, **filters):
+                    _print(r, args.json)
+                backlog = None
+            elif backlog is not None:
+                backlog.append(rec)
+            else:
                 for r in filter_trace([rec], **filters):
                     _print(r, args.json)
     except KeyboardInterrupt:

@@ -263,8 +263,10 @@ def read_trace(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
 
 def follow_trace(path: str | os.PathLike[str], *, poll: float = 0.2,
                  wait: Callable[[float], None] = time.sleep,
-                 on_wait: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
-    """Every record of a run's trace, old and new, as the run writes them (``tail -f``).
+                 on_wait: Callable[[], None] | None = None,
+                 ) -> Iterator[dict[str, Any] | None]:
+    """Every record of a run's trace, old and new, as the run writes them (``tail -f``);
+    one ``None`` marks the point where the records already written end.
 
     Waits for the file to appear while its directory exists (``on_wait`` is called once
     then). The file stays open, so when the run ends and removes its directory the records
@@ -290,6 +292,7 @@ def follow_trace(path: str | os.PathLike[str], *, poll: float = 0.2,
     with f:
         buf = b""
         lineno = 0
+        caught_up = False
         while True:
             chunk = f.read()
             if chunk:
@@ -300,6 +303,9 @@ def follow_trace(path: str | os.PathLike[str], *, poll: float = 0.2,
                     if line.strip():
                         yield _parse_line(line + b"\n", p, lineno)
                 continue
+            if not caught_up:
+                caught_up = True
+                yield None
             if not p.exists():  # the run ended and removed it: what was written is read
                 return
             wait(poll)
