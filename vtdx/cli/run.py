@@ -2,7 +2,13 @@
 
 Exit status: 0 TDX initialised (and the kernel's PAMT size equals vtdx's accounting),
 3 the kernel booted but refused TDX (its reason is printed in one line), 1 anything else
-(panic/oops, timeout, QEMU died, failed in-guest check).
+(panic/oops, a WARNING/BUG report not declared with --expect-warn, timeout, QEMU died,
+failed in-guest check), 130 Ctrl-C, 128+N stopped by signal N (SIGTERM, SIGHUP). QEMU, the
+daemon and the run directory are removed in every case, SIGKILL included.
+
+The run directory is printed first; --keep leaves the machine up for `vtdx console`,
+`vtdx trace -f` and qmp-shell until Ctrl-C; --shell gives a shell in the guest on this
+terminal; with your own --initrd the kernel's TDX lines are the verdict.
 """
 
 from __future__ import annotations
