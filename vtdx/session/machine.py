@@ -285,8 +285,12 @@ class Machine:
         self._start_reaper(self.run_dir)
         self._check_ram_room(self.run_dir)
         # QEMU opens this existing file; making it first lets the daemon map it before boot.
-        with open(self.ram_path, "wb") as f:
-            f.truncate(self.mem)
+        try:
+            with open(self.ram_path, "wb") as f:
+                f.truncate(self.mem)
+        except OSError as e:
+            raise VtdxError(f"cannot create the guest RAM file {self.ram_path} of "
+                            f"{self.mem} bytes: {e.strerror}") from None
         self.ram = GuestRam(self.ram_path, self.profile.ram)
         await self._start_daemon()
         self._check_stopping()
