@@ -365,7 +365,8 @@ def failure_sections(used: list[tuple[Any, int, int, int]], lines: int = 40
     for n, (vm, trace_mark, _console_mark, cmd_mark) in enumerate(used):
         tag = f" (machine {n + 1})" if len(used) > 1 else ""
         console = vm.console_tail(lines) or "(no console output)"
-        state = "" if vm.alive else "  [QEMU has exited]"
+        why = getattr(vm.machine, "failure_text", lambda: "")() if not vm.alive else ""
+        state = "" if vm.alive else f"  [{why or 'QEMU has exited'}]"
         out.append((f"vtdx guest console, last {lines} lines{tag}{state}", console))
         try:
             recs = vm.trace.since(trace_mark)
