@@ -96,6 +96,36 @@ def test_shell_in_the_guest_and_live_inspection_from_another_terminal(tmp_path: 
 
 @pytest.mark.kernel
 @needs_kernel
+def test_closing_the_terminal_of_a_shell_leaves_nothing(tmp_path: Path) -> None:
+    """tmux kill-session hangs the terminal up (SIGHUP): QEMU and the run directory go."""
+    t = Tmux(f"cd {tmp_path} && {VTDX} run --shell",
+             env={"PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)})
+    try:
+        t.wait_for("vtdx# ", timeout=240)
+        run_dir = _run_dir(_scrollback(t))
+        assert (run_dir / "ram").is_file()
+    finally:
+        t.kill()
+    deadline = time.monotonic() + 20
+    while run_dir.exists() or _qemu_of(run_dir):
+        assert time.monotonic() < deadline, (list(tmp_path.iterdir()), _qemu_of(run_dir))
+        time.sleep(0.1)
+
+
+def _qemu_of(run_dir: Path) -> list[int]:
+    """Live processes whose command line names the run directory."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(run_dir).encode() in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.kernel
+@needs_kernel
 def test_keep_stays_up_until_stopped_and_gdb_stub_answers(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
