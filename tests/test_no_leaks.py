@@ -198,17 +198,19 @@ def test_pytest_session_killed_leaves_nothing(tmp_path: Path, sig: signal.Signal
 
 @pytest.mark.stack
 @pytest.mark.kernel
-def test_pytest_ctrl_c_mid_boot_is_clean(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT to pytest) while the kernel boots: pytest's own interrupted summary,
+@pytest.mark.parametrize("delay", [0.0, 1.0], ids=["while-starting", "while-booting"])
+def test_pytest_ctrl_c_mid_boot_is_clean(tmp_path: Path, delay: float) -> None:
+    """Ctrl-C (SIGINT to pytest) while the machine starts (run directory just made: daemon
+    and QEMU being started) or while the kernel boots: pytest's own interrupted summary,
     no thread or asyncio noise, nothing left behind."""
     proc = _start_pytest(tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not any((d / "ram").is_file() for d in tmp_path.glob(RUN_PREFIX + "*")):
             assert time.monotonic() < deadline and proc.poll() is None, "no machine started"
-            time.sleep(0.1)
+            time.sleep(0.01)
         run_dir = next(tmp_path.glob(RUN_PREFIX + "*"))
-        time.sleep(1.0)  # QEMU is up, the kernel is booting
+        time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:

@@ -221,6 +221,7 @@ class Machine:
         self.stderr_lines: list[str] = []
         self._readers: list[asyncio.Task[None]] = []
         self._reaper: subprocess.Popen[bytes] | None = None
+        self._start_task: asyncio.Task[Any] | None = None
         #: Set by stop(): a start() still in progress (stop from another task) gives up.
         self._stopping = False
         #: QMP inspection endpoint (vtdx.observe.qmp, issue 6) when the backend is a TDX module.
@@ -271,6 +272,15 @@ class Machine:
         await self.stop()
 
     async def start(self) -> None:
+        """Create the run directory, start the daemon and QEMU. A ``stop()`` from another
+        task meanwhile (Ctrl-C of a pytest session mid-boot) cancels this first."""
+        self._start_task = asyncio.current_task()
+        try:
+            await self._start()
+        finally:
+            self._start_task = None
+
+    async def _start(self) -> None:
         if not self.kernel.is_file():
             raise VtdxError(f"kernel {self.kernel} not found")
         rt = self.runtime or default_runtime()
@@ -480,6 +490,13 @@ class Machine:
     async def stop(self) -> None:
         """Stop QEMU and the daemon and remove the run directory (idempotent)."""
         self._stopping = True
+        starting = self._start_task
+        if starting is not None and starting is not asyncio.current_task() \
+                and not starting.done():
+            # Let start() unwind first (asyncio kills a QEMU it was spawning), so everything
+            # it made is in place below and no task of it outlives the loop.
+            starting.cancel()
+            await asyncio.wait({starting})
         if self.qemu is not None:
             await self._kill(self.qemu)
         for t in self._readers:
