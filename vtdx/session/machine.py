@@ -40,6 +40,8 @@ from typing import Any
 
 from vtdx.errors import VtdxError
 from vtdx.host.qemu import QemuRuntime
+from vtdx.observe.answers import QMP_SOCKET
+from vtdx.observe.qmp.endpoint import start_inspect
 from vtdx.observe.trace import TRACE_FILE
 from vtdx.platform.memory import GuestRam
 from vtdx.platform.profile import Profile
@@ -250,8 +252,6 @@ class Machine:
     @property
     def vtdx_qmp_path(self) -> Path:
         """vtdx's own QMP socket: PAMT, TDs, S-EPT, locks, trace (``vtdx console``)."""
-        from vtdx.observe.answers import QMP_SOCKET
-
         return self._path(QMP_SOCKET)
 
     @property
@@ -418,8 +418,6 @@ class Machine:
             backend = spec
         self.daemon = Daemon(self.socket_path, self.profile, backend)
         await self.daemon.start()
-        from vtdx.observe.qmp.endpoint import start_inspect
-
         self.inspect = start_inspect(backend, self._path("."), qemu_qmp=self.qmp_path,
                                      callers=self.daemon.callers,
                                      vmlinux=self.vmlinux)
