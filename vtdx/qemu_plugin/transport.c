@@ -5,9 +5,9 @@
  * VMfailInvalid (seamcall.c checks plugin.daemon_dead).
  */
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -31,12 +31,21 @@ static bool send_all(int fd, const void *buf, size_t n, const char **why)
     return true;
 }
 
-/* Receive exactly n bytes; on failure *why names the cause. The reply timeout is the
- * socket's SO_RCVTIMEO (set_reply_timeout), so waiting costs one recv, not poll + recv. */
+/* Receive exactly n bytes; on failure *why names the cause. */
 static bool recv_all(int fd, void *buf, size_t n, const char **why)
 {
     char *p = buf;
     while (n) {
+        if (plugin.timeout_ms > 0) {
+            struct pollfd pfd = {.fd = fd, .events = POLLIN};
+            int r = poll(&pfd, 1, plugin.timeout_ms);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r == 0) {
+                *why = "no reply within the timeout";
+                return false;
+            }
+        }
         ssize_t k = recv(fd, p, n, 0);
         if (k < 0 && errno == EINTR)
             continue;
@@ -45,25 +54,13 @@ static bool recv_all(int fd, void *buf, size_t n, const char **why)
             return false;
         }
         if (k < 0) {
-            *why = errno == EAGAIN || errno == EWOULDBLOCK ? "no reply within the timeout"
-                                                           : strerror(errno);
+            *why = strerror(errno);
             return false;
         }
         p += k;
         n -= (size_t)k;
     }
     return true;
-}
-
-/* A reply that takes longer than the timeout option fails the recv with EAGAIN. */
-static void set_reply_timeout(int fd)
-{
-    if (plugin.timeout_ms <= 0)
-        return;
-    struct timeval tv = {.tv_sec = plugin.timeout_ms / 1000,
-                         .tv_usec = (plugin.timeout_ms % 1000) * 1000};
-    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0)
-        plog("cannot set the reply timeout: %s", strerror(errno));
 }
 
 /* One CALL (or ECHO) frame out, its RET (or ECHO_RET) frame in. */
@@ -100,7 +97,6 @@ static int dial(uint32_t vcpu, struct vtdx_welcome *w, const char **why)
         close(fd);
         return -1;
     }
-    set_reply_timeout(fd);
     struct vtdx_hello h = {.magic = VTDX_MAGIC, .version = VTDX_PROTO_VERSION,
                            .kind = VTDX_HELLO, .vcpu = vcpu, .nvcpus = plugin.nvcpus,
                            .pid = (uint64_t)getpid()};
