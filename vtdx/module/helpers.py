@@ -17,7 +17,13 @@ from vtdx.module.context import CallContext
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.locks import opstate_key, sept_key, septe_key
 from vtdx.module.pamt import LEVEL_2M, LEVEL_4K, PAGE_2M, PAGE_4K, PT_NDA, PT_TDR, PamtWalk
-from vtdx.module.state import OP_ALLOWED, TD_KEYS_CONFIGURED, TLB_TRACKING_OP_STATES, TdState
+from vtdx.module.state import (
+    OP_ALLOWED,
+    TD_KEYS_CONFIGURED,
+    TLB_TRACKING_OP_STATES,
+    TdState,
+    VcpuState,
+)
 
 EX, SH = True, False
 
@@ -135,6 +141,28 @@ def check_state_map_tdcs_and_lock(ctx: CallContext, td: TdState, op_lock: bool |
         raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_OP_STATE)
     if td.op_state not in OP_ALLOWED.get(leaf, frozenset()):
         raise TdxError(st.TDX_OP_STATE_INCORRECT)
+
+
+# --- vCPU association -----------------------------------------------------------------------
+
+def check_and_associate_vcpu(ctx: CallContext, vcpu: VcpuState, td: TdState) -> None:
+    """check_and_associate_vcpu + associate_vcpu (helpers.c 960-1036 of the 1.5 tree).
+
+    The vCPU must be READY (the model has no DISABLED vCPU, so "allow disabled" never
+    matters): otherwise TDX_VCPU_STATE_INCORRECT, bare in 1.5.x and carrying the state as
+    operand id in 2.0.08 (the profile's generation decides). Then the vCPU is bound to the
+    calling LP: associated with another LP -> TDX_VCPU_ASSOCIATED (bare); not associated ->
+    associated with this LP from now on (TDCS.NUM_ASSOC_VCPUS counts it), and the binding
+    stays after the leaf returns, whatever the leaf's later checks say; already associated
+    with this LP -> nothing changes but the LP's current vCPU."""
+    state = 2 if vcpu.initialized else 0  # VCPU_READY / VCPU_UNINITIALIZED (tdx_tdvps.h)
+    if not vcpu.initialized:
+        gen = ctx.module.profile.gen
+        raise TdxError(st.TDX_VCPU_STATE_INCORRECT + (state if gen.vcpu_state_operand else 0))
+    if vcpu.associated_lp is not None and vcpu.associated_lp != ctx.lp:
+        raise TdxError(st.TDX_VCPU_ASSOCIATED)
+    vcpu.associated_lp = ctx.lp
+    ctx.gd.lp_vcpu[ctx.lp] = vcpu.tdvpr_pa
 
 
 # --- S-EPT ------------------------------------------------------------------------------------
