@@ -229,19 +229,38 @@ def td_handle(ctx: CallContext, rdx: int, exclusive: bool) -> TdState:
     return check_lock_and_map_explicit_tdr(ctx, rdx, st.OPERAND_ID_RDX, exclusive)
 
 
+#: td_handle_and_flags_t (tdx_api_defs.h 1208-1229): bit 0 the flag, 11:1 and 63:52 reserved.
+TD_HANDLE_FLAG = 1
+TD_HANDLE_RESERVED = 0xFFE | (0xFFF << 52)
+
+
+def td_handle_and_flags(ctx: CallContext, rdx: int, exclusive: bool) -> tuple[TdState, bool]:
+    """The RDX of TDH.MEM.SEPT.ADD and TDH.MEM.PAGE.DEMOTE: reserved bits 11:1 and 63:52
+    must be 0 (OPERAND_INVALID | RDX, before the TDR is touched: tdh_mem_sept_add.c 331-336,
+    tdh_mem_page_demote.c 119-124); bit 0 is the leaf's flag (ALLOW_EXISTING /
+    L2_SEPT_ADD_MODE); the TDR is bits 51:12. Returns (td, flag)."""
+    if rdx & TD_HANDLE_RESERVED:
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
+    td = check_lock_and_map_explicit_tdr(ctx, rdx & ~TD_HANDLE_FLAG, st.OPERAND_ID_RDX,
+                                         exclusive)
+    return td, bool(rdx & TD_HANDLE_FLAG)
+
+
 def tlb_tracking_required(td: TdState, state: int) -> bool:
     """Taking ``state`` away needs BLOCK + TRACK first (only once the TD can run)."""
     return state in S.TLB_TRACKING_REQUIRED and td.op_state in TLB_TRACKING_OP_STATES
 
 
 def lock_gpa_entry(ctx: CallContext, rcx: int, rdx: int, leaf: int, min_level: int,
-                   max_level: int | None, tree_lock: bool) -> tuple[TdState, int, S.WalkResult]:
+                   max_level: int | None, tree_lock: bool,
+                   handle_flags: bool = False) -> tuple[TdState, int, S.WalkResult]:
     """How every leaf acting on one S-EPT entry opens, in the module's order: the TD handle
     in RDX (TDR shared), TDCS with OP_STATE shared, page info in RCX (level in
     ``min_level``..``max_level``; None = the TD's S-EPT root level), the S-EPT tree locked
     ``tree_lock`` and walked to that level, then the host-side lock on the entry.
-    Returns (td, level, walk); each leaf then checks the entry state its own way."""
-    td = td_handle(ctx, rdx, SH)
+    Returns (td, level, walk); each leaf then checks the entry state its own way.
+    ``handle_flags``: RDX is a td_handle_and_flags_t (SEPT.ADD, DEMOTE)."""
+    td = td_handle_and_flags(ctx, rdx, SH)[0] if handle_flags else td_handle(ctx, rdx, SH)
     check_state_map_tdcs_and_lock(ctx, td, SH, leaf)
     top = td.sept_root_level if max_level is None else max_level
     gpa, level = verify_page_info_input(rcx, min_level, top)
