@@ -7,7 +7,8 @@ SYS.RDALL: RDX = 4 KB-aligned buffer for a metadata list, R8 = first field id in
 
 Differs from Intel's md_dump_list(): the model writes one sequence per lookup-table row,
 where the module merges consecutive rows of the same class and element size into one
-sequence. Both are valid metadata lists; Linux 7.3 does not call RDALL.
+sequence, and starts at the start id's row, not at its field. Both are valid metadata
+lists; Linux 7.3 does not call RDALL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vtdx.abi import fields as fl
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
+from vtdx.module import metadata as md
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import TdxError, fail
 
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
     from vtdx.module.core import TdxModule
 
 _FIELD_NA = fl.FIELD_ID_NA
-_CPUID_ARRAYS = ("CPUID_CONFIG_LEAVES", "CPUID_CONFIG_VALUES")
 
 
 def global_values(m: TdxModule) -> dict[str, list[int]]:
@@ -38,6 +39,11 @@ def global_values(m: TdxModule) -> dict[str, list[int]]:
     for (leaf, sub), (eax, ebx, ecx, edx) in p.cpuid_config:
         cpuid_leaves.append(leaf | (sub << 32))
         cpuid_values += [eax | (ebx << 32), ecx | (edx << 32)]
+    num_cpuid_config = len(cpuid_leaves)
+    # Slots past NUM_CPUID_CONFIG read as leaf ~0 and values 0 (metadata_sys.c 262-285 of the
+    # 1.5 tree): the CPUID arrays are whole 32-field entries and never answer FIELD_SKIP.
+    cpuid_leaves += [(1 << 64) - 1] * (32 - len(cpuid_leaves))
+    cpuid_values += [0] * (64 - len(cpuid_values))
     cmrs = [c for c in p.cmrs if c.size]
     v: dict[str, list[int]] = {
         "NUM_PKGS": [p.num_packages],
@@ -73,7 +79,7 @@ def global_values(m: TdxModule) -> dict[str, list[int]]:
         "ATTRIBUTES_FIXED1": [p.attributes_fixed1],
         "XFAM_FIXED0": [p.xfam_fixed0],
         "XFAM_FIXED1": [p.xfam_fixed1],
-        "NUM_CPUID_CONFIG": [len(cpuid_leaves)],
+        "NUM_CPUID_CONFIG": [num_cpuid_config],
         "CONFIG_FLAGS_FIXED0": [p.config_flags_fixed0],
         "CONFIG_FLAGS_FIXED1": [p.config_flags_fixed1],
         "MAX_VCPUS_PER_TD": [p.max_vcpus_per_td],
@@ -96,8 +102,7 @@ def _elements(values: dict[str, list[int]]) -> list[int]:
         vals = values.get(f.name)
         if vals is None:
             continue
-        n = len(vals) if f.name in _CPUID_ARRAYS else f.count
-        out += [f.element_id(i) for i in range(n)]
+        out += [f.element_id(i) for i in range(len(vals))]
     return out
 
 
@@ -133,22 +138,23 @@ def tdh_sys_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
     field_id = inp.rdx & ~fl.CONTEXT_MASK  # context code is implicit (SYS = 0)
     cat = catalogue(ctx.module)
     values = cat.values
-    if fl.is_null(field_id):
+    if md.is_null(field_id):
         out.rdx = cat.ids[0] if cat.ids else _FIELD_NA
         ctx.set_status(st.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT)
         return
-    if field_id & fl.SINGLE_ELEMENT_MBZ:
-        raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
+    md.check_single_element(field_id)
     hit = fl.lookup_global(field_id)
     if hit is None or hit[0].name not in values:
         raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
     f, idx = hit
-    vals = values[f.name]
-    if idx >= len(vals):  # CPUID config entries past NUM_CPUID_CONFIG
-        ctx.set_status(st.TDX_METADATA_FIELD_SKIP)
-        return
-    out.r8 = vals[idx] & _mask(f)
-    out.rdx = cat.next_of.get((fl.class_code(field_id), fl.field_code(field_id)), _FIELD_NA)
+    out.r8 = values[f.name][idx] & _mask(f)
+    # Next element (md_get_next_element_in_context): inside the same entry only the field
+    # code advances and the caller's other bits stay; otherwise the next entry's table id.
+    if idx + 1 < f.count:
+        out.rdx = (field_id & ~fl.FIELD_CODE_MASK) | (fl.field_code(field_id) + 1)
+    else:
+        out.rdx = cat.next_of.get((fl.class_code(field_id), fl.field_code(field_id)),
+                                  _FIELD_NA)
 
 
 RDALL_BUF = 4096
@@ -168,8 +174,11 @@ def tdh_sys_rdall(ctx: CallContext, inp: Regs, out: Regs) -> None:
     start = inp.r8 & ~fl.CONTEXT_MASK
     fields = [f for f in fl.GLOBAL_FIELDS if f.name in values]
     if not fl.is_null(start):
+        # md_check_field_and_get_entry (metadata_generic.c 735-766): the first element of
+        # a field, with the entry's exact element size code.
         hit = fl.lookup_global(start)
-        if hit is None or hit[0] not in fields:
+        if (hit is None or hit[0] not in fields or hit[1] % hit[0].num_elem
+                or (start >> 32) & 3 != (hit[0].field_id >> 32) & 3):
             raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
         fields = fields[fields.index(hit[0]):]
     body = bytearray()
