@@ -220,9 +220,12 @@ VP_TABLE = MdTable(CTX_VP, _vp_entries())
 
 
 def host_readable(debug: bool) -> Callable[[MdEntry], bool]:
-    """Entries a host read may return on this TD (non-zero read mask, no L2 VM)."""
+    """Entries a host read may return on this TD (non-zero read mask, no L2 VM: the TD
+    table's L2 S-EPT roots and the VP table's L2 classes are left out, as md_get_lookup_table
+    leaves out the unused L2 entries)."""
     def ok(e: MdEntry) -> bool:
-        return bool(e.masks(debug)[0]) and e.klass not in L2_CLASSES
+        return (bool(e.masks(debug)[0]) and e.klass not in L2_CLASSES
+                and not e.name.startswith("L2_SEPT_ROOT"))
     return ok
 
 
