@@ -188,3 +188,15 @@ def test_generation_metadata(gen: str) -> None:
     p = fx.m.profile
     assert fx.sys_rd(0x9800000100000100).r8 == p.gen.tdcs_pages * 4096
     assert fx.sys_rd(0x9900000100000008).r8 == p.gen.max_vcpus_per_td
+
+
+@pytest.mark.parametrize("gen", GENERATIONS)
+def test_num_cmrs(gen: str) -> None:
+    """metadata_sys.c 143-146 (1.5): NUM_CMRS is MAX_CMR (32) whatever the platform has;
+    unused CMR_BASE slots read 0. The 2.0 generation reports the CMR count."""
+    fx = fixture(gen)
+    cmrs = [c for c in fx.m.profile.cmrs if c.size]
+    want = 32 if gen == "1.5" else len(cmrs)
+    assert fx.sys_rd(0x9000000100000000).r8 == want
+    out = fx.sys_rd(0x9000000300000080 + 31)
+    assert (out.rax, out.r8) == (0, 0)

@@ -71,11 +71,13 @@ DECLARED: tuple[Conformance, ...] = (
        "md_check_as_single_element_id; match on class + field code (size code ignored)",
        "next id keeps the caller's bits within an entry, else the next entry's table id",
        "CPUID_CONFIG slots past NUM_CPUID_CONFIG read ~0 / 0 (no FIELD_SKIP)",
+       "1.5: NUM_CMRS = MAX_CMR (32), unused CMR slots read 0",
        "version, TDX_FEATURES0, TDCS/TDVPS sizes, MAX_VCPUS_PER_TD of the generation"),
       ("the global table is vtdx's list (vtdx.abi.fields), not the auto-generated one: "
        "handoff, migration, service-TD and L2 fields and MIN_VIRT_MAXPA are missing",
-       "NUM_CPUID_CONFIG is the profile's count (5), not MAX_NUM_CPUID_CONFIG (12); "
-       "NUM_CMRS is the number of non-empty CMRs, not MAX_CMR (32)",
+       "NUM_CPUID_CONFIG is the profile's count (5), not MAX_NUM_CPUID_CONFIG (12)",
+       "NUM_CMRS: MAX_CMR (32) in the 1.5 generation; the number of CMRs in the 2.0 "
+       "generation (its metadata_sys.c was not read)",
        "2.0.08's TDX_FEATURES0 is taken as 1.5.06's value (its get_tdx_features_enum0 was "
        "not read); ATTRIBUTES/XFAM/CONFIG_FLAGS fixed bits are chosen for KVM 7.3")),
     C(Leaf.TDH_SYS_RDALL, BOTH, (API + "tdh_sys_rdall.c", MD + "metadata_generic.c"),
@@ -227,6 +229,7 @@ GENERATION_ROWS = (
     ("MAX_VCPUS_PER_TD", "max_vcpus_per_td"),
     ("TDX_FEATURES0 of the tree", "features0"),
     ("VCPU_STATE_INCORRECT carries the state", "vcpu_state_operand"),
+    ("NUM_CMRS reads MAX_CMR (32)", "num_cmrs_is_max"),
 )
 
 

@@ -86,6 +86,9 @@ class Generation:
     #: Highest version the dispatcher accepts per leaf number (tdx_vmm_dispatcher.c);
     #: leaves not named accept version 0 only.
     leaf_versions: tuple[tuple[int, int], ...]
+    #: NUM_CMRS reads MAX_CMR (32) whatever the platform has (metadata_sys.c 143-146 of the
+    #: 1.5 tree); False: the number of CMRs (2.0.08's metadata_sys.c was not read).
+    num_cmrs_is_max: bool = False
 
     @property
     def version(self) -> tuple[int, int, int]:
@@ -118,7 +121,7 @@ GENERATIONS: dict[str, Generation] = {
         name="1.5", tree="intel/tdx-module 1.5.06 (commit 1e636985)",
         major=1, minor=5, update=6, features0=_FEATURES0_1_5_06,
         tdcs_pages=6, tdvps_pages=6, max_vcpus_per_td=576, config_flags_fixed0=0x7,
-        vcpu_state_operand=False, leaf_versions=_V1_COMMON),
+        vcpu_state_operand=False, leaf_versions=_V1_COMMON, num_cmrs_is_max=True),
     "dpamt": Generation(
         name="dpamt", tree="intel/tdx-module 2.0.08 (commit 1666adc4, Dynamic PAMT)",
         major=2, minor=0, update=8, features0=_FEATURES0_1_5_06,

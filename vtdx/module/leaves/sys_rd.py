@@ -62,7 +62,7 @@ def global_values(m: TdxModule) -> dict[str, list[int]]:
         "SYS_ATTRIBUTES": [m.gd.sys_attributes],
         "NUM_TDX_FEATURES": [1],
         "TDX_FEATURES0": [p.features0],
-        "NUM_CMRS": [len(cmrs)],
+        "NUM_CMRS": [32 if p.gen.num_cmrs_is_max else len(cmrs)],
         "CMR_BASE": [c.base for c in cmrs] + [0] * (32 - len(cmrs)),
         "CMR_SIZE": [c.size for c in cmrs] + [0] * (32 - len(cmrs)),
         "MAX_TDMRS": [p.max_tdmrs],
