@@ -241,10 +241,9 @@ def _run_on_td_engine(image: bytes, nr_vcpus: int) -> dict:
     # Imported here: the engine (vtdx.module.engine) may not be in this tree yet.
     sandbox = pytest.importorskip("vtdx.module.engine.sandbox",
                                   reason="the TD vCPU engine is not in this tree")
+    from vtdx.abi.regs import Regs
     from vtdx.module.engine import TdConfig, TdVcpuEngine
     from vtdx.module.engine.exits import EXIT_EPT_VIOLATION, EXIT_TDCALL, EXIT_TIME_SLICE
-
-    from vtdx.abi.regs import Regs
 
     shared_bit = 1 << 47
     out: dict = {"console": collections.defaultdict(str), "done": {}, "map_gpa": [],
@@ -489,9 +488,6 @@ def test_kernel_log_clean_after_partial_lives(tdx_vm) -> None:
 
 @pytest.mark.kernel
 @pytest.mark.stack
-@pytest.mark.xfail(strict=True, reason="platform: INVEPT (66 0F 38 80) raises #UD, so "
-                   "kvm_mmu_load -> ept_sync_global in KVM_TDX_INIT_MEM_REGION oopses in "
-                   "kvm_spurious_fault (a no-op INVEPT is needed, kvm-tdx-without-vmx.md)")
 def test_measured_image_and_finalize() -> None:
     """KVM_TDX_INIT_MEM_REGION adds and measures the TD guest (SEPT.ADD per missing level,
     PAGE.ADD and 16 MR.EXTEND per page), KVM_TDX_FINALIZE_VM seals MRTD; two vCPUs."""
