@@ -200,3 +200,34 @@ def test_num_cmrs(gen: str) -> None:
     assert fx.sys_rd(0x9000000100000000).r8 == want
     out = fx.sys_rd(0x9000000300000080 + 31)
     assert (out.rax, out.r8) == (0, 0)
+
+
+def _sequences(data: bytes) -> dict[int, tuple[int, list[int]]]:
+    """Parse a metadata list: header id (counts cleared) -> (number of fields, elements)."""
+    size, nseq, _ = struct.unpack_from("<HHI", data, 0)
+    out, off = {}, 8
+    for _ in range(nseq):
+        (hdr,) = struct.unpack_from("<Q", data, off)
+        nelem = ((hdr >> 34) & 0xF) + 1
+        nfields = ((hdr >> 38) & 0x1FF) + 1
+        elems = list(struct.unpack_from(f"<{nelem * nfields}Q", data, off + 8))
+        out[hdr & ~((0xF << 34) | (0x1FF << 38))] = (nfields, elems)
+        off += 8 + 8 * nelem * nfields
+    assert off == size
+    return out
+
+
+def test_rdall_merges_consecutive_fields_into_one_sequence() -> None:
+    """md_dump_sequence (metadata_generic.c 872-950) + is_sequential_field_id: fields of one
+    class with consecutive codes, the same element count and size share a sequence: the
+    three PAMT entry sizes are one sequence of 3 fields, MAX_TDMRS and
+    MAX_RESERVED_PER_TDMR one of 2; NUM_PKGS and PKG_FMS' 8 fields one of 9."""
+    fx = fixture()
+    buf = fx.w.host.alloc.page()
+    out = fx.call(Leaf.TDH_SYS_RDALL, rdx=buf, r8=ALL_ONES)
+    assert (out.rax, out.r8) == (0, ALL_ONES)
+    seqs = _sequences(fx.m.memory.read(buf, 4096))
+    assert seqs[0x9100000100000010] == (3, [16, 16, 16])
+    assert seqs[0x9100000100000008][0] == 2
+    assert seqs[0x0000000200000000][0] == 9
+    assert 0x9100000100000011 not in seqs

@@ -83,9 +83,9 @@ DECLARED: tuple[Conformance, ...] = (
     C(Leaf.TDH_SYS_RDALL, BOTH, (API + "tdh_sys_rdall.c", MD + "metadata_generic.c"),
       ("LP init; RDX shared 4K HPA -> OPERAND_INVALID|RDX",
        "start id must be the first element of a field with the entry's size code",
-       "LIST_OVERFLOW with R8 = next id"),
-      ("one sequence per table row (md_dump_list merges consecutive rows)",
-       "a start id inside a multi-field row starts at the row")),
+       "sequences merge consecutive fields of one class, element count and size "
+       "(md_dump_sequence); a whole field must fit; LIST_OVERFLOW with R8 = next field id"),
+      ("over vtdx's global field list (see TDH.SYS.RD)",)),
     C(Leaf.TDH_SYS_SHUTDOWN, BOTH, (API + "tdh_sys_shutdown.c",),
       ("module shutdown state",)),
     C(Leaf.TDH_SYS_DISABLE, (T20,), ("Linux arch/x86/virt/vmx/tdx/tdx.c (tdx_sys_disable)",),

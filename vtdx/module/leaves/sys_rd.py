@@ -5,10 +5,8 @@ Values come from the platform profile (vtdx.platform.profile.Profile) and module
 and shapes from vtdx.abi.fields. SYS.RD: RDX = field id in, next field id out; R8 = value.
 SYS.RDALL: RDX = 4 KB-aligned buffer for a metadata list, R8 = first field id in / next out.
 
-Differs from Intel's md_dump_list(): the model writes one sequence per lookup-table row,
-where the module merges consecutive rows of the same class and element size into one
-sequence, and starts at the start id's row, not at its field. Both are valid metadata
-lists; Linux 7.3 does not call RDALL.
+RDALL builds sequences as md_dump_list() does (consecutive fields of one class, element
+count and size share a sequence), over vtdx's global field list (vtdx.abi.fields).
 """
 
 from __future__ import annotations
@@ -160,6 +158,43 @@ def tdh_sys_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
 RDALL_BUF = 4096
 
 
+def _dump_list(fields: list[tuple[int, fl.FieldDef, list[int]]]
+               ) -> tuple[bytes, int, int]:
+    """md_dump_list / md_dump_sequence (metadata_generic.c 872-1058): a sequence goes on
+    while the next field has the same class, the next field code, the same number of
+    elements and the same element size, and stops when a whole field no longer fits in the
+    4 KB buffer. Returns (sequences, number of sequences, next field id or -1)."""
+    space = RDALL_BUF - 8
+    body = bytearray()
+    nseq = 0
+    k = 0
+    while k < len(fields) and space >= 8 + 8 * fields[k][1].num_elem:
+        head, f, _ = fields[k]
+        room = space - 8
+        elems: list[int] = []
+        count = 0
+        while k < len(fields) and room >= 8 * f.num_elem:
+            fid, f, vals = fields[k]
+            elems += [x & _mask(f) for x in vals]
+            room -= 8 * f.num_elem
+            count += 1
+            k += 1
+            if k == len(fields):
+                break
+            nxt, g, _ = fields[k]
+            if (fl.class_code(nxt) != fl.class_code(fid)
+                    or fl.field_code(nxt) != fl.field_code(fid) + f.num_elem
+                    or g.num_elem != f.num_elem or g.size != f.size):
+                break
+        header = ((head & ~(fl.CONTEXT_MASK | (1 << 51)) & ~fl.SINGLE_ELEMENT_MBZ)
+                  | ((f.num_elem - 1) << 34) | ((count - 1) << 38))
+        body += struct.pack("<Q", header) + b"".join(struct.pack("<Q", x) for x in elems)
+        space -= 8 + 8 * len(elems)
+        nseq += 1
+    next_id = fields[k][0] if k < len(fields) else _FIELD_NA
+    return bytes(body), nseq, next_id
+
+
 def tdh_sys_rdall(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """Dump fields from R8 on as a metadata list: u16 size, u16 sequences, u32 0, then per
     sequence a field id header (last-element / last-field counts set) and u64 elements."""
@@ -172,28 +207,25 @@ def tdh_sys_rdall(ctx: CallContext, inp: Regs, out: Regs) -> None:
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     values = catalogue(m).values
     start = inp.r8 & ~fl.CONTEXT_MASK
-    fields = [f for f in fl.GLOBAL_FIELDS if f.name in values]
+    rows = [f for f in fl.GLOBAL_FIELDS if f.name in values]
+    first_field = 0
     if not fl.is_null(start):
         # md_check_field_and_get_entry (metadata_generic.c 735-766): the first element of
         # a field, with the entry's exact element size code.
         hit = fl.lookup_global(start)
-        if (hit is None or hit[0] not in fields or hit[1] % hit[0].num_elem
+        if (hit is None or hit[0] not in rows or hit[1] % hit[0].num_elem
                 or (start >> 32) & 3 != (hit[0].field_id >> 32) & 3):
             raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
-        fields = fields[fields.index(hit[0]):]
-    body = bytearray()
-    nseq = 0
-    next_id = _FIELD_NA
-    for f in fields:
+        rows = rows[rows.index(hit[0]):]
+        first_field = hit[1] // hit[0].num_elem
+    # Every field from the start on: (field id of its first element, row, its elements).
+    fields = []
+    for k, f in enumerate(rows):
         vals = values[f.name]
-        if 8 + len(body) + 8 + 8 * len(vals) > RDALL_BUF:
-            next_id = f.field_id
-            break
-        nfields = max(1, len(vals) // f.num_elem)
-        header = f.field_id | ((f.num_elem - 1) << 34) | ((nfields - 1) << 38)
-        body += struct.pack("<Q", header)
-        body += b"".join(struct.pack("<Q", x & _mask(f)) for x in vals)
-        nseq += 1
+        for i in range(first_field if k == 0 else 0, len(vals) // f.num_elem):
+            fid = f.field_id + i * f.num_elem
+            fields.append((fid, f, vals[i * f.num_elem:(i + 1) * f.num_elem]))
+    body, nseq, next_id = _dump_list(fields)
     if not m.memory.contains(buf_pa, RDALL_BUF):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     m.memory.write(buf_pa, struct.pack("<HHI", 8 + len(body), nseq, 0) + bytes(body))
