@@ -125,3 +125,16 @@ def test_multi_version_leaves_accept_version_1(gen: str) -> None:
     version 1 in both trees (MNG.RD shown here; the others in their own tests)."""
     fx = fixture(gen)
     assert fx.mng_rd(ALL_ONES, version=1).rax == 0x00000C0B00000000
+
+
+@pytest.mark.parametrize("gen,num_vcpus", [("1.5", 3), ("dpamt", 2)])
+def test_vp_init_duplicate_x2apic_vcpu_count(gen: str, num_vcpus: int) -> None:
+    """tdh_vp_init.c (1.5 tree, version 1): the vCPU index is taken (NUM_VCPUS++) before the
+    x2APIC checks; R8 above 32 bits undoes it, a duplicate id does not (goto EXIT); 2.0.08
+    undoes both. MNG.RD NUM_VCPUS (0x9010000200000001) shows the difference."""
+    fx = fixture(gen, runnable=False)
+    fx.w.host.init_vcpu(fx.td, 0, 5)
+    v = fx.bare_vcpu()
+    assert fx.rax(Leaf.TDH_VP_INIT, 0, 1, rcx=v.tdvpr, r8=1 << 32) == OPERAND_INVALID | R8
+    assert fx.rax(Leaf.TDH_VP_INIT, 0, 1, rcx=v.tdvpr, r8=5) == X2APIC_ID_NOT_UNIQUE | 5
+    assert fx.mng_rd(0x9010000200000001).r8 == num_vcpus

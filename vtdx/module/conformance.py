@@ -156,9 +156,9 @@ DECLARED: tuple[Conformance, ...] = (
       ("version 1 in both generations (>1 -> OPERAND_INVALID|RAX); v1 TDR exclusive",
        "TDVPS page count, VCPU_STATE_INCORRECT (2.0.08: | state), MAX_VCPUS_EXCEEDED",
        "v1 R8 > 32 bits -> OPERAND_INVALID|R8; duplicate -> X2APIC_ID_NOT_UNIQUE | id",
-       "associates the vCPU with the calling LP"),
-      ("1.5.06 leaves NUM_VCPUS incremented after X2APIC_ID_NOT_UNIQUE; the model does not",
-       "2.0.08 checks TSC_ADJUST before the version; the model has no TSC_ADJUST check")),
+       "associates the vCPU with the calling LP",
+       "1.5: NUM_VCPUS stays incremented after X2APIC_ID_NOT_UNIQUE (2.0.08 undoes it)"),
+      ("2.0.08 checks TSC_ADJUST before the version; the model has no TSC_ADJUST check")),
     C(Leaf.TDH_VP_RD, BOTH, (API + "tdh_vp_rd_wr.c", HELPERS, MD + "metadata_vp.c",
                              MD + "metadata_generic.c"),
       ("version 0/1 (>1 -> OPERAND_INVALID|RAX); R8 = 0 and v1 RDX = -1 at entry",
@@ -230,6 +230,7 @@ GENERATION_ROWS = (
     ("TDX_FEATURES0 of the tree", "features0"),
     ("VCPU_STATE_INCORRECT carries the state", "vcpu_state_operand"),
     ("NUM_CMRS reads MAX_CMR (32)", "num_cmrs_is_max"),
+    ("VP.INIT duplicate x2APIC id keeps NUM_VCPUS", "x2apic_dup_keeps_vcpu_count"),
 )
 
 

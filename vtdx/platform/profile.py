@@ -89,6 +89,10 @@ class Generation:
     #: NUM_CMRS reads MAX_CMR (32) whatever the platform has (metadata_sys.c 143-146 of the
     #: 1.5 tree); False: the number of CMRs (2.0.08's metadata_sys.c was not read).
     num_cmrs_is_max: bool = False
+    #: TDH.VP.INIT version 1 with a duplicate x2APIC id leaves NUM_VCPUS incremented (the
+    #: 1.5 tree returns X2APIC_ID_NOT_UNIQUE without undoing the increment it made for the
+    #: vCPU index; 2.0.08 undoes it).
+    x2apic_dup_keeps_vcpu_count: bool = False
 
     @property
     def version(self) -> tuple[int, int, int]:
@@ -121,7 +125,8 @@ GENERATIONS: dict[str, Generation] = {
         name="1.5", tree="intel/tdx-module 1.5.06 (commit 1e636985)",
         major=1, minor=5, update=6, features0=_FEATURES0_1_5_06,
         tdcs_pages=6, tdvps_pages=6, max_vcpus_per_td=576, config_flags_fixed0=0x7,
-        vcpu_state_operand=False, leaf_versions=_V1_COMMON, num_cmrs_is_max=True),
+        vcpu_state_operand=False, leaf_versions=_V1_COMMON, num_cmrs_is_max=True,
+        x2apic_dup_keeps_vcpu_count=True),
     "dpamt": Generation(
         name="dpamt", tree="intel/tdx-module 2.0.08 (commit 1666adc4, Dynamic PAMT)",
         major=2, minor=0, update=8, features0=_FEATURES0_1_5_06,

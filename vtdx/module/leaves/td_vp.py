@@ -109,6 +109,8 @@ def tdh_vp_init(ctx: CallContext, inp: Regs, out: Regs) -> None:
         if x2apic >> 32:
             raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_R8)
         if any(v.initialized and v.x2apic_id == x2apic for v in td.vcpus.values()):
+            if ctx.module.profile.gen.x2apic_dup_keeps_vcpu_count:
+                td.num_vcpus += 1  # the 1.5 tree's vCPU index stays taken
             raise fail(st.TDX_X2APIC_ID_NOT_UNIQUE, x2apic)
     else:
         x2apic = td.num_vcpus
