@@ -220,3 +220,14 @@ def test_failed_metadata_access_changes_nothing_but_association() -> None:
     assert fx.vp_wr(PI_NV, 0x100, 0xFFFF).rax == VALUE_NOT_VALID
     assert fx.vp_rd(PI_NV).r8 == 0xF2
     assert st.decode(VALUE_NOT_VALID) == "TDX_METADATA_FIELD_VALUE_NOT_VALID"
+
+
+def test_private_gpa_field_on_a_debug_td() -> None:
+    """md_vp_handle_field_attribute_on_wr (metadata_vp.c 1400-1408): guest CR3 (GPA,
+    private; debug-writable) must be a valid private GPA: the shared bit set ->
+    FIELD_VALUE_NOT_VALID; on a production TD it is not writable at all."""
+    fx = fixture(debug=True)
+    shared = 1 << 47
+    assert fx.vp_wr(0x6802, 0x1000).rax == 0
+    assert fx.vp_wr(0x6802, shared | 0x1000).rax == VALUE_NOT_VALID
+    assert fixture().vp_wr(0x6802, 0x1000).rax == NOT_WRITABLE

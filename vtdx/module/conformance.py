@@ -178,11 +178,12 @@ DECLARED: tuple[Conformance, ...] = (
       ("version 0 only (dispatcher)", "same opening checks and association as TDH.VP.RD",
        "combined mask 0 -> FIELD_NOT_WRITABLE; forbidden bits (with the NULL_PA "
        "adjustment) -> FIELD_VALUE_NOT_VALID",
-       "shared-HPA fields: shared_hpa_check (64 bytes for the PI descriptor)",
+       "shared-HPA fields: shared_hpa_check (64 bytes for the PI descriptor); private-GPA "
+       "fields (guest CR3 on a debug TD): check_gpa_validity",
        "PI vector <= 255; pin-based bit 7 needs the PI vector and descriptor "
        "(TD_VMCS_FIELD_NOT_INITIALIZED | encoding)"),
       ("CR0/CR4, DEBUGCTL and secondary-controls special checks are not modelled (no CPU "
-       "capability model)", "private-GPA field checks are not modelled")),
+       "capability model)",)),
     C(Leaf.TDH_VP_FLUSH, BOTH, (API + "tdh_vp_flush.c",),
       ("TDVPR exclusive, page count, VCPU_NOT_ASSOCIATED unless on the associated LP",)),
     # --- S-EPT and private memory --------------------------------------------------------------

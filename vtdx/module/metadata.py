@@ -37,6 +37,7 @@ from vtdx.abi import status as st
 from vtdx.abi.fields import FIELD_ID_NA as FIELD_ID_NA
 from vtdx.abi.fields import SINGLE_ELEMENT_MBZ
 from vtdx.module.errors import TdxError, fail
+from vtdx.module.helpers import check_gpa_validity
 from vtdx.module.state import TdState, VcpuState
 
 CODE_MASK = 0xFFFFFF
@@ -453,6 +454,10 @@ def vp_write(td: TdState, vcpu: VcpuState, fid: int, value: int, req_mask: int, 
     if e.attributes & ATTR_HPA and e.attributes & ATTR_SHARED:
         size = SHARED_HPA_SIZE.get(code, 4096)
         if not _shared_hpa_ok(new, size, max_pa, hkid_of, first_private_hkid):
+            raise TdxError(st.TDX_METADATA_FIELD_VALUE_NOT_VALID)
+    elif e.attributes & ATTR_GPA and e.attributes & ATTR_PRIVATE:
+        # md_vp_handle_field_attribute_on_wr (metadata_vp.c 1400-1408), e.g. guest CR3
+        if not check_gpa_validity(td, new):
             raise TdxError(st.TDX_METADATA_FIELD_VALUE_NOT_VALID)
     if e.klass == CLASS_VMCS and e.special_wr:
         if code == VMCS_PI_NV and new > 0xFF:
