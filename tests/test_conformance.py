@@ -27,6 +27,8 @@ def test_each_declaration_names_a_source_and_what_it_models() -> None:
         assert c.files, name
         assert all(f.startswith(("src/", "Linux ")) and (".c" in f) for f in c.files), name
         assert c.modelled, name
+        for part in (c.files, c.modelled, c.gaps):
+            assert isinstance(part, tuple) and all(isinstance(x, str) for x in part), name
         assert c.trees and set(c.trees) <= set(GENERATIONS), name
 
 

@@ -158,7 +158,7 @@ DECLARED: tuple[Conformance, ...] = (
        "v1 R8 > 32 bits -> OPERAND_INVALID|R8; duplicate -> X2APIC_ID_NOT_UNIQUE | id",
        "associates the vCPU with the calling LP",
        "1.5: NUM_VCPUS stays incremented after X2APIC_ID_NOT_UNIQUE (2.0.08 undoes it)"),
-      ("2.0.08 checks TSC_ADJUST before the version; the model has no TSC_ADJUST check")),
+      ("2.0.08 checks TSC_ADJUST before the version; the model has no TSC_ADJUST check",)),
     C(Leaf.TDH_VP_RD, BOTH, (API + "tdh_vp_rd_wr.c", HELPERS, MD + "metadata_vp.c",
                              MD + "metadata_generic.c"),
       ("version 0/1 (>1 -> OPERAND_INVALID|RAX); R8 = 0 and v1 RDX = -1 at entry",
