@@ -42,6 +42,10 @@ class Conformance:
     gaps: tuple[str, ...] = ()
 
 
+NOT_AUDITED = ("not re-read end to end against 1.5.06 / 2.0.08; the list above is what the "
+               "handler states and its tests check")
+
+
 C = Conformance
 DECLARED: tuple[Conformance, ...] = (
     # --- platform bring-up -------------------------------------------------------------------
@@ -223,6 +227,13 @@ DECLARED: tuple[Conformance, ...] = (
       ("MRTD finalised, TD runnable",)),
 )
 
+#: Leaves whose whole path was read against the trees for the generation work (the rest keep
+#: the statement of their handler; see NOT_AUDITED).
+AUDITED = frozenset({
+    Leaf.TDH_SYS_RD, Leaf.TDH_SYS_RDALL, Leaf.TDH_MNG_RD, Leaf.TDH_MNG_WR, Leaf.TDH_VP_INIT,
+    Leaf.TDH_VP_RD, Leaf.TDH_VP_WR, Leaf.TDH_MEM_SEPT_ADD,
+})
+
 GENERATION_ROWS = (
     ("version reported", "version"),
     ("TDCS pages (TDCS_BASE_SIZE / 4K)", "tdcs_pages"),
@@ -286,8 +297,9 @@ def render() -> str:
         lines.append("- files: " + ", ".join(f"`{f}`" for f in c.files))
         lines.append("- modelled:")
         lines += [f"  - {m}" for m in c.modelled]
-        lines.append("- gaps:" + ("" if c.gaps else " none known"))
-        lines += [f"  - {g}" for g in c.gaps]
+        gaps = c.gaps if c.leaf in AUDITED else (*c.gaps, NOT_AUDITED)
+        lines.append("- gaps:" + ("" if gaps else " none known"))
+        lines += [f"  - {g}" for g in gaps]
         lines.append("")
     return "\n".join(lines)
 
