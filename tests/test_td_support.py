@@ -42,8 +42,10 @@ class World:
         assert not problems, "\n".join(problems)
 
 
-def make_world(*, dpamt: bool = True, smp: int = 4, mem: int = 24 * GiB) -> World:
-    p = Profile.from_vm(smp, mem, dynamic_pamt=dpamt, demote_nointerrupt=True)
+def make_world(*, dpamt: bool = True, smp: int = 4, mem: int = 24 * GiB,
+               generation: str = "1.5") -> World:
+    p = Profile.from_vm(smp, mem, dynamic_pamt=dpamt, demote_nointerrupt=True,
+                        generation=generation)
     m = TdxModule(p, SparseMemory(p.ram))
 
     def seamcall(lp: int, regs: Regs) -> Regs:

@@ -72,6 +72,9 @@ class TdxModule:
         #: Unexpected exceptions inside handlers (model bugs); the call still returns a status.
         self.internal_errors: deque[str] = deque(maxlen=32)
         self._table: dict[int, LeafSpec] = leaf_table()
+        #: Leaves the dispatcher lets through with any version (the generation's list in
+        #: tdx_vmm_dispatcher.c); each of them rejects versions it lacks itself.
+        self._multi_version = frozenset(leaf for leaf, v in profile.gen.leaf_versions if v)
         #: All model state, named after the module's global data (tdx_global_data_t, reached
         #: through get_global_data() in the module); replaced as a whole by ``reset``.
         self.gd = ModuleState(profile)
@@ -175,7 +178,8 @@ class TdxModule:
         if rax & _RESERVED_RAX:
             return _OPERAND_INVALID_RAX, False
         spec = self._table.get(leaf)
-        if version and (spec is None or version > spec.max_version):
+        if version and leaf not in self._multi_version and (
+                spec is None or version > spec.max_version):
             return _OPERAND_INVALID_RAX, False
         state = self.gd.sys_state
         if state == SysState.SYS_SHUTDOWN and leaf != _LP_SHUTDOWN:
