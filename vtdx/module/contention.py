@@ -16,7 +16,7 @@ only while attached.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vtdx.abi import status as st

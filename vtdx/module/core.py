@@ -30,8 +30,8 @@ from collections.abc import Callable
 from vtdx.abi import leaves as lv
 from vtdx.abi import status as st
 from vtdx.abi.regs import MASK64, Regs
-from vtdx.module.context import CallContext, LeafSpec, copy_regs
 from vtdx.module.contention import ContentionLog
+from vtdx.module.context import CallContext, LeafSpec, copy_regs
 from vtdx.module.control import Controller
 from vtdx.module.errors import TdxError
 from vtdx.module.events import CallObserved, CheckpointReached, EventBus, FaultInjected
