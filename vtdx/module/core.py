@@ -225,11 +225,11 @@ class TdxModule:
         lp_state = ctx.lp_state
         lp_state.busy = True
         try:
-            subs = self.events.checkpoints
-            if subs:
-                ev = CheckpointReached(lp, leaf, "entry", call_id, inp)
-                for cb in subs:
-                    cb(ev)
+            points = self.events.checkpoints
+            if points:
+                entry = CheckpointReached(lp, leaf, "entry", call_id, inp)
+                for point_cb in points:
+                    point_cb(entry)
                 spec.handler(ctx, inp, out)
                 ctx.checkpoint("done")  # committed, locks still held
             else:  # nobody watches control points: no event objects at all

@@ -83,6 +83,15 @@ class TraceRecorder:
         self.module: TdxModule | None = None
         self._attached = False
 
+    def caller_of(self, call_id: int) -> str | None:
+        """The kernel caller of a recent call (by the module's call id), if symbolised."""
+        with self._lock:
+            for rec in reversed(self._ring):
+                if rec.get("call") == call_id:
+                    caller = rec.get("caller")
+                    return str(caller) if caller is not None else None
+        return None
+
     def attach(self, module: TdxModule) -> TraceRecorder:
         """Record every call ``module`` answers from now on (once; returns self)."""
         if not self._attached:
@@ -100,6 +109,7 @@ class TraceRecorder:
     def on_call(self, ev: CallObserved) -> None:
         """The ``CallObserved`` subscriber."""
         rec = self.record(ev.lp, ev.leaf, ev.inp, ev.out, ev.seconds, injected=ev.injected)
+        rec["call"] = ev.call_id
         with self._lock:
             rec["seq"] = next(self._seq)
             self._ring.append(rec)
