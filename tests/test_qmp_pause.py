@@ -21,6 +21,7 @@ from test_dpamt_demote_race import BUSY_RCX, DPAMT_A1, GPA, PAMT_ADD_PFN, Scenar
 from vtdx.abi.leaves import Leaf
 from vtdx.module.pamt import pamt_key
 from vtdx.observe.answers import EVENT_CALL_PAUSED, EVENT_CALL_RESUMED
+from vtdx.observe.console.commands import ConsoleCommands
 from vtdx.observe.qmp.client import QmpCommandError, VtdxClient
 from vtdx.observe.qmp.endpoint import InspectEndpoint
 
@@ -178,3 +179,32 @@ def test_pause_filters_td_gpa_hpa_and_nth() -> None:
     assert (miss.seen, hit.hits, hit.reason) == (0, 1, "timeout")
     miss.cancel()
     assert not ctl.active or ctl.timing_in_force.holds
+
+
+def test_console_pause_call_pauses_resume_contention(tmp_path: Path) -> None:
+    """The same through the console's words (vtdx console -c)."""
+    sc = Scenario()
+    module = sc.w.module
+    ep = InspectEndpoint(module, tmp_path).start()
+    cc = ConsoleCommands()
+    try:
+        with VtdxClient(ep.socket_path) as c:
+            assert cc.run_line("pause-call TDH.MEM.PAGE.DEMOTE --lp 0", c) == \
+                "pause 1: locked leaf=TDH.MEM.PAGE.DEMOTE lp=0"
+            demote, out = sc.in_thread(0, sc.demote_regs())
+            c.wait_paused(1, 10)
+            listed = cc.run_line("pauses", c)
+            assert "holding call" in listed and str(pamt_key(1, DPAMT_A1)) in listed
+            assert module.seamcall(1, sc.pamt_add_regs()).rax == BUSY_RCX
+            text = cc.run_line("contention", c)
+            assert "1 BUSY from held locks" in text
+            assert "TDH.PHYMEM.PAMT.ADD" in text and "TDX_OPERAND_BUSY(RCX)" in text
+            assert cc.run_line("resume-call 1", c) == "1 call(s) resumed, 1 pause(s) removed"
+            demote.join(10)
+            assert out[0].rax == 0
+            assert cc.run_line("timing explore 7", c).startswith("timing: mode=explore")
+            assert "seed=7" in cc.run_line("timing", c)
+            assert cc.run_line("pause-call --point middle", c).startswith("usage:")
+    finally:
+        module.control.clear()
+        ep.stop()
