@@ -230,8 +230,7 @@ def _filters(p: PauseInfo) -> str:
         v = p.get(k)
         if v is not None:
             parts.append(f"{k}={hex(v) if k == 'td' and isinstance(v, int) else v}")
-    for k in ("gpa", "hpa"):
-        rng = p.get(k)
+    for k, rng in (("gpa", p["gpa"]), ("hpa", p["hpa"])):
         if rng:
             parts.append(f"{k}=0x{rng[0]:x}..0x{rng[1]:x}")
     if p["nth"] != 1:
