@@ -91,7 +91,7 @@ def _pairs(log: ContentionLog) -> set[tuple[str, str, str]]:
     def fam(name: str) -> str:
         return "PAMT.ADD/REMOVE" if name.startswith("TDH.PHYMEM.PAMT") else name
     out = set()
-    for lp, leaf, status, _lock, _hlp, hleaf in (r.key() for r in log.records):
+    for _lp, leaf, status, _lock, _hlp, hleaf in (r.key() for r in log.records):
         out.add((fam(str(leaf)), str(status), fam(str(hleaf))))
     return out
 
