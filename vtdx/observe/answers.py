@@ -431,6 +431,7 @@ FaultRuleInfo = TypedDict("FaultRuleInfo", {
     "count": int | None,
     "probability": float,
     "lps": list[int] | None,
+    "after": int,
     "fired": int,
     "status-name": str,
     "leaf-name": NotRequired[str],

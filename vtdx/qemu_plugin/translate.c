@@ -139,6 +139,8 @@ void on_translate(struct qemu_plugin_tb *tb, void *ud G_GNUC_UNUSED)
             cb = on_vmxoff;
         else if (plugin.movdir64b && op == 0x38 && p + 2 < len && d[p + 2] == 0xf8 && p66)
             cb = on_movdir64b;
+        else if (plugin.vmx && op == 0x38 && p + 2 < len && d[p + 2] == 0x80 && p66)
+            cb = on_invept;
         if (cb)
             qemu_plugin_register_vcpu_insn_exec_cb(insn, cb, QEMU_PLUGIN_CB_RW_REGS_PC, at);
     }

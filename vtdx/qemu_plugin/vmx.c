@@ -1,6 +1,6 @@
 /*
- * VMX operation as far as the Linux TDX host code needs it: CR4.VMXE (MOV to CR4), VMXON and
- * VMXOFF, with the checks of the SDM's operation sections. Inputs such as the VMCS revision
+ * VMX operation as far as the Linux TDX host code needs it: CR4.VMXE (MOV to CR4), VMXON,
+ * VMXOFF and INVEPT, with the checks of the SDM's operation sections. Inputs such as the VMCS revision
  * id and the CR0/CR4 fixed bits come from the MSR rows (cpuid_msr.c).
  */
 #include <inttypes.h>
@@ -106,4 +106,30 @@ void on_vmxoff(unsigned int vcpu, void *ud)
     }
     v->vmx_on = false;
     finish(v, pc, 3, false, rd(v, R_RAX), rd(v, R_RCX), on_vmxoff);
+}
+
+/* INVEPT r64, m128 (66 0F 38 80 /r). No EPT exists outside the model (TD memory is translated
+ * by the daemon), so there is nothing to flush: the instruction only has to succeed the way
+ * the SDM says for the invalidation types IA32_VMX_EPT_VPID_CAP reports. KVM issues it when
+ * it loads a TD vCPU's MMU (arch/x86/kvm/vmx/vmx_ops.h __invept: #UD is a spurious-fault BUG,
+ * VMfail a WARN). */
+void on_invept(unsigned int vcpu, void *ud)
+{
+    uint64_t pc = (uintptr_t)ud;
+    vcpu_t *v = vcpu_get(vcpu);
+    if (!v)
+        return;
+    insn_t in;
+    if (!v->vmx_on || !long_mode(v) || !decode(v, pc, 3, &in) || !in.is_mem)
+        return; /* #UD (TCG) */
+    if (cpl(v) > 0) {
+        inject_gp(v, pc);
+        return;
+    }
+    /* Type 1 (single-context) needs EPT_VPID_CAP bit 25, type 2 (all-context) bit 26;
+     * anything else is VMfailInvalid (no current VMCS to report VMfailValid through). */
+    uint64_t type = rd(v, (int)modrm_reg(&in));
+    uint64_t cap = msr_value(v, 0x48c, 0);
+    bool ok = (type == 1 && (cap & (1ull << 25))) || (type == 2 && (cap & (1ull << 26)));
+    finish(v, pc, in.len, !ok, rd(v, R_RAX), rd(v, R_RCX), on_invept);
 }

@@ -209,6 +209,7 @@ void on_seamcall(unsigned int vcpu, void *ud);
 void on_mov_cr4(unsigned int vcpu, void *ud);
 void on_vmxon(unsigned int vcpu, void *ud);
 void on_vmxoff(unsigned int vcpu, void *ud);
+void on_invept(unsigned int vcpu, void *ud);
 
 /* ---------------------------------------------------------------- cpuid_msr.c */
 
