@@ -45,7 +45,7 @@ from vtdx.host.payloads import KtapResult, build_payloads, kernel_headers
 from vtdx.module import TdxModule
 from vtdx.observe.qmp.client import VtdxClient
 from vtdx.observe.qmp.commands import parse_status
-from vtdx.observe.trace import format_record, parse_leaf
+from vtdx.observe.trace import HEADER_KEY, format_record, parse_leaf
 
 #: Same base as ``vtdx run``: serial console, no hibernation (the kernel refuses TDX while
 #: it is possible), reboot at once on panic (QEMU runs with -no-reboot, so it exits).
@@ -111,7 +111,9 @@ class TraceView:
         end = data.rfind(b"\n") + 1
         for line in data[:end].splitlines():
             with contextlib.suppress(ValueError):
-                self._records.append(json.loads(line))
+                rec = json.loads(line)
+                if HEADER_KEY not in rec:
+                    self._records.append(rec)
         self._offset += end
         return self._records
 

@@ -24,6 +24,10 @@ from vtdx.errors import VtdxError
 from vtdx.module import CallObserved, TdxModule
 
 TRACE_FILE = "trace.jsonl"
+#: The trace's first line: ``{"vtdx-header": {"profile", "features", "timing"}}`` -- what
+#: platform and timing the records were made under. Readers skip it.
+HEADER_KEY = "vtdx-header"
+HEADER_PREFIX = b'{"vtdx-header"'
 
 #: (rip, rsp, cr3) of the vCPU that issued the call being observed, if the daemon knows it.
 CpuContext = Callable[[int], "tuple[int, int, int] | None"]
@@ -82,6 +86,13 @@ class TraceRecorder:
         self.on_error: list[Callable[[dict[str, Any]], None]] = []
         self.module: TdxModule | None = None
         self._attached = False
+
+    def write_header(self, header: dict[str, Any]) -> None:
+        """The first line of the trace file (see ``HEADER_KEY``); once, before any record."""
+        with self._lock:
+            if self._file is not None and self._file.tell() == 0:
+                self._file.write(json.dumps({HEADER_KEY: header}, separators=(",", ":"))
+                                 + "\n")
 
     def caller_of(self, call_id: int) -> str | None:
         """The kernel caller of a recent call (by the module's call id), if symbolised."""
@@ -243,7 +254,7 @@ def read_trace(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         for lineno, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 break
-            if line.strip():
+            if line.strip() and not (lineno == 1 and line.startswith(HEADER_PREFIX)):
                 yield _parse_line(line, path, lineno)
 
 
@@ -286,7 +297,7 @@ def follow_trace(path: str | os.PathLike[str], *, poll: float = 0.2,
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
                     lineno += 1
-                    if line.strip():
+                    if line.strip() and not (lineno == 1 and line.startswith(HEADER_PREFIX)):
                         yield _parse_line(line + b"\n", p, lineno)
                 continue
             if not caught_up:

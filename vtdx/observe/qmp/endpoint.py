@@ -95,7 +95,15 @@ class InspectEndpoint:
         else:
             self.server.emit(EVENT_CALL_RESUMED, pause_info(handle))
 
+    def header(self) -> dict[str, object]:
+        """Platform profile, module features and timing in force (the trace's first line)."""
+        p = self.module.profile
+        return {"profile": p.name,
+                "features": [f"{'+' if on else '-'}{n}" for n, on in p.features.items()],
+                "timing": self.module.control.describe()}
+
     def start(self) -> InspectEndpoint:
+        self.recorder.write_header(self.header())
         self._thread = QmpServerThread(self.server).start()
         return self
 
