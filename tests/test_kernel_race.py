@@ -86,7 +86,8 @@ def test_mng_create_held_on_cpu0_cpu1_waits_on_kvm_tdx_lock(vm) -> None:  # noqa
     # CPU1's TDH.MNG.CREATE ran only after CPU0's returned: KVM's tdx_lock serialised them
     assert creates[0]["seq"] < creates[1]["seq"]
     assert creates[1]["t"] - creates[0]["t"] < 30
-    print(f"held {held['locks']}; CPU1 MNG.CREATE {creates[1]['t'] - creates[0]['t']:.2f} s after CPU0's")
+    gap = creates[1]["t"] - creates[0]["t"]
+    print(f"held {held['locks']}; CPU1's TDH.MNG.CREATE {gap:.2f} s after CPU0's")
     busy = [r for r in recs if "BUSY" in r["status-name"]]
     assert busy == [] and vm.vtdx.contention()["total"] == 0
     assert vm.vtdx.tds() == []  # both torn down
