@@ -132,7 +132,9 @@ class ContentionLog:
         self.limit = limit
         self.dropped = 0
         self.module: TdxModule | None = None
-        self._inflight: dict[int, CallInfo] = {}
+        #: call id -> the call's "entry" event and its latest control point (no allocation
+        #: per call: the events themselves are kept until the call ends).
+        self._inflight: dict[int, tuple[CheckpointReached, str]] = {}
         self._waiting_next: dict[int, BusyRecord] = {}
         self._lock = threading.Lock()
 
@@ -166,11 +168,18 @@ class ContentionLog:
 
     # -- events
     def on_checkpoint(self, ev: CheckpointReached) -> None:
-        info = self._inflight.get(ev.call_id)
-        if info is None:
-            self._inflight[ev.call_id] = CallInfo(ev.call_id, ev.lp, ev.leaf, ev.point, ev.inp)
+        if ev.point == "entry":
+            self._inflight[ev.call_id] = (ev, "entry")
         else:
-            info.point = ev.point
+            got = self._inflight.get(ev.call_id)
+            self._inflight[ev.call_id] = (got[0] if got else ev, ev.point)
+
+    def _info(self, call_id: int) -> CallInfo:
+        got = self._inflight.get(call_id)
+        if got is None:
+            return CallInfo(call_id, -1, -1, "?", None)
+        ev, point = got
+        return CallInfo(call_id, ev.lp, ev.leaf, point, ev.inp)
 
     def on_busy(self, call_id: int, lp: int, leaf: int, status: int, inp: Regs) -> None:
         """The dispatcher's report of a call that failed with ``status`` (mutex held)."""
@@ -179,22 +188,23 @@ class ContentionLog:
                     if isinstance(table, ObservedLockTable) else None)
         if conflict is None or not is_busy(status):
             return  # BUSY without a lock that was taken: not contention between calls
-        holders = [self._inflight.get(o) or CallInfo(o, -1, -1, "?", None)
-                   for o in conflict.holders]
+        holders = [self._info(o) for o in conflict.holders]
         with self._lock:
             if len(self.records) >= self.limit:
                 self.dropped += 1
                 return
             rec = BusyRecord(len(self.records), call_id, lp, leaf, status, inp, conflict,
-                             [CallInfo(h.call, h.lp, h.leaf, h.point, h.inp) for h in holders])
+                             holders)
             self.records.append(rec)
             self._waiting_next[lp] = rec
 
     def on_call(self, ev: CallObserved) -> None:
         self._inflight.pop(ev.call_id, None)
         table = self.module.locks if self.module is not None else None
-        if isinstance(table, ObservedLockTable):
+        if isinstance(table, ObservedLockTable) and table.conflicts:
             table.conflicts.pop(ev.call_id, None)
+        if ev.lp not in self._waiting_next:  # the common case: nothing to follow up
+            return
         with self._lock:
             rec = self._waiting_next.get(ev.lp)
             if rec is None or rec.call == ev.call_id:
