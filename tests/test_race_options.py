@@ -7,18 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
-from test_dpamt_demote_race import Scenario
+from test_dpamt_demote_race import BUSY_RCX, Scenario
 
 from vtdx.abi.leaves import Leaf
 from vtdx.errors import VtdxError
 from vtdx.harness.vm import BootSpec, Pause
 from vtdx.module import TdxModule
+from vtdx.module.contention import ContentionLog
 from vtdx.module.timing import Explore
 from vtdx.observe.qmp.endpoint import InspectEndpoint
 from vtdx.observe.trace import read_trace
 from vtdx.platform.memory import SparseMemory
 from vtdx.platform.profile import Profile
-from vtdx.session.run import PauseRule, RunOptions
+from vtdx.session.run import ConsoleLog, PauseRule, RunOptions, RunResult, summarize
 
 
 def test_pause_rule_parses_every_field_and_refuses_in_one_line() -> None:
@@ -91,3 +92,32 @@ def test_trace_header_names_profile_features_and_timing(tmp_path: Path) -> None:
     assert "+dynamic-pamt" in head["features"] and head["profile"] == sc.w.module.profile.name
     recs = list(read_trace(tmp_path / "trace.jsonl"))  # readers skip the header
     assert [r["name"] for r in recs] == ["TDH.MEM.PAGE.DEMOTE"] and recs[0]["call"] > 0
+
+
+def test_summary_says_timing_features_and_tabulates_contention(tmp_path: Path) -> None:
+    """The end-of-run summary of `vtdx run`: platform line and the contention table."""
+    sc = Scenario()
+    m = sc.w.module
+    log = ContentionLog().attach(m)
+    pause = m.control.pause(lp=0, leaf=Leaf.TDH_MEM_PAGE_DEMOTE)
+    t, _ = sc.in_thread(0, sc.demote_regs())
+    assert pause.wait_paused(5)
+    assert m.seamcall(1, sc.pamt_add_regs()).rax == BUSY_RCX
+    pause.resume()
+    t.join(5)
+    assert m.seamcall(1, sc.pamt_add_regs()).rax == 0
+    k = tmp_path / "bzImage"
+    k.write_bytes(b"x")
+    opts = RunOptions(kernel=k, platform="dpamt", contend=5)
+    rec = log.records[0]
+    res = RunResult(0, "ok", ConsoleLog(), 1.0, {}, m.stats, None, contention=log.snapshot(),
+                    timing="explore (seed 5)",
+                    busy_callers={rec.call: "tdx_pamt_get+0x10/0x80"})
+    text = summarize(res, opts)
+    assert "profile dpamt" in text and "+dynamic-pamt" in text
+    assert "timing explore (seed 5)" in text
+    assert "contention: 1 BUSY from locks another call held" in text
+    row = next(ln for ln in text.splitlines() if "TDH.PHYMEM.PAMT.ADD" in ln and "BUSY" in ln)
+    assert row.split()[:4] == ["TDH.PHYMEM.PAMT.ADD", "TDX_OPERAND_BUSY(RCX)", "pamt",
+                               "TDH.MEM.PAGE.DEMOTE"]
+    assert row.split()[4:7] == ["1", "1", "0"] and "tdx_pamt_get+0x10/0x80" in row

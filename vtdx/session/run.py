@@ -515,6 +515,8 @@ class RunResult:
     contention: list[Any] = field(default_factory=list)
     #: The module timing in force, as the summary prints it.
     timing: str = ""
+    #: Call id -> kernel caller, for the calls in ``contention`` (needs --vmlinux).
+    busy_callers: dict[int, str] = field(default_factory=dict)
     summary: str = ""
 
 
@@ -616,12 +618,13 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
         lines.append(f"  note:      the guest brought up CPUs {online} of --smp {opts.smp} "
                      "(kernel CONFIG_NR_CPUS or maxcpus= too small?)")
     if res.contention:
-        rows = summarise(res.contention)
+        rows = summarise(res.contention, res.busy_callers.get)
         lines.append(f"  contention: {len(res.contention)} BUSY from locks another call held")
         lines += ["    " + ln for ln in table(
-            ["leaf", "status", "lock", "held by", "count", "retried", "moved on"],
+            ["leaf", "status", "lock", "held by", "count", "retried", "moved on", "callers"],
             [[r["leaf"], r["status-name"], r["lock"], r["holder-leaf"], r["count"],
-              r["retried"], r["moved-on"]] for r in rows]).splitlines()]
+              r["retried"], r["moved-on"], ", ".join(r["callers"]) or "-"]
+             for r in rows]).splitlines()]
     if res.diagnostics:
         lines.append("  vtdx:      " + "\n             ".join(res.diagnostics[-12:]))
     for sp in res.console.splats:
@@ -667,6 +670,22 @@ class _Recorder:
         """(snapshot, PAMT bytes) before teardown if the kernel tore the module down, else now."""
         with self._lock:
             return self.at_disable if self.at_disable is not None else self._now()
+
+
+def _busy_callers(machine: Any, backends: list[_Recorder]) -> dict[int, str]:
+    """Kernel callers of the calls that got BUSY and of the calls holding the lock, from the
+    machine's symbolised trace (read before the machine and its trace go away)."""
+    recorder = getattr(getattr(machine, "inspect", None), "recorder", None)
+    if recorder is None:
+        return {}
+    ids = {c for b in backends if b.module.contention is not None
+           for r in b.module.contention.snapshot() for c in (r.call, *(h.call for h in r.holders))}
+    out: dict[int, str] = {}
+    for cid in ids:
+        caller = recorder.caller_of(cid)
+        if caller:
+            out[cid] = caller
+    return out
 
 
 def _first_callers(machine: Any) -> dict[int, str]:
@@ -793,6 +812,7 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
         boot_s = time.monotonic() - t0
         qemu_rc = machine.qemu.returncode
         callers = _first_callers(machine)
+        busy_callers = _busy_callers(machine, backends)
         diagnostics = [f"daemon: {e}" for e in machine.daemon.errors] if machine.daemon else []
         diagnostics += [f"qemu: {ln}" for ln in machine.stderr_lines[-10:] if ln.strip()]
         if exited.done():
@@ -819,7 +839,8 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
         timing = str(t["mode"]) + (f" (seed {t['seed']})" if "seed" in t else "")
     res = RunResult(code, verdict, console, boot_s, snapshot, stats, pamt_kb, diagnostics,
                     disabled_by_kernel=bool(rec and rec.at_disable is not None),
-                    callers=callers, contention=contention, timing=timing)
+                    callers=callers, contention=contention, timing=timing,
+                    busy_callers=busy_callers)
     res.summary = summarize(res, opts)
     return res
 
