@@ -10,7 +10,9 @@ for a vtdx fixture; without ``--vtdx-kernel`` those tests are skipped.
 Fixtures:
     vtdx_vm    a booted machine (``vtdx.harness.vm.Vm``). Shared by every test of the session that
                asks for the same configuration; ``@pytest.mark.vtdx(...)`` changes it:
-               ``smp=``, ``mem=``, ``append=``, ``faults=[Fault(...)]`` (armed before boot)
+               ``smp=``, ``mem=``, ``append=``, ``faults=[Fault(...)]`` and
+               ``pauses=[Pause(...)]`` (armed before boot), ``profile=``/``features=`` (the
+               platform), ``contend=SEED``/``serial=True`` (module timing, docs/races.md)
                and ``scope="session" | "module" | "function"`` (how long it is reused).
     vtdx_boot  a factory ``vtdx_boot(**same keywords) -> Vm`` for tests that need several
                machines or control over when they boot; each is stopped after the test.
