@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from vtdx.harness.vm import BootSpec, Pause, Vm
+from vtdx.host import kernel as kernel_build
+
 pytestmark = [pytest.mark.kernel, pytest.mark.stack]
 
 HOLD_S = 4.0
@@ -31,9 +34,6 @@ HOLD_S = 4.0
 
 @pytest.fixture(scope="module")
 def vm():  # noqa: ANN201 (a started Vm)
-    from vtdx.harness.vm import BootSpec, Vm
-    from vtdx.host import kernel as kernel_build
-
     art = kernel_build.default_kernel(None)
     if art is None:
         pytest.skip("no default kernel (vtdx build-kernel)")
@@ -92,3 +92,25 @@ def test_mng_create_held_on_cpu0_cpu1_waits_on_kvm_tdx_lock(vm) -> None:  # noqa
     assert busy == [] and vm.vtdx.contention()["total"] == 0
     assert vm.vtdx.tds() == []  # both torn down
     assert not [ln for ln in vm.console_tail(200).splitlines() if "WARNING" in ln]
+
+
+def test_pause_armed_before_boot_holds_a_boot_time_call() -> None:
+    """BootSpec(pauses=...) (the marker's ``pauses=``, ``vtdx run --pause``): the 100th
+    TDH.SYS.TDMR.INIT of tdx_enable() is held 1 s at ``locked``; the kernel waits it out and
+    initialises TDX as usual, and the trace shows that one call's time inside the module."""
+    art = kernel_build.default_kernel(None)
+    if art is None:
+        pytest.skip("no default kernel (vtdx build-kernel)")
+    spec = BootSpec(kernel=art.bzimage, vmlinux=art.vmlinux, smp=2, append="tsc=unstable",
+                    pauses=(Pause("TDH.SYS.TDMR.INIT", nth=100, timeout=1.0),), serial=True)
+    vm = Vm(spec).start()
+    try:
+        assert vm.vtdx.timing()["mode"] == "serial"
+        inits = vm.trace.since(0, leaf="TDH.SYS.TDMR.INIT")
+        slow = [i for i, r in enumerate(inits) if r["duration-us"] >= 1e6]
+        assert slow == [99], [r["duration-us"] for r in inits[95:105]]
+        assert all(r["ok"] for r in inits) and vm.vtdx.status()["state"] == "SYS_READY"
+        assert vm.vtdx.pauses() == []  # one-shot: gone after it fired
+        assert any("TDX-Module initialized" in ln for ln in vm.tdx_log())
+    finally:
+        vm.stop()
