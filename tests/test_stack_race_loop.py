@@ -21,7 +21,7 @@ from test_stack_td import replay
 from vtdx.host.qemu import QemuRuntime
 from vtdx.module import TdxModule
 from vtdx.module.contention import ContentionLog
-from vtdx.module.timing import SERIAL
+from vtdx.module.timing import SERIAL, Explore
 from vtdx.testing import testguest
 from vtdx.testing.seamscript import LOOP
 
@@ -72,3 +72,29 @@ def test_seed_calls_in_a_loop_meet_by_chance(runtime: QemuRuntime, elf: Path,
         assert len(log.records) + log.dropped == busy  # each one from a lock held by LP(1-x)
         assert {r.lp for r in log.records} <= {0, 1}
         assert all(h.lp == 1 - r.lp for r in log.records for h in r.holders)
+
+
+def _met(log: ContentionLog) -> set[tuple[object, ...]]:
+    """Who met whom on which lock (PAMT.ADD and PAMT.REMOVE are one family)."""
+    def fam(name: object) -> object:
+        return "PAMT.ADD/REMOVE" if str(name).startswith("TDH.PHYMEM.PAMT") else name
+    return {(lp, fam(leaf), status, lock, hlp, fam(hleaf))
+            for lp, leaf, status, lock, hlp, hleaf in (r.key() for r in log.records)}
+
+
+def test_exploration_through_the_whole_stack_is_reproducible_as_a_set(
+        runtime: QemuRuntime, elf: Path) -> None:
+    """Two runs with one seed: the same hold schedule; the report compared as a set."""
+    loop = record_race_loop()
+    logs: list[ContentionLog] = []
+
+    def arm(module: TdxModule) -> None:
+        module.control.set_timing(Explore(seed=21))
+        logs.append(ContentionLog().attach(module))
+
+    for _ in range(2):
+        run = replay(runtime, elf, loop.script, arm=arm, append="iters=60", timeout=240)
+        assert run.status == testguest.EXIT_STATUS_DONE and run.result.done
+        assert all(ln.num("fail") == 0 for ln in run.result.results("script").values())
+    reports = [_met(log) for log in logs]
+    assert reports[0] and reports[0] == reports[1]
