@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from vtdx.errors import VtdxError
-from vtdx.host.qemu import QemuRuntime
+from vtdx.host.initramfs import Cpio, ensure_initramfs
+from vtdx.host.qemu import QemuRuntime, cache_dir
 from vtdx.resources import asset
+from vtdx.session.machine import Machine
 
 AGENT = asset("guest", "initramfs", "agent")
 #: Where the payload binaries live in the guest (on the agent's PATH).
@@ -268,14 +270,11 @@ class PayloadSet:
 
 def agent_initramfs(cache: Path | None = None, payloads: PayloadSet | None = None,
                     agent: Path = AGENT) -> Path:
-    """The kernel team's initramfs with the agent and payloads appended (cached by content).
+    """vtdx's initramfs with the agent and payloads appended (cached by content).
 
     Linux unpacks concatenated cpio archives one after the other into the same rootfs, so
     appending a second archive adds files without rebuilding or changing the first.
     """
-    from vtdx.host.initramfs import Cpio, ensure_initramfs
-    from vtdx.host.qemu import cache_dir
-
     base = ensure_initramfs(cache)
     try:
         agent_text = agent.read_bytes()
@@ -311,9 +310,7 @@ _MACHINES: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 def agent_machine_class() -> type:
-    """``Machine`` plus the agent's serial port (imported lazily: QEMU bits are heavy)."""
-    from vtdx.session.machine import Machine
-
+    """``Machine`` plus the agent's serial port."""
     class AgentMachine(Machine):
         """A Machine whose ttyS1 is a socket in the run directory, for ``GuestAgent``."""
 

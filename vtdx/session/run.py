@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from vtdx.abi.leaves import Leaf
+from vtdx.abi.leaves import Leaf, leaf_name
 from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
 from vtdx.host import initramfs, payloads
@@ -571,8 +571,6 @@ def _judge_tdx(console: ConsoleLog, pamt_module_kb: int | None) -> tuple[int, st
 
 def summarize(res: RunResult, opts: RunOptions) -> str:
     """The human summary printed after the console."""
-    from vtdx.abi.leaves import leaf_name
-
     snap = res.snapshot
     word = {EXIT_OK: "PASS", EXIT_TDX_REFUSED: "TDX REFUSED"}.get(res.exit_code, "FAIL")
     lines = [f"vtdx run: {word}: {res.verdict}",

@@ -33,17 +33,11 @@ from vtdx.observe.answers import (
     VtdxStatus,
 )
 from vtdx.observe.trace import format_record
+from vtdx.units import format_size
 
 
 def hx(v: object) -> str:
     return f"0x{v:x}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
-
-
-def size(n: int) -> str:
-    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= div and n % div == 0:
-            return f"{n // div}{unit}"
-    return str(n)
 
 
 def table(headers: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
@@ -78,7 +72,7 @@ def fmt_status(s: VtdxStatus) -> str:
         f"keyids:     MKTME 1..{k['mktme']}, TDX [{k['tdx-start']}, "
         f"{k['tdx-start'] + k['tdx-count']}), global {k['global']}, "
         f"configured packages {k['configured-packages']}",
-        f"memory:     {size(s['ram-bytes'])} RAM, {s['tdmrs']} TDMRs, PAMT "
+        f"memory:     {format_size(s['ram-bytes'])} RAM, {s['tdmrs']} TDMRs, PAMT "
         f"{s['pamt-bytes'] // 1024} KB, dynamic PAMT {'on' if s['dynamic-pamt'] else 'off'}",
         f"TDs:        {s['tds']}",
         f"locks held: {s['held-locks']}, fault rules: {s['fault-rules']}, "
@@ -92,8 +86,8 @@ def fmt_status(s: VtdxStatus) -> str:
 def fmt_tdmrs(ts: list[TdmrInfo]) -> str:
     rows = []
     for t in ts:
-        pamt = " ".join(f"{p['level']}@{hx(p['base'])}+{size(p['size'])}" for p in t["pamt"])
-        rows.append([t["index"], hx(t["base"]), hx(t["end"]), size(t["size"]), pamt,
+        pamt = " ".join(f"{p['level']}@{hx(p['base'])}+{format_size(p['size'])}" for p in t["pamt"])
+        rows.append([t["index"], hx(t["base"]), hx(t["end"]), format_size(t["size"]), pamt,
                      len(t["reserved"]), "yes" if t["initialized"] else
                      f"up to {hx(t['initialized-up-to'])}"])
     return table(["#", "base", "end", "size", "PAMT (level@base+size)", "rsvd", "init"], rows)
