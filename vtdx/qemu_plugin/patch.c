@@ -83,15 +83,27 @@ static bool site_convert(uint64_t pc, unsigned len, vtdx_vcpu_cb_t handler)
     return ok;
 }
 
-/* Original bytes of an instruction that is now a flags site (for decoding). */
+/* Original bytes at pc, for decoding: under a flags site or under a fault patch. */
 void site_overlay(uint64_t pc, uint8_t *d, unsigned n)
 {
-    if (!atomic_load(&plugin.n_sites))
+    if (!atomic_load(&plugin.n_sites) && !atomic_load(&plugin.n_fpatches))
         return;
     pthread_mutex_lock(&plugin.table_mu);
     site_t *st = site_lookup_va(pc);
     if (st)
         memcpy(d, st->orig, st->len < n ? st->len : n);
+    /* Another vCPU's fault patch may cover these bytes while this vCPU emulates the
+     * instruction it translated before the patch: decode what the guest really has there. */
+    for (unsigned i = 0; i < MAX_FAULT_PATCHES; i++) {
+        const fpatch_t *f = &plugin.fpatches[i];
+        if (!f->refs || f->vaddr >= pc + n || f->vaddr + f->len <= pc)
+            continue;
+        for (unsigned k = 0; k < f->len; k++) {
+            uint64_t at = f->vaddr + k;
+            if (at >= pc && at < pc + n)
+                d[at - pc] = f->saved[k];
+        }
+    }
     pthread_mutex_unlock(&plugin.table_mu);
 }
 
@@ -200,15 +212,20 @@ static void on_fault_insn(unsigned int vcpu, void *ud)
     qemu_plugin_set_pc(pc);
 }
 
-/* Instrument fault-patch bytes being translated; false if pc holds none. */
+/* Instrument fault-patch bytes being translated; false if pc holds none. A #GP(0) patch at
+ * CPL 0 is longer than the instruction it replaces (15 prefixes), so another vCPU can reach
+ * patch bytes at any address inside it, e.g. the instruction after its own completed one:
+ * every instruction that starts inside a patch waits it out, not only the one at its start. */
 bool fault_site(struct qemu_plugin_insn *insn, uint64_t pc, const uint8_t *d, size_t len)
 {
     if (!len || !(d[0] == 0xf4 || d[0] == 0x66 || (len >= 2 && d[0] == 0x0f && d[1] == 0x0b)))
         return false;
     bool listed = false;
     pthread_mutex_lock(&plugin.table_mu);
-    for (unsigned i = 0; i < MAX_FAULT_PATCHES && !listed; i++)
-        listed = plugin.fpatches[i].refs && plugin.fpatches[i].vaddr == pc;
+    for (unsigned i = 0; i < MAX_FAULT_PATCHES && !listed; i++) {
+        const fpatch_t *f = &plugin.fpatches[i];
+        listed = f->refs && pc >= f->vaddr && pc < f->vaddr + f->len;
+    }
     pthread_mutex_unlock(&plugin.table_mu);
     if (listed)
         qemu_plugin_register_vcpu_insn_exec_cb(insn, on_fault_insn, QEMU_PLUGIN_CB_RW_REGS_PC,
