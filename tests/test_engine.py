@@ -32,8 +32,8 @@ from vtdx.module.engine.exits import (
     accept_eeq,
 )
 from vtdx.module.engine.interfaces import LEVEL_2M, LEVEL_4K, SEPT_FREE, SEPT_PENDING
-from vtdx.module.engine.sandbox import temp_host_ram
-from vtdx.module.engine.td_test_guest import (
+from vtdx.testing.td_sandbox import temp_host_ram
+from vtdx.testing.td_test_guest import (
     ACCEPT_2M_GPA,
     ACCEPT_4K_GPA,
     MISMATCH_2M_GPA,

@@ -22,7 +22,7 @@ from vtdx.module.engine.engine import TdVcpuEngine
 from vtdx.module.engine.exits import EXIT_TDCALL, TdExit
 from vtdx.module.engine.hostram import HostRam
 from vtdx.module.engine.interfaces import TdConfig
-from vtdx.module.engine.sandbox import SandboxTd, SharedEpt
+from vtdx.testing.td_sandbox import SandboxTd, SharedEpt
 
 # Routine numbers (TDH.VP.INIT RCX).
 T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
