@@ -17,7 +17,13 @@ from vtdx.module.context import CallContext
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.locks import opstate_key, sept_key, septe_key
 from vtdx.module.pamt import LEVEL_2M, LEVEL_4K, PAGE_2M, PAGE_4K, PT_NDA, PT_TDR, PamtWalk
-from vtdx.module.state import OP_ALLOWED, TD_KEYS_CONFIGURED, TLB_TRACKING_OP_STATES, TdState
+from vtdx.module.state import (
+    OP_ALLOWED,
+    TD_KEYS_CONFIGURED,
+    TLB_TRACKING_OP_STATES,
+    TdState,
+    VcpuState,
+)
 
 EX, SH = True, False
 
@@ -135,6 +141,28 @@ def check_state_map_tdcs_and_lock(ctx: CallContext, td: TdState, op_lock: bool |
         raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_OP_STATE)
     if td.op_state not in OP_ALLOWED.get(leaf, frozenset()):
         raise TdxError(st.TDX_OP_STATE_INCORRECT)
+
+
+# --- vCPU association -------------------------------------------------------------------------
+
+def check_and_associate_vcpu(ctx: CallContext, vcpu: VcpuState, td: TdState,
+                             allow_disabled: bool = False) -> None:
+    """check_and_associate_vcpu() + associate_vcpu() of helpers.c.
+
+    The vCPU must be VCPU_READY (initialised by TDH.VP.INIT, not running guest code on some
+    LP, not disabled unless ``allow_disabled``), else TDX_VCPU_STATE_INCORRECT. Then the
+    association: an unassociated vCPU is bound to the calling LP (the module's cmpxchg on
+    TDVPS.ASSOC_LPID, plus TDCS.NUM_ASSOC_VCPUS), one already bound here stays bound, one
+    bound to another LP fails with TDX_VCPU_ASSOCIATED. The association is committed even
+    if the calling leaf fails a later check, as in the module."""
+    if not vcpu.initialized or vcpu.running_lp is not None or (
+            vcpu.disabled and not allow_disabled):
+        raise TdxError(st.TDX_VCPU_STATE_INCORRECT)
+    if vcpu.associated_lp is not None and vcpu.associated_lp != ctx.lp:
+        raise TdxError(st.TDX_VCPU_ASSOCIATED)
+    if vcpu.associated_lp is None:
+        vcpu.associated_lp = ctx.lp
+        ctx.gd.lp_vcpu[ctx.lp] = vcpu.tdvpr_pa
 
 
 # --- S-EPT ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module import td_engine
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.helpers import (
     EX,
@@ -24,6 +25,9 @@ from vtdx.module.pamt import LEVEL_4K, PAGE_4K, PT_NDA, PT_TDCX, PT_TDVPR, pamt_
 from vtdx.module.state import TD_KEYS_CONFIGURED, TdState, VcpuState
 
 MAX_TDVPS_PAGES = 15
+#: TD VMCS field of KVM's shared EPTP (VMX_GUEST_SHARED_EPT_POINTER_FULL_ENCODE), which
+#: KVM writes with TDH.VP.WR before the vCPU first runs; the engine walks it for shared GPAs.
+FIELD_SHARED_EPTP = 0x203C
 
 
 def _vcpu(ctx: CallContext, tdvpr_pa: int, operand: int, exclusive: bool,
@@ -100,6 +104,7 @@ def tdh_vp_init(ctx: CallContext, inp: Regs, out: Regs) -> None:
     vcpu.initialized = True
     vcpu.associated_lp = ctx.lp
     ctx.gd.lp_vcpu[ctx.lp] = tdvpr_pa
+    td_engine.make_engine(ctx.module, td, vcpu, inp.rdx)
 
 
 def tdh_vp_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -116,6 +121,9 @@ def tdh_vp_wr(ctx: CallContext, inp: Regs, out: Regs) -> None:
     old = vcpu.fields.get(inp.rdx, 0)
     vcpu.fields[inp.rdx] = (old & ~inp.r9) | (inp.r8 & inp.r9)
     out.r8 = old
+    if inp.rdx == FIELD_SHARED_EPTP and vcpu.engine is not None:
+        vcpu.engine.shared_eptp = vcpu.fields[inp.rdx]
+        vcpu.engine.invalidate_translations()
 
 
 def tdh_vp_flush(ctx: CallContext, inp: Regs, out: Regs) -> None:
