@@ -32,6 +32,8 @@ from vtdx.module.engine.exits import (
     accept_eeq,
 )
 from vtdx.module.engine.interfaces import LEVEL_2M, LEVEL_4K, SEPT_FREE, SEPT_PENDING
+from vtdx.platform.memory import GuestRam
+from vtdx.platform.profile import Region
 from vtdx.testing.td_sandbox import temp_host_ram
 from vtdx.testing.td_test_guest import (
     ACCEPT_2M_GPA,
@@ -60,8 +62,6 @@ from vtdx.testing.td_test_guest import (
     GuestRig,
     build_guest,
 )
-from vtdx.platform.memory import GuestRam
-from vtdx.platform.profile import Region
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import IntEnum
-
 from typing import TYPE_CHECKING
 
 from vtdx.module.engine.registry import TdEngines
@@ -42,7 +41,8 @@ SEPT_ROOT_PAGE_INDEX = 3
 #: seamcall_state_lookup (include/auto_gen/op_state_lookup.c), states 0..2 only: leaf number
 #: -> op_states in which the leaf may run.
 OP_ALLOWED: dict[int, frozenset[int]] = {
-    0: frozenset({2}), 1: frozenset({0}), 2: frozenset({1}), 3: frozenset({1, 2}), 4: frozenset({1}),
+    0: frozenset({2}), 1: frozenset({0}), 2: frozenset({1}), 3: frozenset({1, 2}),
+    4: frozenset({1}),
     6: frozenset({1, 2}), 7: frozenset({1, 2}), 10: frozenset({1}), 11: frozenset({1, 2}),
     13: frozenset({1, 2}), 15: frozenset({1, 2}), 16: frozenset({1}), 17: frozenset({1}),
     18: frozenset({0, 1, 2}), 21: frozenset({0}), 22: frozenset({1}), 23: frozenset({1, 2}),

@@ -11,8 +11,8 @@ from __future__ import annotations
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
-from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module import td_engine
+from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.helpers import (
     EX,
