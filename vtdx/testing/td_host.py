@@ -440,7 +440,11 @@ class KvmHost:
     # -- teardown (tdx_mmu_release_hkid, tdx_vm_free) -------------------------------------
     def teardown(self, td: Td) -> None:
         for v in td.vcpus:
-            self.call(v.lp, Leaf.TDH_VP_FLUSH, rcx=v.tdvpr)
+            # tdx_flush_vp(): only a vCPU loaded on some CPU is flushed; one that never got
+            # TDH.VP.INIT is associated with no LP.
+            out = self.call(v.lp, Leaf.TDH_VP_FLUSH, rcx=v.tdvpr, expect=None)
+            if out.rax not in (0, st.TDX_VCPU_NOT_ASSOCIATED):
+                raise SeamcallError(Leaf.TDH_VP_FLUSH, out.rax, out)
         self.call(0, Leaf.TDH_MNG_VPFLUSHDONE, rcx=td.tdr)
         for pkg in range(self.num_packages):
             self.call(pkg * self.lps_per_package, Leaf.TDH_PHYMEM_CACHE_WB, rcx=0,

@@ -386,13 +386,18 @@ class TdVcpuEngine:
         return self._slice_over(None)
 
     def _slice_over(self, entry: int | None) -> bool:
+        """Request the end of the running slice. uc_emu_start() clears a stop requested
+        before it began, so a request that lands between the entry's start and the
+        emulation starting would be lost: the run loop checks the reason before every
+        emu_start, and the watchdog repeats the stop on every poll past the deadline
+        (uc_emu_stop is idempotent) until the entry ends. True for the first request."""
         with self._lock:
-            if not self._running or (entry is not None and entry != self._entry) \
-                    or self._stop_reason is not None:
+            if not self._running or (entry is not None and entry != self._entry):
                 return False
+            first = self._stop_reason is None
             self._stop_reason = "slice"
         uclib.uc_emu_stop(self._uch)
-        return True
+        return first
 
     def _apply_flushes(self) -> None:
         with self._lock:
@@ -459,6 +464,8 @@ class TdVcpuEngine:
             if ex is not None:
                 return ex
         while True:
+            if self._stop_reason == "slice":
+                return TdExit(EXIT_TIME_SLICE)
             self._apply_flushes()
             self._exit = None
             self._event = None
