@@ -329,3 +329,29 @@ def test_track_kicks_a_running_vcpu(world: World) -> None:
     assert state.refcount == [0, 0]
     h.call(1, Leaf.TDH_MEM_TRACK, rcx=td.tdr)
     _teardown_clean(w, td)
+
+
+def test_inspection_and_trace_show_the_td_vcpus(world: World) -> None:
+    """query-vtdx-tds shows each vCPU's state, the LP it runs on, its guest RIP at the last
+    exit and its exits per reason; the trace names the exit reason of each VP.ENTER."""
+    from vtdx.observe.inspect import Inspector
+    from vtdx.observe.trace import TraceRecorder
+
+    w = world
+    h = w.host
+    rec = TraceRecorder()
+    insp = Inspector.attach(w.module, rec)
+    td, (v,) = _test_guest_td(w, tg.T_BOOT)
+    (info,) = insp.tds()
+    (vi,) = info["vcpus"]
+    assert vi["state"] == "READY" and vi["running-lp"] is None and vi["rip"] is None
+    assert vi["exits"] == {}
+    out = h.vp_enter(v)
+    assert out.rax == EXIT_TDCALL
+    (vi,) = insp.tds()[0]["vcpus"]
+    assert vi["exits"] == {"TDCALL": 1} and vi["associated-lp"] == 0
+    assert vi["rip"] is not None and 0x10000 <= vi["rip"] < 0x20000   # the 64-bit code
+    (last,) = rec.last(1, leaf=Leaf.TDH_VP_ENTER)
+    assert last["exit-reason"] == "TDCALL" and last["ok"]
+    assert last["status-name"].endswith("exit TDCALL")
+    _teardown_clean(w, td)
