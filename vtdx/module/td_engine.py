@@ -52,7 +52,8 @@ class ModuleTdView:
         self.config = TdConfig(gpaw=td.gpaw, attributes=td.attributes,
                                max_vcpus=td.max_vcpus,
                                no_rbp_mod=bool(td.config_flags & CONFIG_FLAGS_NO_RBP_MOD),
-                               cpuid1_eax=module.profile.cpu_fms)
+                               cpuid1_eax=module.profile.cpu_fms,
+                               ept_levels=td.sept_root_level + 1)
         self.last_base_leaf = LAST_BASE_LEAF
         self.last_extended_leaf = LAST_EXTENDED_LEAF
 

@@ -480,8 +480,9 @@ class SharedEpt:
         self.mem = mem
         self.alloc = alloc
         self.root = self._table()
-        #: What KVM writes with TDH.VP.WR 0x203C: root | (levels - 1) << 3 | WB (6).
-        self.eptp = self.root | 3 << 3 | 6
+        #: What KVM writes with TDH.VP.WR 0x203C: the bare root HPA (tdx_load_mmu_pgd); the
+        #: module walks it with the TD's own EPT levels.
+        self.eptp = self.root
 
     def _table(self) -> int:
         pa = self.alloc.page()

@@ -579,11 +579,12 @@ class TdVcpuEngine:
                                       "gpa": gpa, "length": 0, "info": 0})
 
     def _shared_ept_walk(self, page: int, qual: int) -> tuple[int, int]:
-        """Walk KVM's shared EPT in host memory (4 or 5 levels from EPTP bits 5:3)."""
+        """Walk KVM's shared EPT in host memory: the root from the shared EPTP, the walk
+        length of the TD's own EPT (``TdConfig.ept_levels``), as the module does."""
         eptp = self.shared_eptp
         if not eptp or eptp == MASK64:
             raise _EptExit(page, qual)
-        levels = ((eptp >> 3) & 7) + 1
+        levels = self.cfg.ept_levels
         table = eptp & ADDR_MASK
         rwx = 7
         for lvl in range(levels - 1, -1, -1):
