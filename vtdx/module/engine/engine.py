@@ -207,6 +207,7 @@ class TdVcpuEngine:
         self._batch_ptrs = (ctypes.c_void_p * len(_GPR_NAMES))(
             *(vbase + 8 * i for i in range(len(_GPR_NAMES))))
         self._msr = _MsrStruct()
+        self._write_batches: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()          # exit/stop bookkeeping vs the watchdog
         self._entry = 0
         self._running = False
@@ -321,11 +322,20 @@ class TdVcpuEngine:
 
     def write_gprs(self, values: dict[str, int]) -> None:
         """Write the named GPRs in one unicorn call (uc_reg_write_batch)."""
-        n = len(values)
-        ids = (ctypes.c_int * n)(*(self._GPR_IDS[k] for k in values))
-        vals = (ctypes.c_uint64 * n)(*(v & MASK64 for v in values.values()))
-        base = ctypes.addressof(vals)
-        ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        names = tuple(values)
+        n = len(names)
+        batch = self._write_batches.get(names)
+        if batch is None:
+            # ctypes arrays per register set, made once (a TDVMCALL reply selects the same
+            # registers every time, and building them costs more than the write itself).
+            ids = (ctypes.c_int * n)(*(self._GPR_IDS[k] for k in names))
+            vals = (ctypes.c_uint64 * n)()
+            base = ctypes.addressof(vals)
+            ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+            batch = self._write_batches[names] = (ids, vals, ptrs)
+        ids, vals, ptrs = batch
+        for i, v in enumerate(values.values()):
+            vals[i] = v & MASK64
         uclib.uc_reg_write_batch(self._uch, ids, ptrs, n)
 
     def efer(self) -> int:
