@@ -63,6 +63,37 @@ def test_repo_fragment_has_what_a_tdx_host_needs() -> None:
                 "HOTPLUG_CPU", "DEVTMPFS", "PROC_FS", "SYSFS", "SMP", "ACPI"):
         assert frag.get(f"CONFIG_{opt}") == "y", opt
     assert frag["CONFIG_HIBERNATION"] is None
+    # The kernel reports its own bugs: WARN_ON/BUG_ON/KVM_BUG_ON need CONFIG_BUG.
+    for opt in ("BUG", "DEBUG_BUGVERBOSE", "KVM_PROVE_MMU"):
+        assert frag.get(f"CONFIG_{opt}") == "y", opt
+
+
+def test_debug_flavour_is_a_kernel_of_its_own(tmp_path: Path) -> None:
+    src = kb.KernelSource(tmp_path, "debian:linux-source-7.3=1", True)
+    base = kb.KernelBuilder(tmp_path, lambda m: None)
+    debug = kb.KernelBuilder(tmp_path, lambda m: None, debug=True)
+    assert debug.key(src) != base.key(src)
+    for opt in ("PROVE_LOCKING", "DEBUG_ATOMIC_SLEEP", "DEBUG_LIST", "BUG", "INTEL_TDX_HOST"):
+        assert debug.fragment.get(f"CONFIG_{opt}") == "y", opt
+
+
+def test_a_users_config_is_checked_for_what_vtdx_relies_on() -> None:
+    cfg = kb.FRAGMENT.read_text()
+    assert kb.missing_for_vtdx(cfg) == []
+    tiny = cfg.replace("CONFIG_BUG=y", "# CONFIG_BUG is not set").replace(
+        "CONFIG_KVM_INTEL_TDX=y", "")
+    missing = kb.missing_for_vtdx(tiny)
+    assert [m.split()[0] for m in missing] == ["CONFIG_KVM_INTEL_TDX", "CONFIG_BUG"]
+    assert "compile to nothing" in missing[1]
+
+
+def test_find_config_beside_the_image_or_in_the_build_tree(tmp_path: Path) -> None:
+    boot = tmp_path / "arch" / "x86" / "boot"
+    boot.mkdir(parents=True)
+    (boot / "bzImage").write_bytes(b"k")
+    assert kb.find_config(boot / "bzImage") is None
+    (tmp_path / ".config").write_text("CONFIG_BUG=y\n")
+    assert kb.find_config(None, boot / "bzImage") == tmp_path / ".config"
 
 
 def test_build_key_depends_on_source_and_fragment(tmp_path: Path) -> None:
@@ -163,6 +194,23 @@ def test_configure_fails_loudly_on_unmet_dependency(tmp_path: Path) -> None:
     out.mkdir()
     with pytest.raises(VtdxError, match=r"CONFIG_INTEL_TDX_HOST=y \(got unset\)"):
         builder.configure(src, out)
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(_kernel_tree() is None, reason="linux-source-7.3 not unpacked yet "
+                    "(run `vtdx build-kernel`)")
+def test_debug_flavour_configuration_survives_olddefconfig(tmp_path: Path) -> None:
+    """Configure only (no compile): lockdep, atomic-sleep and list checks are all honoured."""
+    builder = kb.KernelBuilder(tmp_path / "cache", lambda m: None, debug=True)
+    src = kb.DebianSource(kb.cache_dir(), lambda m: None).cached()
+    assert src is not None
+    out = tmp_path / "build"
+    out.mkdir()
+    builder.configure(src, out)
+    have = kb.parse_fragment((out / ".config").read_text())
+    for opt in ("PROVE_LOCKING", "LOCKDEP", "DEBUG_ATOMIC_SLEEP", "DEBUG_LIST", "BUG",
+                "INTEL_TDX_HOST", "KVM_INTEL_TDX"):
+        assert have.get(f"CONFIG_{opt}") == "y", opt
 
 
 @pytest.mark.kernel

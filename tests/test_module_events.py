@@ -9,7 +9,7 @@ from test_module_init import boot, call, make
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
-from vtdx.module import CallObserved, CheckpointReached, FaultInjected, TdxModule
+from vtdx.module import CallObserved, CheckpointReached, FaultInjected
 from vtdx.module.context import CallContext
 from vtdx.module.events import LAST
 from vtdx.module.locks import KOT_LOCK, SYS_LOCK, LockKey, epoch_key, septe_key
@@ -134,20 +134,6 @@ def test_lock_keys_read_well_and_equal_their_constructor() -> None:
     assert str(SYS_LOCK) == "sys" and str(KOT_LOCK) == "kot"
     assert str(epoch_key(0x7F000)) == "epoch tdr=0x7f000"
     assert str(septe_key(0x5000, 3)) == "septe page=0x5000 [3]"
-
-
-def test_compat_observer_shape_still_reaches_calls() -> None:
-    m: TdxModule = make(2)
-    seen: list[tuple[int, int]] = []
-
-    def obs(lp: int, leaf: int, i: Regs, o: Regs, dt: float) -> None:
-        seen.append((lp, o.rax))
-
-    m.add_observer(obs)
-    call(m, 0, Leaf.TDH_SYS_INIT)
-    m.remove_observer(obs)
-    call(m, 0, Leaf.TDH_SYS_INIT)
-    assert seen == [(0, 0)] and not m.events.calls
 
 
 @pytest.mark.parametrize("dpamt", [False, True], ids=["static-pamt", "dynamic-pamt"])

@@ -31,7 +31,7 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf, encode
 from vtdx.abi.regs import Regs
 from vtdx.module import SysState, TdxModule
-from vtdx.module.events import CheckpointReached
+from vtdx.module.events import CallObserved, CheckpointReached
 from vtdx.module.locks import EXCLUSIVE, SYS_LOCK, tdmr_key
 from vtdx.module.pamt import PT_NDA, PT_REG, PT_RSVD, pamt_key
 from vtdx.platform.memory import SparseMemory
@@ -484,7 +484,8 @@ def test_fault_probability_is_deterministic_per_seed() -> None:
 def test_observers_and_queries() -> None:
     m = make(2)
     seen = []
-    m.add_observer(lambda lp, leaf, i, o, dt: seen.append((lp, leaf, o.rax, dt >= 0)))
+    m.events.subscribe(CallObserved,
+                       lambda ev: seen.append((ev.lp, ev.leaf, ev.out.rax, ev.seconds >= 0)))
     call(m, 1, Leaf.TDH_SYS_INIT)
     assert seen == [(1, Leaf.TDH_SYS_INIT, 0, True)]
     snap = m.snapshot()

@@ -48,5 +48,10 @@ def test_unknown_feature_is_one_readable_error(spec: str, msg: str) -> None:
 
 
 def test_unknown_profile_is_one_readable_error() -> None:
-    with pytest.raises(VtdxError, match="unknown profile 'fast'.*default, dpamt"):
+    with pytest.raises(VtdxError, match="unknown profile 'fast'.*default, dpamt, no-movdir64b"):
         Profile.named("fast", 2, 2 * GiB)
+
+
+def test_refusal_profiles_lack_what_linux_needs() -> None:
+    assert not Profile.named("no-movdir64b", 2, 2 * GiB).movdir64b
+    assert Profile.named("one-keyid", 2, 2 * GiB).tdx_keyids == 1

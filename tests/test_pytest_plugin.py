@@ -215,6 +215,17 @@ def test_plugin_rejects_a_missing_kernel_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("mem,needle", [("100T", "--vtdx-mem 100T: at most"),
+                                        ("lots", "invalid memory size 'lots'")])
+def test_plugin_rejects_an_impossible_memory_size_in_one_line(tmp_path: Path, mem: str,
+                                                              needle: str) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k")
+    r = _pytest(str(EXAMPLES), "-q", f"--vtdx-kernel={kernel}", f"--vtdx-mem={mem}")
+    assert r.returncode == 4  # pytest's usage error
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.kernel
 @needs_kernel
 def test_example_suite_green_on_the_default_kernel() -> None:

@@ -51,6 +51,7 @@ from vtdx.host.qemu import QemuRuntime
 from vtdx.module import TdxModule
 from vtdx.module import sept as S
 from vtdx.module.control import PauseHandle
+from vtdx.module.events import CallObserved
 from vtdx.module.pamt import PT_EPT, PT_NDA, PT_PAMT, PT_REG, PT_RSVD
 from vtdx.platform.memory import GuestRam
 from vtdx.platform.profile import Profile
@@ -76,9 +77,9 @@ class CallLog:
         self.cond = threading.Condition()
         self.calls: list[tuple[int, int, int]] = []
 
-    def __call__(self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs, dt: float) -> None:
+    def __call__(self, ev: CallObserved) -> None:
         with self.cond:
-            self.calls.append((lp, leaf, regs_out.rax))
+            self.calls.append((ev.lp, ev.leaf, ev.out.rax))
             self.cond.notify_all()
 
     def wait_for(self, lp: int, leaf: int, nth: int = 1, timeout: float = 30) -> int:
@@ -173,7 +174,7 @@ def replay(runtime: QemuRuntime, elf: Path, script: Script, *,
     def backend(prof: Profile, ram: GuestRam) -> TdxModule:
         script.install(ram)  # before QEMU starts: the guest finds it at boot
         module = TdxModule(prof, ram)
-        module.add_observer(log)
+        module.events.subscribe(CallObserved, log)
         if arm:
             arm(module)
         made.append(module)
@@ -291,10 +292,10 @@ def test_td_life_replayed_through_the_whole_stack(runtime: QemuRuntime, elf: Pat
     mrtd: list[bytes] = []
 
     def arm(module: TdxModule) -> None:
-        def on_finalize(lp: int, leaf: int, regs_in: Regs, out: Regs, dt: float) -> None:
-            if leaf == Leaf.TDH_MR_FINALIZE and out.rax == 0:
-                mrtd.append(module.gd.tds[regs_in.rcx].mrtd)
-        module.add_observer(on_finalize)
+        def on_finalize(ev: CallObserved) -> None:
+            if ev.leaf == Leaf.TDH_MR_FINALIZE and ev.out.rax == 0:
+                mrtd.append(module.gd.tds[ev.inp.rcx].mrtd)
+        module.events.subscribe(CallObserved, on_finalize)
 
     def inspect(module: TdxModule, ram: GuestRam) -> dict[str, object]:
         busy = [(lvl, idx, e.pt) for lvl in (0, 1, 2)

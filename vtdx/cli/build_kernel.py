@@ -16,7 +16,7 @@ def _log(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     art = kernel_build.build_kernel(args.source, force=args.force, refresh=args.refresh,
-                                    cache=args.cache, log=_log)
+                                    cache=args.cache, log=_log, debug=args.debug)
     rd = initramfs.ensure_initramfs(args.cache, log=_log)
     info = art.info()
     print(f"kernel {info.get('release', '?')}: {art.bzimage}")
@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="rebuild from a clean build directory even if a cached kernel exists")
     p.add_argument("--refresh", action="store_true",
                    help="look for a newer linux-source-7.3 in the archive first")
+    p.add_argument("--debug", action="store_true",
+                   help="debug flavour: also lockdep (PROVE_LOCKING), DEBUG_ATOMIC_SLEEP and "
+                   "DEBUG_LIST (guest/kernel/tdx-host-debug.config); a kernel of its own, "
+                   "run it with `vtdx run --kernel`")
     p.add_argument("--cache", type=Path, default=None,
                    help="cache directory (default: $VTDX_CACHE or ~/.cache/vtdx)")
     p.set_defaults(func=run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from vtdx import __version__
@@ -39,11 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VtdxError as e:
-        print(f"vtdx: error: {e}", file=sys.stderr)
+        _say(f"vtdx: error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("vtdx: interrupted", file=sys.stderr)
+        _say("vtdx: interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`vtdx trace | head`): stop quietly, as cat does. Python
+        # would report the failed flush of stdout at exit, so stdout goes to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def _say(line: str) -> None:
+    """One line on stderr; nothing when stderr is gone (terminal closed, SIGHUP)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from vtdx.errors import VtdxError
-from vtdx.observe.trace import filter_trace, format_record, read_trace, trace_path
+from vtdx.observe.trace import (
+    filter_trace,
+    follow_trace,
+    format_record,
+    read_trace,
+    trace_path,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,17 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path = trace_path(args.run_dir)
-    if not path.exists():
-        raise VtdxError(f"no trace at {path} (is {args.run_dir} a vtdx run directory?)")
     if args.last is not None and args.last < 1:
         raise VtdxError("--last must be at least 1")
     filters = dict(leaves_=args.leaf, lps=args.lp, errors=args.errors,
                    status_name=args.status, caller=args.caller)
+    if args.follow:
+        _follow(path, args, filters)
+        return 0
+    if not path.exists():
+        raise VtdxError(f"no trace at {path} (is {args.run_dir} a vtdx run directory?)")
+    if path.is_dir():
+        raise VtdxError(f"{path} is a directory, not a trace")
     recs = filter_trace(read_trace(path), last=args.last, **filters)
     for rec in recs:
         _print(rec, args.json)
-    if args.follow:
-        _follow(path, args, filters, seen=_last_seq(path))
     return 0
 
 
@@ -53,22 +61,25 @@ def _print(rec: dict, as_json: bool) -> None:
     print(json.dumps(rec) if as_json else format_record(rec), flush=True)
 
 
-def _last_seq(path: Path) -> int:
-    seq = 0
-    for rec in read_trace(path):
-        seq = max(seq, int(rec.get("seq", 0)))
-    return seq
+def _follow(path: Path, args: argparse.Namespace, filters: dict) -> None:
+    """Print the matching calls already made (the last N with --last), then each new one,
+    until the run ends (its directory goes away: the calls made last are printed too) or
+    Ctrl-C."""
 
+    def waiting() -> None:
+        print(f"vtdx trace: waiting for {path}", file=sys.stderr, flush=True)
 
-def _follow(path: Path, args: argparse.Namespace, filters: dict, seen: int) -> None:
-    """Poll the file: records are appended line by line while the run goes on."""
+    backlog: list[dict] | None = []  # None once the records written before are printed
     try:
-        while True:
-            time.sleep(0.2)
-            fresh = [r for r in read_trace(path) if int(r.get("seq", 0)) > seen]
-            if fresh:
-                seen = int(fresh[-1].get("seq", seen))
-                for rec in filter_trace(fresh, **filters):
-                    _print(rec, args.json)
-    except (KeyboardInterrupt, BrokenPipeError):
-        sys.stdout.flush()
+        for rec in follow_trace(path, on_wait=waiting):
+            if rec is None:
+                for r in filter_trace(backlog or [], last=args.last, **filters):
+                    _print(r, args.json)
+                backlog = None
+            elif backlog is not None:
+                backlog.append(rec)
+            else:
+                for r in filter_trace([rec], **filters):
+                    _print(r, args.json)
+    except KeyboardInterrupt:
+        pass

@@ -23,12 +23,17 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vtdx.errors import VtdxError
+from vtdx.host.initramfs import Cpio, ensure_initramfs
+from vtdx.host.qemu import QemuRuntime, cache_dir
 from vtdx.resources import asset
+from vtdx.session.machine import Machine
 
 AGENT = asset("guest", "initramfs", "agent")
 #: Where the payload binaries live in the guest (on the agent's PATH).
@@ -82,9 +87,12 @@ SEND_ATTEMPTS = 4
 class GuestAgent:
     """One agent connection. Thread-safe: commands are serialised by a lock."""
 
-    def __init__(self, sock: socket.socket | int) -> None:
+    def __init__(self, sock: socket.socket | int, machine: Any = None) -> None:
         #: A connected socket (QEMU's chardev) or any stream fd, e.g. a pty master.
         self.sock = sock
+        #: The Machine behind the socket, if known: a closed channel is explained by QEMU's
+        #: exit status and stderr (a bad kernel image, a bad option), not "connection reset".
+        self.machine = machine
         self.fd = sock if isinstance(sock, int) else sock.fileno()
         self._buf = bytearray()
         self._lock = threading.Lock()
@@ -98,15 +106,19 @@ class GuestAgent:
     def connect(cls, path: str | os.PathLike[str], timeout: float = 30.0) -> GuestAgent:
         """Connect to QEMU's chardev socket (it appears a moment after QEMU starts)."""
         deadline = time.monotonic() + timeout
+        machine = _MACHINES.get(os.fspath(path))
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(os.fspath(path))
-                return cls(s)
+                return cls(s, machine)
             except OSError as e:
                 s.close()
-                if time.monotonic() > deadline:
-                    raise AgentError(f"agent socket {path}: {e.strerror}") from None
+                qemu = getattr(machine, "qemu", None)
+                if time.monotonic() > deadline or (qemu is not None
+                                                   and qemu.returncode is not None):
+                    msg = f"agent socket {path}: {e.strerror}"
+                    raise AgentError(cls(-1, machine)._explain(msg)) from None
                 time.sleep(0.05)
 
     def close(self) -> None:
@@ -124,7 +136,18 @@ class GuestAgent:
                 select.select([], [self.fd], [], 30.0)
                 data = data[os.write(self.fd, data):]
         except OSError as e:
-            raise AgentError(f"agent channel closed: {e}") from None
+            raise AgentError(self._explain(f"agent channel closed: {e}")) from None
+
+    def _explain(self, msg: str) -> str:
+        """Why QEMU is gone when it is (its exit status and stderr), else ``msg``."""
+        m = self.machine
+        if m is None or getattr(m, "qemu", None) is None:
+            return msg
+        deadline = time.monotonic() + 3.0  # the channel closes a moment before QEMU is reaped
+        while m.qemu.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        why = m.failure_text() if hasattr(m, "failure_text") else ""
+        return why or msg
 
     def _line(self, deadline: float) -> bytes | None:
         """Next line, or None when the deadline passes first."""
@@ -143,9 +166,10 @@ class GuestAgent:
                     return None
                 data = os.read(self.fd, 65536)
             except OSError as e:
-                raise AgentError(f"agent channel closed: {e}") from None
+                raise AgentError(self._explain(f"agent channel closed: {e}")) from None
             if not data:
-                raise AgentError("agent channel closed (the guest or QEMU went away)")
+                raise AgentError(self._explain("agent channel closed (the guest or QEMU went "
+                                               "away)"))
             self._buf += data
 
     def ping(self, timeout: float = 1.0) -> bool:
@@ -165,7 +189,8 @@ class GuestAgent:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if callable(alive) and not alive():
-                raise AgentError("the machine stopped before the guest agent came up")
+                raise AgentError(self._explain("the machine stopped before the guest agent "
+                                               "came up"))
             if self.ping(timeout=0.25):
                 return time.monotonic() - t0
         raise AgentError(f"the guest agent did not answer within {timeout:g} s")
@@ -245,14 +270,11 @@ class PayloadSet:
 
 def agent_initramfs(cache: Path | None = None, payloads: PayloadSet | None = None,
                     agent: Path = AGENT) -> Path:
-    """The kernel team's initramfs with the agent and payloads appended (cached by content).
+    """vtdx's initramfs with the agent and payloads appended (cached by content).
 
     Linux unpacks concatenated cpio archives one after the other into the same rootfs, so
     appending a second archive adds files without rebuilding or changing the first.
     """
-    from vtdx.host.initramfs import Cpio, ensure_initramfs
-    from vtdx.host.qemu import cache_dir
-
     base = ensure_initramfs(cache)
     try:
         agent_text = agent.read_bytes()
@@ -283,10 +305,12 @@ def agent_initramfs(cache: Path | None = None, payloads: PayloadSet | None = Non
 # --------------------------------------------------------------------------- machine
 
 
-def agent_machine_class() -> type:
-    """``Machine`` plus the agent's serial port (imported lazily: QEMU bits are heavy)."""
-    from vtdx.session.machine import Machine
+#: Agent socket path -> the machine serving it (GuestAgent.connect finds its machine here).
+_MACHINES: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
+
+def agent_machine_class() -> type:
+    """``Machine`` plus the agent's serial port."""
     class AgentMachine(Machine):
         """A Machine whose ttyS1 is a socket in the run directory, for ``GuestAgent``."""
 
@@ -294,7 +318,8 @@ def agent_machine_class() -> type:
         def agent_path(self) -> Path:
             return self._path(AGENT_SOCKET)
 
-        def qemu_args(self, rt):  # type: ignore[no-untyped-def]
+        def qemu_args(self, rt: QemuRuntime) -> list[str]:
+            _MACHINES[os.fspath(self.agent_path)] = self
             # -serial order is port order: Machine's `-serial stdio` is ttyS0, this is ttyS1.
             return [*super().qemu_args(rt),
                     "-chardev", f"socket,id=vtdxagent,path={self.agent_path},"

@@ -16,6 +16,11 @@ Fixtures:
                machines or control over when they boot; each is stopped after the test.
     vtdx_spec  the ``BootSpec`` from the command line.
 
+A kernel report on the console while a test ran (WARNING:, BUG:, lockdep, an oops: the
+kernel vtdx builds keeps CONFIG_BUG) fails that test, with the report in the failure text,
+unless the test declares it: ``@pytest.mark.vtdx(expect_warnings=["TDH_MNG_CREATE"])``
+(regexes searched in the report; ``True`` accepts any).
+
 A failed test that used a machine gets two extra report sections: the tail of the guest's
 serial console and the SEAMCALLs made during the test (the last ones of the run when the
 test made none), so a CI log shows what the kernel and the TDX module did.
@@ -24,6 +29,8 @@ test made none), so a CI log shows what the kernel and the TDX module did.
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +43,8 @@ if TYPE_CHECKING:
 SCOPES = ("session", "module", "function")
 _USED = pytest.StashKey[list]()  # (vm, trace mark, console mark, commands mark) per test
 _POOL = pytest.StashKey["VmPool"]()
+#: Machines already handed to a test: the first test to get one answers for its boot too.
+_HANDED = pytest.StashKey[set]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,9 +77,25 @@ def pytest_configure(config: pytest.Config) -> None:
         "--vtdx-kernel", None) else None
     config.addinivalue_line(
         "markers",
-        "vtdx(smp=, mem=, append=, faults=, scope=): the machine the vtdx_vm fixture gives "
-        "this test (faults: vtdx.harness.vm.Fault rules armed before boot; scope: session, module "
-        "or function)")
+        "vtdx(smp=, mem=, append=, faults=, scope=, expect_warnings=): the machine the vtdx_vm "
+        "fixture gives this test (faults: vtdx.harness.vm.Fault rules armed before boot; scope: "
+        "session, module or function; expect_warnings: regexes of kernel WARNING/BUG reports "
+        "that do not fail the test, True for any)")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name what a kernel built elsewhere lacks of what vtdx and kernel tests rely on."""
+    spec = config.stash.get(_SPEC, None)
+    if spec is None or config.getoption("--vtdx-kernel") == "default":
+        return []
+    from vtdx.host import kernel as kernel_build
+
+    cfg = kernel_build.find_config(spec.kernel_src, spec.vmlinux, spec.kernel)
+    if cfg is None:
+        return [f"vtdx: no .config found for {spec.kernel}: cannot check it for CONFIG_BUG, "
+                "CONFIG_INTEL_TDX_HOST, ..."]
+    missing = kernel_build.missing_for_vtdx(cfg.read_text(errors="replace"))
+    return [f"vtdx: WARNING: {cfg} lacks {m}" for m in missing]
 
 
 # --------------------------------------------------------------------------- spec
@@ -116,11 +141,12 @@ def spec_from_options(config: pytest.Config) -> BootSpec | None:
     if not 1 <= smp <= 64:
         raise pytest.UsageError(f"--vtdx-smp {smp}: must be 1..64")
     try:
+        from vtdx.session.run import check_mem
         from vtdx.units import parse_size
 
-        parse_size(opt("--vtdx-mem"))
+        check_mem(parse_size(opt("--vtdx-mem")), "--vtdx-mem")
     except VtdxError as e:
-        raise pytest.UsageError(f"--vtdx-mem: {e}") from None
+        raise pytest.UsageError(str(e)) from None
     return BootSpec(kernel=kernel, vmlinux=vmlinux, smp=smp, mem=opt("--vtdx-mem"),
                     append=opt("--vtdx-append"), boot_timeout=opt("--vtdx-boot-timeout"),
                     kernel_src=kernel_src)
@@ -129,6 +155,7 @@ def spec_from_options(config: pytest.Config) -> BootSpec | None:
 def _customise(base: BootSpec, kw: dict[str, Any]) -> tuple[BootSpec, str]:
     """(spec, scope) from marker / factory keywords."""
     kw = dict(kw)
+    kw.pop("expect_warnings", None)  # about the test, not the machine (see _expected)
     scope = kw.pop("scope", "session")
     if scope not in SCOPES:
         raise pytest.UsageError(f"vtdx marker: scope={scope!r}, use one of {SCOPES}")
@@ -179,7 +206,29 @@ class VmPool:
 def _pool(config: pytest.Config) -> VmPool:
     if _POOL not in config.stash:
         config.stash[_POOL] = VmPool()
+        _stop_on_signals()
     return config.stash[_POOL]
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (CI timeouts, `timeout`) and SIGHUP (closed terminal) end the session the way
+    Ctrl-C does, so pytest tears the fixtures down and ``pytest_unconfigure`` stops every
+    machine (QEMU, daemon, run directory). Without this either signal kills pytest at once;
+    QEMU would still die with it (parent-death signal) and the run directory be removed by
+    the machine's reaper, but no test would be reported. Installed with the first machine, so
+    a session without vtdx machines keeps pytest's own behaviour."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        # Once: a second signal during the cleanup it starts must not abort that cleanup.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"vtdx: {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -193,9 +242,10 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return
     pool = item.config.stash[_POOL]
     pool.release(f"function:{item.nodeid}")
-    mod = item.module.__name__ if getattr(item, "module", None) else ""
-    next_mod = nextitem.module.__name__ if nextitem is not None and getattr(
-        nextitem, "module", None) else None
+    this_module = getattr(item, "module", None)
+    next_module = getattr(nextitem, "module", None) if nextitem is not None else None
+    mod = this_module.__name__ if this_module is not None else ""
+    next_mod = next_module.__name__ if next_module is not None else None
     if mod != next_mod:
         pool.release(f"module:{mod}")
 
@@ -225,7 +275,12 @@ def _track(item: pytest.Item, vm: Vm) -> Vm:
     """Remember where the trace and console were when this test got the machine."""
     used = item.stash.setdefault(_USED, [])
     if not any(u[0] is vm for u in used):
-        used.append((vm, vm.trace.mark(), len(vm.machine.console_lines), len(vm.commands)))
+        handed = item.config.stash.setdefault(_HANDED, set())
+        # A kernel report printed while the machine booted belongs to the first test that
+        # got it (a fault armed before boot is that test's doing).
+        console = len(vm.machine.console_lines) if id(vm) in handed else 0
+        handed.add(id(vm))
+        used.append((vm, vm.trace.mark(), console, len(vm.commands)))
     return vm
 
 
@@ -310,7 +365,8 @@ def failure_sections(used: list[tuple[Any, int, int, int]], lines: int = 40
     for n, (vm, trace_mark, _console_mark, cmd_mark) in enumerate(used):
         tag = f" (machine {n + 1})" if len(used) > 1 else ""
         console = vm.console_tail(lines) or "(no console output)"
-        state = "" if vm.alive else "  [QEMU has exited]"
+        why = getattr(vm.machine, "failure_text", lambda: "")() if not vm.alive else ""
+        state = "" if vm.alive else f"  [{why or 'QEMU has exited'}]"
         out.append((f"vtdx guest console, last {lines} lines{tag}{state}", console))
         try:
             recs = vm.trace.since(trace_mark)
@@ -328,11 +384,67 @@ def failure_sections(used: list[tuple[Any, int, int, int]], lines: int = 40
     return out
 
 
+def _expected(item: pytest.Item) -> tuple[str, ...]:
+    """The regexes of kernel reports the test declared expected (``(".",)``: any)."""
+    marker = item.get_closest_marker("vtdx")
+    want = marker.kwargs.get("expect_warnings", ()) if marker else ()
+    if want is True:
+        return (".",)
+    if isinstance(want, str):
+        return (want,)
+    return tuple(want or ())
+
+
+def _settle(vm: Any, quiet: float = 0.2, limit: float = 1.0) -> None:
+    """Let the console catch up: a report the test's last command caused is printed by
+    the kernel before the command returns, but reaches the host a moment later."""
+    import time
+
+    lines = getattr(vm.machine, "console_lines", None)
+    if lines is None or not vm.alive:
+        return
+    end = time.monotonic() + limit
+    n, since = len(lines), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        if len(lines) != n:
+            n, since = len(lines), time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
+def kernel_reports(used: list[tuple[Any, int, int, int]], expect: tuple[str, ...] = ()
+                   ) -> list[Any]:
+    """The unexpected kernel reports (vtdx.session.run.Splat) printed on the consoles of the
+    machines a test used, since it got them."""
+    from vtdx.session.run import split_splats
+
+    out = []
+    for vm, _trace_mark, console_mark, _cmd_mark in used:
+        lines = list(getattr(vm.machine, "console_lines", []) or [])[console_mark:]
+        out += [s for s in split_splats(lines, expect) if not s.expected]
+    return out
+
+
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     rep = outcome.get_result()
     used = item.stash.get(_USED, None)
+    if used and call.when == "call":
+        for vm, *_ in used:
+            _settle(vm)
+        reports = kernel_reports(used, _expected(item))
+        if reports:
+            text = "\n\n".join(s.text for s in reports)
+            title = (f"vtdx: the kernel reported {len(reports)} bug(s) during this test "
+                     "(declare expected ones: @pytest.mark.vtdx(expect_warnings=[REGEX]))")
+            if rep.passed:
+                rep.outcome = "failed"
+                rep.longrepr = f"{title}\n{text}"
+            else:
+                rep.sections.append((title, text))
     if not used or not rep.failed:
         return
     for title, text in failure_sections(used, item.config.getoption("--vtdx-report-lines")):

@@ -68,22 +68,7 @@ class Fault:
         status = parse_status(self.status)
         leaf = parse_leaf(self.leaf) if self.leaf is not None else None
         lps = {self.lp} if self.lp is not None else None
-        if self.after <= 0:
-            module.faults.add(status, leaf, count=self.count, lps=lps)
-            return
-        seen = 0
-        lock = threading.Lock()
-
-        def observe(lp: int, lf: int, _in: Any, _out: Any, _s: float) -> None:
-            nonlocal seen
-            if (leaf is not None and lf != leaf) or (lps is not None and lp not in lps):
-                return
-            with lock:
-                seen += 1
-                if seen == self.after:  # the next matching call gets the status
-                    module.faults.add(status, leaf, count=self.count, lps=lps)
-
-        module.add_observer(observe)
+        module.faults.add(status, leaf, count=self.count, lps=lps, after=self.after)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import stat
 import subprocess
 from collections.abc import Callable
@@ -133,4 +134,38 @@ def ensure_initramfs(cache: Path | None = None, log: Log | None = None,
         tmp.rename(out)
         if log:
             log(f"initramfs built: {out}")
+    return out
+
+
+def with_files(base: Path, files: dict[str, bytes], cache: Path | None = None,
+               tag: str = "extra") -> Path:
+    """``base`` with ``files`` (path in the guest -> contents, executable) appended as a
+    second cpio archive, cached by content.
+
+    Linux unpacks concatenated archives one after the other into the same rootfs, so the
+    first is neither rebuilt nor changed. Used for the in-guest payloads ``vtdx run
+    --checks kvm`` runs.
+    """
+    h = hashlib.sha256(base.name.encode())
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    out = cache_dir(cache) / "initramfs" / f"{tag}-{h.hexdigest()[:16]}.cpio.gz"
+    if out.is_file():
+        return out
+    arc = Cpio()
+    made: set[str] = set()
+    for name in sorted(files):
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in made:
+                arc.dir(d)
+                made.add(d)
+        arc.file(name, files[name], 0o755)
+    first = base.read_bytes()
+    first += b"\0" * (-len(first) % 4)  # the unpacker skips zero padding between archives
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(first + gzip.compress(arc.to_bytes(), compresslevel=6, mtime=0))
+    tmp.rename(out)
     return out

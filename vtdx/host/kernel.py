@@ -46,6 +46,20 @@ from vtdx.resources import asset
 Log = Callable[[str], None]
 
 FRAGMENT = asset("guest", "kernel", "tdx-host.config")
+#: Added on top of FRAGMENT by ``vtdx build-kernel --debug``: lockdep, atomic-sleep and list
+#: checks. Its own cache key; never the default kernel.
+DEBUG_FRAGMENT = asset("guest", "kernel", "tdx-host-debug.config")
+#: Options of FRAGMENT a kernel built elsewhere (``--kernel``, ``--vtdx-kernel``) is checked
+#: for, with what is lost without each: named in one line, never silently ignored.
+USER_CONFIG_NEEDS: dict[str, str] = {
+    "CONFIG_INTEL_TDX_HOST": "no TDX host code: the kernel never initialises TDX",
+    "CONFIG_KVM_INTEL_TDX": "KVM cannot create TDs",
+    "CONFIG_BUG": "WARN_ON/BUG_ON/KVM_BUG_ON compile to nothing: kernel bugs pass silently",
+    "CONFIG_SERIAL_8250_CONSOLE": "no console on ttyS0: vtdx sees nothing",
+    "CONFIG_BLK_DEV_INITRD": "the initramfs cannot be used",
+    "CONFIG_KALLSYMS": "oops and WARN backtraces carry no symbols",
+    "CONFIG_HOTPLUG_CPU": "the CPU hotplug check cannot run",
+}
 PACKAGE = "linux-source-7.3"
 SUITE = "trixie-backports"
 #: Architecture indexes searched for the (architecture "all") source package.
@@ -108,8 +122,10 @@ def newest(packages: Iterable[DebPackage]) -> DebPackage | None:
     pkgs = list(packages)
     if not pkgs:
         return None
-    key = functools.cmp_to_key(lambda x, y: _compare_versions(x.version, y.version))
-    return max(pkgs, key=key)
+    def cmp(x: DebPackage, y: DebPackage) -> int:
+        return _compare_versions(x.version, y.version)
+
+    return max(pkgs, key=functools.cmp_to_key(cmp))
 
 
 def _fetch(url: str, dest: Path | None = None, timeout: float = 60) -> bytes:
@@ -287,6 +303,28 @@ def config_mismatches(fragment: dict[str, str | None], config_text: str) -> list
     return bad
 
 
+def missing_for_vtdx(config_text: str) -> list[str]:
+    """``CONFIG_X (what is lost)`` for each option of USER_CONFIG_NEEDS a .config lacks."""
+    have = parse_fragment(config_text)
+    return [f"{opt} ({why})" for opt, why in USER_CONFIG_NEEDS.items()
+            if have.get(opt) not in ("y", "m")]
+
+
+def find_config(*places: Path | None) -> Path | None:
+    """The .config of a kernel built elsewhere: in its tree, beside its image or vmlinux, or
+    at the top of its build tree (the directory holding arch/x86/boot/bzImage)."""
+    for p in places:
+        if p is None:
+            continue
+        p = Path(p)
+        top = p.parents[3] if len(p.parents) > 3 else p.parent
+        for cand in (p / ".config", p.parent / ".config", p.parent / "config",
+                     top / ".config"):
+            if cand.is_file():
+                return cand
+    return None
+
+
 def build_key(src: KernelSource, fragment_text: str) -> str:
     blob = json.dumps({"source": src.identity, "fragment": fragment_text, "recipe": RECIPE},
                       sort_keys=True)
@@ -353,13 +391,16 @@ class KernelBuilder:
     """tinyconfig + fragment + olddefconfig, verified; make under ccache; cache the result."""
 
     def __init__(self, cache: Path | None = None, log: Log = print,
-                 fragment: Path = FRAGMENT, jobs: int = JOBS) -> None:
+                 fragment: Path = FRAGMENT, jobs: int = JOBS, debug: bool = False) -> None:
         self.cache = cache_dir(cache)
         self.log = log
         self.fragment_path = fragment
         self.jobs = min(jobs, JOBS)
+        self.debug = debug
         try:
             self.fragment_text = fragment.read_text()
+            if debug:  # later lines win: the debug options are applied over the base ones
+                self.fragment_text += DEBUG_FRAGMENT.read_text()
         except OSError as e:
             raise VtdxError(f"kernel config fragment: {e}") from None
         self.fragment = parse_fragment(self.fragment_text)
@@ -396,7 +437,7 @@ class KernelBuilder:
         units, t0, last = 0, time.monotonic(), time.monotonic()
         with proc:
             for line in proc.stdout:
-                if logf is not subprocess.DEVNULL:
+                if not isinstance(logf, int):
                     logf.write(line)
                 tail = (tail + [line])[-40:]
                 if line.startswith(("  CC ", "  AS ")):
@@ -405,7 +446,7 @@ class KernelBuilder:
                     last = time.monotonic()
                     self.log(f"  {time.monotonic() - t0:4.0f} s, {units} units compiled, "
                              f"now {line.strip()[:70]}")
-        if logf is not subprocess.DEVNULL:
+        if not isinstance(logf, int):
             logf.close()
         if proc.returncode:
             where = f" (log: {log})" if log else ""
@@ -417,7 +458,8 @@ class KernelBuilder:
         cfg = out / ".config"
         if cfg.is_file() and not config_mismatches(self.fragment, cfg.read_text()):
             return
-        self.log("configuring: tinyconfig + guest/kernel/tdx-host.config + olddefconfig")
+        extra = " + tdx-host-debug.config" if self.debug else ""
+        self.log(f"configuring: tinyconfig + guest/kernel/tdx-host.config{extra} + olddefconfig")
         log = out / "build.log"
         self._make(src, out, "tinyconfig", log=log)
         merged = cfg.read_text()
@@ -476,6 +518,7 @@ class KernelBuilder:
         release = (out / "include" / "config" / "kernel.release").read_text().strip()
         info = {"key": art.dir.name, "source": src.identity, "path": str(src.path),
                 "release": release, "fragment": str(self.fragment_path),
+                "flavour": "debug" if self.debug else "default",
                 "configure_s": round(t_cfg, 1), "build_s": round(t_build, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -501,25 +544,26 @@ def set_default(art: KernelArtifacts) -> None:
 def default_kernel(cache: Path | None = None) -> KernelArtifacts | None:
     """The kernel ``vtdx build-kernel`` built from the default source with the current
     fragment; None if there is none (or only one built from an older fragment)."""
-    link = default_link(cache)
-    art = KernelArtifacts(link.resolve()) if link.is_symlink() else None
-    if art is None or not art.complete():
-        return None
     src = DebianSource(cache_dir(cache), lambda m: None).cached()
-    if src is None or KernelBuilder(cache, lambda m: None).key(src) != art.dir.name:
+    if src is None:
         return None
-    return art
+    # By key, not only through the link: trees with different fragments share one cache and
+    # the link names whichever was built last.
+    art = KernelBuilder(cache, lambda m: None).artifacts(src)
+    return art if art.complete() else None
 
 
 def build_kernel(source: Path | None = None, *, force: bool = False, refresh: bool = False,
-                 cache: Path | None = None, log: Log = print) -> KernelArtifacts:
-    """The ``vtdx build-kernel`` flow: pick the source, build or reuse, record the default."""
-    builder = KernelBuilder(cache, log)
+                 cache: Path | None = None, log: Log = print,
+                 debug: bool = False) -> KernelArtifacts:
+    """The ``vtdx build-kernel`` flow: pick the source, build or reuse, record the default
+    (the debug flavour is never the default)."""
+    builder = KernelBuilder(cache, log, debug=debug)
     if source is None:
         src = DebianSource(builder.cache, log).get(refresh=refresh)
     else:
         src = local_source(source)
     art = builder.build(src, force=force)
-    if source is None:
+    if source is None and not debug:
         set_default(art)
     return art

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vtdx.errors import VtdxError
+from vtdx.host.kernel import kernel_version
+from vtdx.host.qemu import cache_dir
 from vtdx.resources import asset
 
 PAYLOAD_SRC = asset("guest", "payloads")
@@ -44,7 +46,6 @@ def build_payloads(cache: Path | None = None, src_dir: Path = PAYLOAD_SRC,
     ``headers``: an installed kernel header tree (``make headers_install``) for payloads
     that use the booted kernel's UAPI (KVM ioctls); default: the host's /usr/include.
     """
-    from vtdx.host.qemu import cache_dir
 
     if shutil.which(cc) is None:
         raise VtdxError(f"{cc} not found: the in-guest payloads need a C compiler "
@@ -125,8 +126,6 @@ def kernel_headers(src: Path, cache: Path | None = None) -> Path:
     """The UAPI headers of a kernel tree (``make headers``, cached): the directory to pass
     as ``build_payloads(headers=...)``. Payloads then see the booted kernel's KVM ABI, not
     the host distribution's older one."""
-    from vtdx.host.kernel import kernel_version
-    from vtdx.host.qemu import cache_dir
 
     src = src.resolve()
     if not (src / "Makefile").is_file() or not (src / "include" / "uapi").is_dir():

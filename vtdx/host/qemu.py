@@ -101,10 +101,10 @@ def _apt_entries(sources_dir: Path, sources_list: Path) -> list[tuple[str, list[
     for f in lists:
         if not f.is_file():
             continue
-        for line in f.read_text(errors="replace").splitlines():
-            line = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
-            if len(line) >= 3 and line[0] == "deb":
-                entries.append((line[1], [line[2]]))
+        for text in f.read_text(errors="replace").splitlines():
+            words = re.sub(r"\[[^]]*\]", " ", text.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb":
+                entries.append((words[1], [words[2]]))
     return entries
 
 

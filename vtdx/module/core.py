@@ -23,7 +23,6 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
 
 from vtdx.abi import leaves as lv
 from vtdx.abi import status as st
@@ -47,8 +46,6 @@ _ALLOWED_BEFORE_READY = frozenset(int(x) for x in lv.ALLOWED_BEFORE_READY)
 _LP_SHUTDOWN = int(lv.Leaf.TDH_SYS_LP_SHUTDOWN)
 _OPERAND_INVALID_RAX = st.TDX_OPERAND_INVALID + st.OPERAND_ID_RAX
 
-#: The callback shape of ``add_observer`` (lp, leaf, inputs, outputs, seconds).
-Observer = Callable[[int, int, Regs, Regs, float], None]
 
 
 class TdxModule:
@@ -75,7 +72,6 @@ class TdxModule:
         self._ids = itertools.count(1)
         #: Unexpected exceptions inside handlers (model bugs); the call still returns a status.
         self.internal_errors: deque[str] = deque(maxlen=32)
-        self._observers: dict[Observer, Callable[[CallObserved], None]] = {}
         self._table: dict[int, LeafSpec] = leaf_table()
         #: All model state, named after the module's global data (tdx_global_data_t, reached
         #: through get_global_data() in the module); replaced as a whole by ``reset``.
@@ -148,21 +144,6 @@ class TdxModule:
         """shared_hpa_check_with_pwr_2_alignment() in helpers.c (there is no SEAMRR in RAM)."""
         return (pa & (align - 1)) == 0 and pa < self.max_pa and (
             self.hkid_of(pa) < self.profile.tdx_keyid_start)
-
-    # -- observers (compatibility shape over ``events``) -------------------------------------
-    def add_observer(self, cb: Observer) -> None:
-        """``cb(lp, leaf, inputs, outputs, seconds)`` after every call; prefer subscribing
-        to ``CallObserved`` on ``events``."""
-        def adapter(ev: CallObserved) -> None:
-            cb(ev.lp, ev.leaf, ev.inp, ev.out, ev.seconds)
-
-        self._observers[cb] = adapter
-        self.events.subscribe(CallObserved, adapter)
-
-    def remove_observer(self, cb: Observer) -> None:
-        adapter = self._observers.pop(cb, None)
-        if adapter is not None:
-            self.events.unsubscribe(CallObserved, adapter)
 
     # -- entry point -----------------------------------------------------------------------
     def seamcall(self, lp: int, regs: Regs) -> Regs:

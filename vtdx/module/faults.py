@@ -24,18 +24,22 @@ class FaultRuleInfo(TypedDict):
     count: int | None
     probability: float
     lps: list[int] | None
+    after: int
     fired: int
 
 
 @dataclass(slots=True)
 class FaultRule:
-    """Inject ``status`` into calls of ``leaf`` (None = any leaf) on ``lps`` (None = any)."""
+    """Inject ``status`` into calls of ``leaf`` (None = any leaf) on ``lps`` (None = any),
+    once ``after`` matching calls have run normally (e.g. fail the second TD's creation)."""
 
     status: int
     leaf: int | None = None
     count: int | None = None
     probability: float = 1.0
     lps: frozenset[int] | None = None
+    after: int = 0
+    passed: int = 0
     fired: int = 0
     id: int = 0
 
@@ -46,7 +50,8 @@ class FaultRule:
         return {
             "id": self.id, "status": self.status, "leaf": self.leaf, "count": self.count,
             "probability": self.probability,
-            "lps": sorted(self.lps) if self.lps is not None else None, "fired": self.fired,
+            "lps": sorted(self.lps) if self.lps is not None else None, "after": self.after,
+            "fired": self.fired,
         }
 
 
@@ -65,13 +70,18 @@ class FaultInjector:
         self.active = bool(self.rules)
 
     def add(self, status: int, leaf: int | None = None, *, count: int | None = None,
-            probability: float = 1.0, lps: set[int] | frozenset[int] | None = None) -> int:
-        """Add a rule; returns its id. ``count`` None = unlimited."""
+            probability: float = 1.0, lps: set[int] | frozenset[int] | None = None,
+            after: int = 0) -> int:
+        """Add a rule; returns its id. ``count`` None = unlimited; the first ``after``
+        matching calls run normally."""
         if not 0.0 <= probability <= 1.0:
             raise ValueError("probability must be within [0, 1]")
+        if after < 0:
+            raise ValueError("after must be >= 0")
         with self._lock:
             rule = FaultRule(status & MASK64, leaf, count, probability,
-                             frozenset(lps) if lps is not None else None, id=self._next_id)
+                             frozenset(lps) if lps is not None else None, after,
+                             id=self._next_id)
             self._next_id += 1
             self.rules.append(rule)
             self.active = True
@@ -99,6 +109,9 @@ class FaultInjector:
         with self._lock:
             for rule in self.rules:
                 if not rule.matches(lp, leaf):
+                    continue
+                if rule.passed < rule.after:
+                    rule.passed += 1
                     continue
                 if rule.probability < 1.0 and self._rng.random() >= rule.probability:
                     continue

@@ -323,6 +323,7 @@ FaultRuleInfo = TypedDict("FaultRuleInfo", {
     "count": int | None,
     "probability": float,
     "lps": list[int] | None,
+    "after": int,
     "fired": int,
     "status-name": str,
     "leaf-name": NotRequired[str],

@@ -217,22 +217,81 @@ def matches(
     return True
 
 
-def read_trace(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Records of a trace file; a torn last line (run still writing) is skipped."""
+def _parse_line(raw: bytes, path: str | os.PathLike[str], lineno: int) -> dict[str, Any]:
+    """One complete trace line as a record; VtdxError (one line) for anything else."""
     try:
-        f = open(path, encoding="utf-8")  # noqa: SIM115
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        rec = None
+    if not isinstance(rec, dict) or "leaf" not in rec or "seq" not in rec:
+        what = "binary data" if b"\0" in raw or not raw.isascii() else "not a SEAMCALL record"
+        raise VtdxError(f"{path}: not a vtdx SEAMCALL trace (line {lineno}: {what})")
+    return rec
+
+
+def read_trace(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Records of a trace file; a torn last line (run still writing) is skipped. A file that
+    is not a trace (binary, some other text) raises VtdxError naming the first bad line."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115
     except OSError as e:
-        raise VtdxError(f"cannot read trace {path}: {e.strerror}") from e
+        raise VtdxError(f"cannot read trace {path}: {e.strerror}") from None
     with f:
-        for line in f:
-            if not line.endswith("\n"):
+        for lineno, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
                 break
-            try:
-                rec = json.loads(line)
-            except ValueError:
+            if line.strip():
+                yield _parse_line(line, path, lineno)
+
+
+def follow_trace(path: str | os.PathLike[str], *, poll: float = 0.2,
+                 wait: Callable[[float], None] = time.sleep,
+                 on_wait: Callable[[], None] | None = None,
+                 ) -> Iterator[dict[str, Any] | None]:
+    """Every record of a run's trace, old and new, as the run writes them (``tail -f``);
+    one ``None`` marks the point where the records already written end.
+
+    Waits for the file to appear while its directory exists (``on_wait`` is called once
+    then). The file stays open, so when the run ends and removes its directory the records
+    written last are still read; the iterator then ends. A file outside a run directory
+    (a saved trace) is followed until the caller stops.
+    """
+    p = Path(path)
+    announced = False
+    while True:
+        try:
+            f = open(p, "rb")  # noqa: SIM115
+            break
+        except FileNotFoundError:
+            if not p.parent.is_dir():
+                raise VtdxError(f"no trace at {p}: {p.parent} does not exist "
+                                "(the run is over, or not a run directory)") from None
+            if on_wait is not None and not announced:
+                on_wait()
+                announced = True
+            wait(poll)
+        except OSError as e:
+            raise VtdxError(f"cannot read trace {p}: {e.strerror}") from None
+    with f:
+        buf = b""
+        lineno = 0
+        caught_up = False
+        while True:
+            chunk = f.read()
+            if chunk:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    lineno += 1
+                    if line.strip():
+                        yield _parse_line(line + b"\n", p, lineno)
                 continue
-            if isinstance(rec, dict):
-                yield rec
+            if not caught_up:
+                caught_up = True
+                yield None
+            if not p.exists():  # the run ended and removed it: what was written is read
+                return
+            wait(poll)
 
 
 def reg_in(rec: dict[str, Any], name: str) -> int:

@@ -214,4 +214,7 @@ FEATURES: dict[str, str] = {
 PROFILES: dict[str, dict[str, object]] = {
     "default": {},
     "dpamt": {"generation": "dpamt", "dynamic_pamt": True, "demote_nointerrupt": True},
+    # Platforms that lack what Linux needs; the kernel refuses TDX the way it would on hardware.
+    "no-movdir64b": {"movdir64b": False},
+    "one-keyid": {"tdx_keyids": 1},
 }

@@ -186,7 +186,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def serve(args: argparse.Namespace, ready: Callable[[], None] | None = None) -> None:
-    """Run a daemon until SIGTERM/SIGINT (prints ``ready`` once listening)."""
+    """Run a daemon until SIGTERM/SIGINT/SIGHUP (prints ``ready`` once listening); the socket
+    is removed and the RAM file unmapped on the way out."""
     from vtdx.platform.memory import GuestRam
     from vtdx.units import parse_size
 
@@ -194,7 +195,7 @@ async def serve(args: argparse.Namespace, ready: Callable[[], None] | None = Non
     ram = GuestRam(args.ram, profile.ram)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         async with Daemon(args.socket, profile, make_backend(args.backend, profile, ram)):

@@ -149,7 +149,8 @@ class Call:
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> Call:
         v = CALL.unpack_from(data)
-        return cls(v[1], v[2], Regs(*v[3:3 + NREGS]), *v[3 + NREGS:], kind=Kind(v[0]))
+        rflags, rip, rsp, cr3 = v[3 + NREGS:]
+        return cls(v[1], v[2], Regs(*v[3:3 + NREGS]), rflags, rip, rsp, cr3, Kind(v[0]))
 
 
 def pack_ret(seq: int, regs: Regs, result: Result = Result.VMSUCCEED,

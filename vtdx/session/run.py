@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import threading
 import time
@@ -19,12 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from vtdx.abi.leaves import Leaf
+from vtdx.abi.leaves import Leaf, leaf_name
 from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
+from vtdx.host import initramfs, payloads
 from vtdx.module import TdxModule
 from vtdx.module.stats import CallStats
+from vtdx.observe.qmp.commands import parse_status
+from vtdx.observe.trace import parse_leaf
 from vtdx.platform.profile import GiB, KiB, MiB, Profile
+from vtdx.session.machine import Machine, Terminated, on_signals
 from vtdx.units import format_size
 
 #: A TDX host is an Intel machine: with TCG's default (AMD) vendor the kernel never sets
@@ -56,10 +61,44 @@ TDX_REFUSAL = re.compile(
     _TS + r"(virt/tdx: (?:initialization failed: .*|.* is required for TDX|"
     r"TDX not supported by the host platform|TDX-Module initialization failed.*|"
     r"module not loaded|SEAMCALL .*failed.*))$")
-PANIC = re.compile(_TS + r"(Kernel panic - not syncing.*|Oops: .*|BUG: .*|"
-                   r"general protection fault.*|WARNING: CPU: .*|kernel BUG at .*)")
+#: A line that ends the kernel (the run stops waiting for the init script).
+FATAL = re.compile(_TS + r"(Kernel panic - not syncing.*|Oops: .*|"
+                   r"general protection fault.*|kernel BUG at .*)")
+#: The first line of a kernel report that something is wrong: WARN_ON (and KVM_BUG_ON,
+#: TDX_BUG_ON), BUG_ON, lockdep ("WARNING: possible circular locking dependency detected"),
+#: DEBUG_ATOMIC_SLEEP ("BUG: sleeping function called from invalid context"), DEBUG_LIST
+#: (its WARN), UBSAN, an oops. A run or a test fails on any such report unless expected.
+SPLAT = re.compile(_TS + r"((?:WARNING|BUG|UBSAN|KASAN): .*|Oops: .*|kernel BUG at .*|"
+                   r"general protection fault.*|Kernel panic - not syncing.*)")
+#: The line that closes a report (lib/bug.c, kernel/panic.c: "---[ end trace <id> ]---").
+SPLAT_END = re.compile(r"---\[ end (?:trace|Kernel panic)")
+#: Lines kept per report (header, registers, call trace).
+SPLAT_LINES = 60
 RESULT = re.compile(r"VTDX-RESULT (\w+)=(.*)$")
 POWER_DOWN = re.compile(_TS + r"reboot: (Power down|Restarting system)")
+
+
+@dataclass
+class Splat:
+    """One kernel report (WARNING/BUG/oops...): its first line and the lines that follow."""
+
+    header: str
+    lines: list[str] = field(default_factory=list)
+    closed: bool = False
+    expected: bool = False
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def split_splats(lines: list[str], expect: tuple[str, ...] = ()) -> list[Splat]:
+    """The kernel reports in console ``lines``; ``expect`` regexes mark the ones a test or a
+    run declared expected (a pattern found anywhere in the report's text)."""
+    log = ConsoleLog(expect=expect)
+    for line in lines:
+        log.feed(line)
+    return log.splats
 
 
 @dataclass
@@ -72,12 +111,17 @@ class ConsoleLog:
     pamt_kb: int | None = None
     keyid_range: tuple[int, int] | None = None
     refusals: list[str] = field(default_factory=list)
+    #: Why the kernel died: the first line of the report the fatal line belongs to.
     panic: str | None = None
     powered_off: bool = False
+    #: Regexes of kernel reports that are expected (``vtdx run --expect-warn``).
+    expect: tuple[str, ...] = ()
+    splats: list[Splat] = field(default_factory=list)
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\r\n")
         self.lines.append(line)
+        self._feed_splat(line)
         if m := RESULT.search(line):
             self.results[m[1]] = m[2].strip()
         elif TDX_OK.search(line):
@@ -88,10 +132,40 @@ class ConsoleLog:
             self.keyid_range = (int(m[1]), int(m[2]))
         elif m := TDX_REFUSAL.search(line):
             self.refusals.append(m[1])
-        elif (m := PANIC.search(line)) and self.panic is None:
-            self.panic = m[1]
+        elif (m := FATAL.search(line)) and self.panic is None:
+            open_ = self.splats[-1] if self.splats and not self.splats[-1].closed else None
+            self.panic = open_.header if open_ is not None else m[1]
         elif POWER_DOWN.search(line):
             self.powered_off = True
+
+    def _feed_splat(self, line: str) -> None:
+        cur = self.splats[-1] if self.splats and not self.splats[-1].closed else None
+        m = SPLAT.search(line)
+        # An oops right after the BUG: line that explains it is one report, not two.
+        if m and not (cur is not None and FATAL.search(line)):
+            if cur is not None:
+                self._close(cur)
+            self.splats.append(Splat(m[1], [line]))
+            return
+        if cur is None:
+            return
+        cur.lines.append(line)
+        if SPLAT_END.search(line) or len(cur.lines) >= SPLAT_LINES or RESULT.search(line):
+            self._close(cur)
+
+    def _close(self, splat: Splat) -> None:
+        splat.closed = True
+        splat.expected = any(re.search(p, splat.text) for p in self.expect)
+
+    @property
+    def unexpected_splats(self) -> list[Splat]:
+        out = []
+        for s in self.splats:
+            if not s.closed:  # still streaming: judge what arrived so far
+                s.expected = any(re.search(p, s.text) for p in self.expect)
+            if not s.expected:
+                out.append(s)
+        return out
 
     @property
     def done(self) -> bool:
@@ -104,7 +178,72 @@ class ConsoleLog:
         return self.refusals[0] if self.refusals else None
 
 
-# --- SEAMCALL accounting ----------------------------------------------------------------------
+# --- options -----------------------------------------------------------------------------------
+
+#: The in-guest checks guest/initramfs/init knows.
+CHECKS = ("tdx", "hotplug", "kvm", "none")
+
+
+def check_mem(mem: int, option: str) -> None:
+    """A guest RAM size vtdx can give a machine, else VtdxError naming ``option``."""
+    if mem < 256 * MiB:
+        raise VtdxError(f"{option} {format_size(mem)}: need at least 256M")
+    # Guest-physical addresses stop below the keyid bits (Profile.hkid_start_bit); q35 puts
+    # RAM beyond 3 GiB above 4 GiB, so the top of RAM is about mem + 1 GiB.
+    top = 1 << Profile().hkid_start_bit
+    if mem > top - 4 * GiB:
+        raise VtdxError(f"{option} {format_size(mem)}: at most {format_size(top - 4 * GiB)} "
+                        f"(the platform's physical addresses end at {format_size(top)}, "
+                        "below the keyid bits)")
+
+
+@dataclass(frozen=True)
+class InjectRule:
+    """``--inject STATUS[:LEAF][:lp=N][:count=N|all][:after=N]``: the fields of the pytest
+    marker's ``Fault`` (vtdx.harness.vm), armed in the module before the kernel starts.
+    ``count`` calls of LEAF (on LP ``lp``) return STATUS once ``after`` matching calls
+    succeeded."""
+
+    status: int
+    leaf: int | None = None
+    count: int | None = 1
+    lp: int | None = None
+    after: int = 0
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> InjectRule:
+        parts = [p.strip() for p in text.split(":")]
+        bad = f"--inject {text!r}: "
+        try:
+            status = parse_status(parts[0])
+        except VtdxError as e:
+            raise VtdxError(bad + str(e)) from None
+        kw: dict[str, Any] = {}
+        for part in parts[1:]:
+            key, eq, value = part.partition("=")
+            try:
+                if not eq and "leaf" not in kw:
+                    kw["leaf"] = parse_leaf(part)
+                elif key in ("lp", "after"):
+                    kw[key] = int(value, 0)
+                elif key == "count":
+                    kw["count"] = None if value == "all" else int(value, 0)
+                else:
+                    raise VtdxError(f"unknown field {part!r} (use lp=, count=, after=)")
+            except ValueError:
+                raise VtdxError(bad + f"{key}={value!r} is not a number") from None
+            except VtdxError as e:
+                raise VtdxError(bad + str(e)) from None
+        rule = cls(status, text=text, **kw)
+        if (rule.count is not None and rule.count < 1) or rule.after < 0 or (
+                rule.lp is not None and rule.lp < 0):
+            raise VtdxError(bad + "count must be >= 1 (or all), after >= 0, lp >= 0")
+        return rule
+
+    def arm(self, module: TdxModule) -> None:
+        lps = {self.lp} if self.lp is not None else None
+        module.faults.add(self.status, self.leaf, count=self.count, lps=lps, after=self.after)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -128,6 +267,26 @@ class RunOptions:
     stream: bool = True
     #: Keep the SEAMCALL trace (JSON lines) here after the run; `vtdx trace FILE` reads it.
     save_trace: Path | None = None
+    #: Kernel reports (WARNING/BUG...) matching one of these regexes do not fail the run.
+    expect_warn: tuple[str, ...] = ()
+    #: Module faults armed before the kernel starts.
+    inject: tuple[InjectRule, ...] = ()
+    #: Extra QEMU arguments, appended last.
+    qemu_args: tuple[str, ...] = ()
+    #: QEMU gdbstub on 127.0.0.1:PORT.
+    gdb: int | None = None
+    #: Stay up after boot until stopped (Ctrl-C, SIGTERM) or the guest powers off.
+    keep: bool = False
+    #: Host files or directories put into the guest: (source, absolute guest path).
+    put: tuple[tuple[Path, str], ...] = ()
+    #: An interactive shell in the guest on this terminal (implies ``keep``): stdin is the
+    #: guest's ttyS0 input, the console is passed through byte by byte.
+    shell: bool = False
+
+    @property
+    def own_initrd(self) -> bool:
+        """A user's initramfs: no vtdx init, so the kernel's TDX lines are the verdict."""
+        return self.initrd is not None
 
     def validate(self) -> None:
         if not self.kernel.is_file():
@@ -142,8 +301,7 @@ class RunOptions:
             raise VtdxError(f"--kernel-src {self.kernel_src}: not a kernel tree")
         if not 1 <= self.smp <= 64:
             raise VtdxError(f"--smp {self.smp}: must be 1..64")
-        if self.mem < 256 * MiB:
-            raise VtdxError(f"--mem {format_size(self.mem)}: need at least 256M")
+        check_mem(self.mem, "--mem")
         if self.tdx_keyids is not None:
             base = Profile()
             room = (1 << base.keyid_bits) - 1 - base.mktme_keyids
@@ -152,6 +310,27 @@ class RunOptions:
                                 f"({base.keyid_bits} keyid bits, {base.mktme_keyids} MKTME keyids)")
         if self.timeout <= 0:
             raise VtdxError("--timeout must be positive")
+        unknown = [c for c in self.checks.split(",") if c.strip() not in CHECKS]
+        if unknown or not self.checks.strip():
+            raise VtdxError(f"--checks {self.checks}: unknown check(s) "
+                            f"{', '.join(repr(c) for c in unknown) or 'none given'}; "
+                            f"valid: {', '.join(CHECKS)}")
+        if self.shell and self.own_initrd:
+            raise VtdxError("--shell needs vtdx's initramfs (its init offers the shell); "
+                            "drop --initrd")
+        for src, dest in self.put:
+            if not src.exists():
+                raise VtdxError(f"--put {src}: no such file or directory")
+            if not dest.startswith("/") or ".." in dest.split("/") or dest.rstrip("/") == "":
+                raise VtdxError(f"--put {src}={dest}: the guest path must be absolute, "
+                                "e.g. /root/tools")
+        if self.gdb is not None and not 1 <= self.gdb <= 65535:
+            raise VtdxError(f"--gdb {self.gdb}: a TCP port is 1..65535")
+        for pat in self.expect_warn:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise VtdxError(f"--expect-warn {pat!r}: not a regular expression ({e})") from None
 
     def profile(self) -> Profile:
         over: dict[str, Any] = {"movdir64b": self.movdir64b}
@@ -166,7 +345,48 @@ class RunOptions:
     def cmdline(self) -> str:
         extra = self.append.strip()
         checks = "" if "vtdx.checks=" in extra else f" vtdx.checks={self.checks}"
-        return f"{BASE_APPEND}{checks} {extra}".strip()
+        keep = " vtdx.shell=1" if self.shell else " vtdx.keep=1" if self.keep else ""
+        kvm = " kvm_intel.tdx=1" if "kvm" in self.checks.split(",") and \
+            "kvm_intel.tdx=" not in extra else ""
+        return f"{BASE_APPEND}{checks}{kvm}{keep} {extra}".strip()
+
+    def initramfs(self) -> Path:
+        """The user's --initrd, or vtdx's (with the KVM payload when ``kvm`` is checked)."""
+        rd = self.initrd if self.initrd is not None else initramfs.ensure_initramfs()
+        if "kvm" in self.checks.split(",") and self.initrd is None:
+            if self.kernel_src is None:
+                raise VtdxError("--checks kvm: the KVM payload is built against the kernel's "
+                                "UAPI headers: pass --kernel-src DIR (default kernel: its "
+                                "source)")
+            headers = payloads.kernel_headers(self.kernel_src)
+            kvm = payloads.build_payloads(headers=headers)["kvm-tdx"]
+            rd = initramfs.with_files(rd, {"vtdx/bin/kvm-tdx": kvm}, tag="kvm")
+        if self.put:
+            rd = initramfs.with_files(rd, self.put_files(), tag="put")
+        return rd
+
+    def put_files(self) -> dict[str, bytes]:
+        """--put as {guest path without the leading /: contents}; a directory recursively."""
+        files: dict[str, bytes] = {}
+        for src, dest in self.put:
+            dest = dest.strip("/")
+            try:
+                if src.is_dir():
+                    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+                        files[f"{dest}/{f.relative_to(src).as_posix()}"] = f.read_bytes()
+                else:
+                    files[dest] = src.read_bytes()
+            except OSError as e:
+                raise VtdxError(f"--put {src}: {e.strerror}") from None
+        total = sum(len(b) for b in files.values())
+        if total > self.mem // 4:
+            raise VtdxError(f"--put: {total >> 20} MiB does not fit a guest with "
+                            f"{format_size(self.mem)} of RAM (the initramfs lives in RAM)")
+        return files
+
+    def extra_qemu_args(self) -> list[str]:
+        gdb = ["-gdb", f"tcp:127.0.0.1:{self.gdb}"] if self.gdb is not None else []
+        return [*gdb, *self.qemu_args]
 
 
 @dataclass
@@ -190,15 +410,43 @@ class RunResult:
 
 
 def judge(console: ConsoleLog, pamt_module_kb: int | None, timed_out: bool,
-          qemu_rc: int | None) -> tuple[int, str]:
-    """(exit code, one-line verdict) from what the guest printed and the module's state."""
+          qemu_rc: int | None, own_initrd: bool = False) -> tuple[int, str]:
+    """(exit code, one-line verdict) from what the guest printed and the module's state.
+
+    With a user's own initramfs (no vtdx init, no ``VTDX-RESULT`` lines) the kernel's own
+    TDX lines decide: "TDX-Module initialized" and its PAMT size, or its refusal line."""
     if console.panic:
         return EXIT_FAILED, f"kernel crashed: {console.panic}"
+    splats = console.unexpected_splats
+    if splats:
+        more = f" (and {len(splats) - 1} more report(s))" if len(splats) > 1 else ""
+        return EXIT_FAILED, f"kernel reported a bug: {splats[0].header}{more}"
+    if own_initrd:
+        if console.tdx_initialized or console.refusals:
+            return _judge_tdx(console, pamt_module_kb)
+        if timed_out:
+            return EXIT_FAILED, "timed out before the kernel printed a TDX line"
+        why = f"QEMU exited with status {qemu_rc}" if qemu_rc else "QEMU exited"
+        return EXIT_FAILED, f"{why} before the kernel printed a TDX line"
     if timed_out:
         return EXIT_FAILED, "timed out before the guest powered off"
     if not console.done:
         why = f"QEMU exited with status {qemu_rc}" if qemu_rc else "QEMU exited"
         return EXIT_FAILED, f"{why} before the guest's init finished"
+    code, verdict = _judge_tdx(console, pamt_module_kb)
+    if code != EXIT_OK:
+        return code, verdict
+    r = console.results
+    bad = [k for k, v in r.items() if v == "failed" or v.startswith("unsupported")]
+    if r.get("hotplug_tdx_errors", "0") != "0":
+        bad.append(f"hotplug_tdx_errors={r['hotplug_tdx_errors']}")
+    if bad:
+        return EXIT_FAILED, f"in-guest check failed: {', '.join(bad)}"
+    return code, verdict
+
+
+def _judge_tdx(console: ConsoleLog, pamt_module_kb: int | None) -> tuple[int, str]:
+    """The verdict of the kernel's TDX lines."""
     if not console.tdx_initialized:
         reason = console.refusal_reason or "no TDX message from the kernel (TDX host code absent?)"
         return EXIT_TDX_REFUSED, f"kernel refused TDX: {reason}"
@@ -207,19 +455,11 @@ def judge(console: ConsoleLog, pamt_module_kb: int | None, timed_out: bool,
     if pamt_module_kb != console.pamt_kb:
         return EXIT_FAILED, (f"PAMT mismatch: kernel allocated {console.pamt_kb} KB, "
                              f"vtdx accounts {pamt_module_kb} KB")
-    r = console.results
-    bad = [k for k, v in r.items() if v == "failed" or v.startswith("unsupported")]
-    if r.get("hotplug_tdx_errors", "0") != "0":
-        bad.append(f"hotplug_tdx_errors={r['hotplug_tdx_errors']}")
-    if bad:
-        return EXIT_FAILED, f"in-guest check failed: {', '.join(bad)}"
     return EXIT_OK, f"TDX-Module initialized, PAMT {console.pamt_kb} KB matches vtdx"
 
 
 def summarize(res: RunResult, opts: RunOptions) -> str:
     """The human summary printed after the console."""
-    from vtdx.abi.leaves import leaf_name
-
     snap = res.snapshot
     word = {EXIT_OK: "PASS", EXIT_TDX_REFUSED: "TDX REFUSED"}.get(res.exit_code, "FAIL")
     lines = [f"vtdx run: {word}: {res.verdict}",
@@ -264,6 +504,12 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
                      "(kernel CONFIG_NR_CPUS or maxcpus= too small?)")
     if res.diagnostics:
         lines.append("  vtdx:      " + "\n             ".join(res.diagnostics[-12:]))
+    for sp in res.console.splats:
+        tag = "expected (--expect-warn)" if sp.expected else "FAILS the run"
+        lines.append(f"  kernel report, {tag}:")
+        lines += ["    " + ln for ln in sp.lines[:25]]
+        if len(sp.lines) > 25:
+            lines.append(f"    ... ({len(sp.lines) - 25} more lines)")
     return "\n".join(lines)
 
 
@@ -316,53 +562,108 @@ def _first_callers(machine: Any) -> dict[int, str]:
 async def run_async(opts: RunOptions, out: TextIO | None,
                     machine_factory: Callable[..., Any] | None = None) -> RunResult:
     """Boot once; the Machine context manager stops QEMU and the daemon and removes the run
-    directory whatever happens (timeout, panic, Ctrl-C)."""
-    from vtdx.host import initramfs
+    directory whatever happens (timeout, panic, Ctrl-C, SIGTERM, SIGHUP: the last two raise
+    ``Terminated`` once everything is cleaned up)."""
+    with on_signals() as caught:
+        try:
+            return await _run_async(opts, out, machine_factory)
+        except asyncio.CancelledError:
+            if caught:
+                raise Terminated(caught[0]) from None
+            raise
 
+
+async def _run_async(opts: RunOptions, out: TextIO | None,
+                     machine_factory: Callable[..., Any] | None) -> RunResult:
     opts.validate()
-    initrd = opts.initrd or initramfs.ensure_initramfs()
-    if machine_factory is None:
-        from vtdx.session.machine import Machine
-
-        machine_factory = Machine
-    console = ConsoleLog()
+    initrd = opts.initramfs()
+    factory: Callable[..., Any] = machine_factory or Machine
+    console = ConsoleLog(expect=tuple(opts.expect_warn))
     finished = asyncio.Event()
     backends: list[_Recorder] = []
 
     def backend(profile: Profile, memory: Any) -> _Recorder:
         module = TdxModule(profile, memory)
+        for rule in opts.inject:
+            rule.arm(module)
         backends.append(_Recorder(module))
         return backends[-1]
 
+    echo = [out is not None and opts.stream and not opts.shell]
+
+    def on_output(data: bytes) -> None:  # --shell: the terminal sees what the guest sends
+        if out is None:
+            return
+        try:
+            buffer = getattr(out, "buffer", None)
+            if buffer is not None:
+                out.flush()
+                buffer.write(data)
+                buffer.flush()
+            else:
+                out.write(data.decode(errors="replace"))
+                out.flush()
+        except (OSError, ValueError):
+            pass
+
     def on_console(line: str) -> None:
         console.feed(line)
-        if out is not None and opts.stream:
-            out.write(line + "\n")
-            out.flush()
-        if console.done or console.panic or console.powered_off:
+        if echo[0] and out is not None:
+            try:
+                out.write(line + "\n")
+                out.flush()
+            except (OSError, ValueError):  # terminal gone (SIGHUP), pipe closed: keep running
+                echo[0] = False
+        decided = console.tdx_initialized and console.pamt_kb is not None or console.refusals
+        if console.done or console.panic or console.powered_off or (
+                opts.own_initrd and decided):
             finished.set()
 
     timed_out = False
     t0 = time.monotonic()
-    async with machine_factory(
+    async with factory(
         opts.kernel, initrd=initrd, append=opts.cmdline(), smp=opts.smp, mem=opts.mem,
         profile=opts.profile(), backend=backend, on_console=on_console, cpu=CPU_MODEL,
-        vmlinux=opts.vmlinux, save_trace=opts.save_trace,
+        vmlinux=opts.vmlinux, save_trace=opts.save_trace, extra_args=opts.extra_qemu_args(),
+        console_input=opts.shell, on_output=on_output if opts.shell else None,
     ) as machine:
-        if out is not None and getattr(machine, "inspect", None) is not None:
-            # Where to attach while it runs: `vtdx console`, qmp-shell, `vtdx trace`.
-            out.write(f"vtdx: QMP (vtdx) {machine.vtdx_qmp_path}\n"
-                      f"vtdx: QMP (QEMU) {machine.qmp_path}\n")
-            out.flush()
+        def say(*lines: str) -> None:
+            if out is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    end = "\r\n" if opts.shell else "\n"  # the terminal may be raw already
+                    out.write("".join(f"vtdx: {ln}{end}" for ln in lines))
+                    out.flush()
+
+        # Where to attach while it runs: `vtdx console`, qmp-shell, `vtdx trace`.
+        where = [f"run directory {machine.run_dir}"]
+        if getattr(machine, "inspect", None) is not None:
+            where += [f"QMP (vtdx) {machine.vtdx_qmp_path}", f"QMP (QEMU) {machine.qmp_path}"]
+        if opts.gdb is not None:
+            where.append(f"gdb stub on 127.0.0.1:{opts.gdb} "
+                         f"(gdb vmlinux -ex 'target remote :{opts.gdb}')")
+        say(*where)
         exited = asyncio.ensure_future(machine.qemu.wait())
         seen = asyncio.ensure_future(finished.wait())
         try:
             await asyncio.wait({exited, seen}, timeout=opts.timeout,
                                return_when=asyncio.FIRST_COMPLETED)
-            if not exited.done():
+            if (opts.keep or opts.shell) and seen.done() and not exited.done() \
+                    and not console.panic:
+                if not opts.shell:
+                    say(f"machine kept up (--keep): run directory {machine.run_dir}; "
+                        f"stop it with Ctrl-C or `kill {os.getpid()}`")
+                try:
+                    await asyncio.wait({exited})
+                except asyncio.CancelledError:  # the way a kept machine is stopped
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()
+            elif not exited.done() and not opts.own_initrd:
                 # Done/panic seen: give the guest a moment to power off or finish its trace.
                 grace = 1.0 if console.panic else 10.0
                 await asyncio.wait({exited}, timeout=grace)
+            elif not exited.done():
+                await asyncio.sleep(1.0)  # the kernel's TDX lines decided: let the trace settle
             timed_out = not (exited.done() or seen.done())
         finally:
             seen.cancel()
@@ -379,7 +680,10 @@ async def run_async(opts: RunOptions, out: TextIO | None,
     rec = backends[0] if backends else None
     snapshot, pamt_bytes = rec.state() if rec else ({}, 0)
     pamt_kb = pamt_bytes // KiB if snapshot.get("tdmrs") else None
-    code, verdict = judge(console, pamt_kb, timed_out, qemu_rc)
+    code, verdict = judge(console, pamt_kb, timed_out, qemu_rc, opts.own_initrd)
+    qemu_err = [ln for ln in diagnostics if ln.startswith("qemu: ")]
+    if code == EXIT_FAILED and qemu_rc and qemu_err and not console.done:
+        verdict += f" ({qemu_err[-1]})"  # QEMU's own reason (bad option, bad image...)
     if rec:
         diagnostics += [f"module: {e.strip().splitlines()[-1]}"
                         for e in rec.module.internal_errors]

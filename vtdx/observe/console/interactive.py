@@ -105,7 +105,7 @@ async def _watch_connection(client: QMPClient, cli: _Cli) -> None:
     await cli.flush()
 
 
-class _Cli(aioconsole.AsynchronousCli):  # type: ignore[misc]
+class _Cli(aioconsole.AsynchronousCli):
     """aioconsole's CLI with the console's commands and, on a terminal, readline input."""
 
     def __init__(self, cmds: ConsoleCommands, client: QMPClient, history: Path | None,
