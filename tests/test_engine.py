@@ -152,6 +152,8 @@ def test_accept_4k_zeroes_pending_page(ram) -> None:
     level as operand."""
     rig = GuestRig(ram, T_ACCEPT_4K)
     ex = rig.enter()
+    while ex.reason == EXIT_TIME_SLICE:     # a loaded host may end the first slice early
+        ex = rig.enter()
     assert ex.reason == EXIT_EPT_VIOLATION and ex.gpa == ACCEPT_4K_GPA
     assert ex.ext_qualification == accept_eeq(LEVEL_4K, LEVEL_4K, SEPT_FREE, False)
     assert ex.ext_qualification & 0xF == EEQ_ACCEPT and ex.qualification == 2
