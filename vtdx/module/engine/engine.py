@@ -225,7 +225,7 @@ class TdVcpuEngine:
         self._fatal: EngineUnsupported | None = None    # raised by run() after the stop
 
         # Typed as Any: unicorn's stubs lack the 2.1 ctl_* methods used here.
-        uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
         self.uc = uc
         self._uch = uc._uch
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -290,7 +290,7 @@ class TdVcpuEngine:
     def rdmsr(self, index: int) -> int:
         self._msr.rid = index
         uclib.uc_reg_read(self._uch, X.UC_X86_REG_MSR, ctypes.byref(self._msr))
-        return self._msr.value
+        return int(self._msr.value)
 
     _GPR_IDS = {"rax": X.UC_X86_REG_RAX, "rcx": X.UC_X86_REG_RCX, "rdx": X.UC_X86_REG_RDX,
                 "rbx": X.UC_X86_REG_RBX, "rsp": X.UC_X86_REG_RSP, "rbp": X.UC_X86_REG_RBP,
@@ -477,9 +477,7 @@ class TdVcpuEngine:
             if self._stop_reason == "slice":
                 return TdExit(EXIT_TIME_SLICE)
             self._apply_flushes()
-            self._exit = None
-            self._event = None
-            self._trap_rip_advance = 0
+            self._clear_outcome()
             err: UcError | None = None
             start = self.rip
             try:
@@ -521,6 +519,13 @@ class TdVcpuEngine:
             if not budgeted:
                 raise EngineUnsupported(f"unicorn stopped at {self.rip:#x} for no known reason")
             return TdExit(EXIT_TIME_SLICE)          # the instruction budget ran out
+
+    def _clear_outcome(self) -> None:
+        """Forget the previous emu_start's outcome; the hooks set it again (a method, so
+        type narrowing does not assume the hooks leave it unset)."""
+        self._exit = None
+        self._event = None
+        self._trap_rip_advance = 0
 
     def _ended_on_hlt(self) -> bool:
         """Stock unicorn returns from emu_start after HLT without saying so. Without a
@@ -878,7 +883,7 @@ class TdVcpuEngine:
 
     def close(self) -> None:
         self.watchdog.disarm(self)
-        self.uc = None  # type: ignore[assignment]
+        self.uc = None
 
 
 class _Undeliverable(Exception):
