@@ -6,7 +6,8 @@ loop (``KvmHost.run``: OTHER_SMI re-entry, EPT violation -> SEPT.ADD + PAGE.AUG 
 BLOCK/TRACK/DEMOTE split, TDVMCALL replies); the guest is the kvm-td payload's own TD guest
 (vtdx/guest/tdguest) or the engine's assembled test guest, executed by the module's TD vCPU
 engine on host RAM backed by a file as QEMU's is. Each status is checked against the
-tdx-module (1.5.06) source file it follows; every test ends with the model's invariants.
+tdx-module (1.5.06) source file it follows; every test ends with KVM's teardown, after which
+the model's invariants hold, no TD is left and every PAMT entry is PT_NDA again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.host.payloads import TDGUEST_IMAGE_SIZE, build_tdguest
 from vtdx.module.engine.exits import EXIT_OTHER_SMI, EXIT_TDCALL
+from vtdx.module.pamt import PT_NDA, PT_RSVD
 from vtdx.testing import td_test_guest as tg
 from vtdx.testing.invariants import check_invariants
 from vtdx.testing.td_host import (
@@ -57,6 +59,13 @@ def world(tmp_path: Path) -> World:
     return make_world(dpamt=False, mem=12 * GiB, ram_file=tmp_path / "ram")
 
 
+@pytest.fixture(params=[False, True], ids=["static-pamt", "dynamic-pamt"])
+def any_world(request: pytest.FixtureRequest, tmp_path: Path) -> World:
+    """With Dynamic PAMT KVM backs every control and guest page with TDH.PHYMEM.PAMT.ADD
+    (td_host's tdx_pamt_get/put) and DEMOTE takes the page pair in R12/R13."""
+    return make_world(dpamt=request.param, mem=12 * GiB, ram_file=tmp_path / "ram")
+
+
 def _build_td(w: World, pages: dict[int, bytes], nr_vcpus: int, init_rcx: int,
               max_vcpus: int = 2, finalize: bool = True) -> tuple[Td, list[Vcpu], SharedEpt]:
     """KVM_TDX_INIT_VM, INIT_VCPU per vCPU (vCPU i on LP i), INIT_MEM_REGION of ``pages``,
@@ -81,6 +90,10 @@ def _teardown_clean(w: World, td: Td) -> None:
     assert not problems, problems
     assert not w.module.gd.tds
     assert not w.module.internal_errors, w.module.internal_errors[-1]
+    pamt = w.module.pamt
+    left = [(lvl, idx, e.pt) for lvl in (0, 1, 2) for idx, e in pamt.entries(lvl).items()
+            if e.pt not in (PT_NDA, PT_RSVD)]
+    assert left == [] and not pamt.nodes, left[:5]
 
 
 class Vmm:
@@ -178,7 +191,7 @@ def _run_all(w: World, td: Td, vcpus: list[Vcpu], vmm: Vmm) -> list[dict[int, in
 
 @pytest.mark.parametrize("nr_vcpus", [1, 2])
 @pytest.mark.parametrize("premap_2m", [False, True], ids=["4k", "2m-split"])
-def test_td_guest_runs_to_completion(world: World, image: bytes, nr_vcpus: int,
+def test_td_guest_runs_to_completion(any_world: World, image: bytes, nr_vcpus: int,
                                      premap_2m: bool) -> None:
     """The kvm-td TD guest from the reset vector to its PASS: TDG.VP.INFO and TDG.VM.RD
     checks, ACCEPT of memory KVM maps on EPT violations, MapGPA to shared and back with the
@@ -186,7 +199,7 @@ def test_td_guest_runs_to_completion(world: World, image: bytes, nr_vcpus: int,
     one PENDING 2 MB page before the run: the guest's 4 KB ACCEPT exits with the ACCEPT
     extended qualification (tdg_mem_page_accept.c; level 0 wanted, level 1 found) and KVM
     splits it with BLOCK, TRACK, DEMOTE (tdh_mem_page_demote.c) before the ACCEPT retries."""
-    w = world
+    w = any_world
     td, vcpus, ept = _build_td(w, _config_image(image, nr_vcpus), nr_vcpus, IMAGE_GPA)
     if premap_2m:
         w.host.aug(td, 0, level=1)
@@ -204,6 +217,8 @@ def test_td_guest_runs_to_completion(world: World, image: bytes, nr_vcpus: int,
     calls = collections.Counter(r.rax & 0xFFFF for _, r, _ in w.host.log)
     if premap_2m:
         assert calls[Leaf.TDH_MEM_PAGE_DEMOTE] == 1
+    if w.module.dynamic_pamt_enabled:
+        assert calls[Leaf.TDH_PHYMEM_PAMT_ADD] > 0
     # the vCPUs ran in the module: each engine counted the exits KVM saw
     m = w.module
     for v in vcpus:
