@@ -370,3 +370,41 @@ def test_inspection_and_trace_show_the_td_vcpus(world: World) -> None:
     assert last["exit-reason"] == "TDCALL" and last["ok"]
     assert last["status-name"].endswith("exit TDCALL")
     _teardown_clean(w, td)
+
+
+def _paused(w: World, lp: int, leaf: int, regs: Regs) -> tuple[object, threading.Thread]:
+    """Run ``leaf`` on ``lp`` and hold it at its "locked" control point (all its TDX locks
+    taken, nothing committed)."""
+    pause = w.control.pause(lp=lp, leaf=leaf, point="locked")
+    t = threading.Thread(target=w.module.seamcall, args=(lp, regs))
+    t.start()
+    assert pause.wait_paused(5)
+    return pause, t
+
+
+def test_vp_enter_busy_on_contention(world: World) -> None:
+    """TDH.MEM.TRACK paused on another LP holds the TD epoch lock exclusive: VP.ENTER fails
+    in helpers.c adjust_tlb_tracking_state with TDX_OPERAND_BUSY | TD_EPOCH, and enters once
+    TRACK is done. A paused TDH.VP.RD holds the TDVPR shared, which VP.ENTER also takes
+    shared (tdh_vp_enter.c check_and_lock_explicit_4k_private_hpa): no conflict."""
+    w = world
+    h = w.host
+    td, (v,) = _test_guest_td(w, tg.T_BOOT)
+    busy = st.TDX_OPERAND_BUSY
+    cases = [(1, Leaf.TDH_MEM_TRACK, Regs(rax=Leaf.TDH_MEM_TRACK, rcx=td.tdr),
+              busy | st.OPERAND_ID_TD_EPOCH)]
+    for lp, leaf, regs, want in cases:
+        pause, t = _paused(w, lp, leaf, regs)
+        try:
+            assert h.vp_enter(v).rax == want
+        finally:
+            pause.resume()  # type: ignore[attr-defined]
+            t.join(5)
+    pause, t = _paused(w, 1, Leaf.TDH_VP_RD, Regs(rax=Leaf.TDH_VP_RD, rcx=v.tdvpr, rdx=0x2))
+    try:
+        assert h.vp_enter(v).rax == EXIT_TDCALL
+    finally:
+        pause.resume()  # type: ignore[attr-defined]
+        t.join(5)
+    assert h.vp_enter(v, Regs()).rax in (EXIT_TDCALL, EXIT_OTHER_SMI)
+    _teardown_clean(w, td)
