@@ -408,3 +408,16 @@ def test_vp_enter_busy_on_contention(world: World) -> None:
         t.join(5)
     assert h.vp_enter(v, Regs()).rax in (EXIT_TDCALL, EXIT_OTHER_SMI)
     _teardown_clean(w, td)
+
+
+def test_console_lists_td_vcpus(world: World) -> None:
+    """The console's `tds` table has a row per TD vCPU with its state, LPs, RIP and exits."""
+    from vtdx.observe.console.format import fmt_tds
+    from vtdx.observe.inspect import Inspector
+
+    w = world
+    td, (v,) = _test_guest_td(w, tg.T_BOOT)
+    w.host.vp_enter(v)
+    text = fmt_tds(Inspector.attach(w.module).tds())
+    assert "TDCALL:1" in text and "READY" in text and "guest RIP" in text, text
+    _teardown_clean(w, td)
