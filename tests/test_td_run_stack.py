@@ -76,6 +76,11 @@ def test_kvm_td_payload_runs_its_td_to_pass(tdx_vm, nr_vcpus: int) -> None:
     reasons = collections.Counter(r.get("exit-reason") for r in enters)
     assert reasons["TDCALL"] > 0 and reasons["EPT_VIOLATION"] > 0, reasons
     assert {r["lp"] for r in enters} <= set(range(2))
+    # KVM's EPT-violation path maps memory at run time: SEPT.ADD for the missing S-EPT
+    # levels and PAGE.AUG, after the first VP.ENTER (INIT_MEM_REGION's SEPT.ADDs came before).
+    first_enter = enters[0]["seq"]
+    late_sept = [r for r in recs if r["name"] == "TDH.MEM.SEPT.ADD" and r["seq"] > first_enter]
+    assert late_sept and all("tdx_sept" in " ".join(r.get("stack") or []) for r in late_sept)
     augs = _callers(recs, "TDH.MEM.PAGE.AUG")
     assert augs and all("tdx_sept_set_private_spte" in c for c in augs), augs[:3]
     # MapGPA to shared zaps the private page: BLOCK, TRACK, REMOVE.
