@@ -484,6 +484,9 @@ class GuestRig:
         self.shared_ept = SharedEpt(td)
         self.shared_hpa = td.alloc()
         self.shared_ept.map(td.config.shared_bit | SHARED_GPA, self.shared_hpa)
+        # Slices of half a second unless a test asks otherwise: a loaded host must not end
+        # the slice before the exit a test waits for (tests of slices set their own).
+        engine_kw.setdefault("slice_seconds", 0.5)
         self.engine = TdVcpuEngine(ram, td, vcpu_index=0, init_rcx=rcx_high | routine,
                                    **engine_kw)  # type: ignore[arg-type]
         self.engine.shared_eptp = self.shared_ept.eptp

@@ -406,7 +406,10 @@ class TdVcpuEngine:
                 return False
             first = self._stop_reason is None
             self._stop_reason = "slice"
-        uclib.uc_emu_stop(self._uch)
+            # Under the lock: run() starts the next entry under it too, so a stop meant for
+            # this entry can never land in the next one (where it would have no reason).
+            # A stop after this entry's emulation returned is ignored by unicorn.
+            uclib.uc_emu_stop(self._uch)
         return first
 
     def _apply_flushes(self) -> None:
