@@ -26,6 +26,7 @@ from vtdx.abi.regs import Regs
 from vtdx.module import TdxModule
 from vtdx.platform.memory import SparseMemory
 from vtdx.platform.profile import Profile, Region
+from vtdx.testing.race_loop import lp0_steps, lp1_steps
 from vtdx.testing.seamscript import BARRIER, CONCURRENT, WAIT_GO, Recorder, Script
 from vtdx.testing.td_host import KvmHost, PageAllocator
 
@@ -214,3 +215,30 @@ def record_race(order: str) -> Race:
         retry = first + 2
     script = rec.script()
     return Race(order, script, m, td.tdr, sept_page, add_pair, seq_demote, seq_add, retry)
+
+
+@dataclass
+class RaceLoop:
+    """The seed's two calls in a loop (vtdx/testing/race_loop.py) after the race's set-up."""
+
+    script: Script
+    tdr: int
+
+
+def record_race_loop() -> RaceLoop:
+    """The set-up of ``record_race`` recorded; then LOOP records: LP0 DEMOTE/BLOCK/TRACK/
+    PROMOTE/BLOCK/TRACK of the 2MB page, LP1 PAMT.ADD/PAMT.REMOVE of A1's 2MB range."""
+    w = ScenarioWorld()
+    h, rec = w.host, w.rec
+    td = h.init_vm(w.hkid)
+    h.init_vcpu(td, 0, 0)
+    h.finalize(td)
+    h.aug(td, RACE_GPA, level=1, hpa=GUEST_2M_HPA)
+    h.block_track(td, RACE_GPA, level=1)
+    sept_page = h.control_page()
+    add_pair = (h.alloc.page(), h.alloc.page())
+    for regs in lp0_steps(td.tdr, RACE_GPA, sept_page, (DPAMT_A1, DPAMT_B1)):
+        rec.add_loop(0, regs)
+    for regs in lp1_steps(PAMT_ADD_PA, add_pair):
+        rec.add_loop(1, regs)
+    return RaceLoop(rec.script(), td.tdr)

@@ -160,7 +160,7 @@ def replay(runtime: QemuRuntime, elf: Path, script: Script, *,
            arm: Callable[[TdxModule], None] | None = None, host: Host | None = None,
            inspect: Callable[[TdxModule, GuestRam], dict[str, object]] | None = None,
            reference: TdxModule | None = None, profile: Profile | None = None,
-           timeout: float = 60) -> StackRun:
+           timeout: float = 60, append: str = "") -> StackRun:
     """Boot the test guest with ``script`` in its RAM and the daemon's module armed.
 
     ``arm`` runs on the daemon's module before QEMU starts (pauses); ``host`` runs in a
@@ -181,7 +181,8 @@ def replay(runtime: QemuRuntime, elf: Path, script: Script, *,
         return module
 
     async def run() -> StackRun:
-        async with Machine(elf, append=f"smp={SMP} test=script", smp=SMP, mem=MEM,
+        async with Machine(elf, append=f"smp={SMP} test=script {append}".strip(), smp=SMP,
+                           mem=MEM,
                            profile=profile or stack_profile(), backend=backend,
                            runtime=runtime, extra_args=testguest.EXIT_DEVICE) as m:
             assert m.ram is not None and m.daemon is not None

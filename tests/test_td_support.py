@@ -44,10 +44,11 @@ class World:
 
 
 def make_world(*, dpamt: bool = True, smp: int = 4, mem: int = 24 * GiB,
-               ram_file: Path | None = None) -> World:
+               generation: str = "1.5", ram_file: Path | None = None) -> World:
     """``ram_file``: back the host RAM with this (sparse) file as QEMU's memory backend
     does, so TDs can run (the TD vCPU engine maps it); otherwise in-memory pages."""
-    p = Profile.from_vm(smp, mem, dynamic_pamt=dpamt, demote_nointerrupt=True)
+    p = Profile.from_vm(smp, mem, dynamic_pamt=dpamt, demote_nointerrupt=True,
+                        generation=generation)
     memory: PhysMemory
     if ram_file is not None:
         with open(ram_file, "wb") as f:

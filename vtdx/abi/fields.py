@@ -5,7 +5,8 @@ element size code (size = 1 << code bytes), 37:34 last element in field, 46:38 l
 sequence, 49:47 reserved, 50 inc size, 51 write-mask valid, 54:52 context code (0 = SYS,
 1 = TD, 2 = VP), 55 reserved, 61:56 class code, 62 reserved, 63 non-architectural.
 Global field ids and shapes from intel/tdx-module include/auto_gen/global_sys_fields_lookup.c;
-MAX_VCPUS_PER_TD (0x9900000100000008) from Linux 7.3 tdx_global_metadata.c (newer module).
+MAX_VCPUS_PER_TD (0x9900000100000008) from Linux 7.3 tdx_global_metadata.c (1.5.06 and later);
+PAMT_PAGE_BITMAP_ENTRY_BITS (0x9100000100000013, 16-bit) as the Dynamic PAMT kernel reads it.
 """
 
 from __future__ import annotations
@@ -102,10 +103,12 @@ GLOBAL_FIELDS: tuple[FieldDef, ...] = (
     FieldDef("PAMT_4K_ENTRY_SIZE", 0x9100000100000010),
     FieldDef("PAMT_2M_ENTRY_SIZE", 0x9100000100000011),
     FieldDef("PAMT_1G_ENTRY_SIZE", 0x9100000100000012),
-    FieldDef("PAMT_PAGE_BITMAP_ENTRY_BITS", 0x9100000000000013),
+    FieldDef("PAMT_PAGE_BITMAP_ENTRY_BITS", 0x9100000100000013),
     FieldDef("TDR_BASE_SIZE", 0x9800000100000000),
     FieldDef("TDCS_BASE_SIZE", 0x9800000100000100),
+    FieldDef("TDCS_SIZE_PER_L2_VM", 0x9800000100000101),
     FieldDef("TDVPS_BASE_SIZE", 0x9800000100000200),
+    FieldDef("TDVPS_SIZE_PER_L2_VM", 0x9800000100000201),
     FieldDef("ATTRIBUTES_FIXED0", 0x1900000300000000),
     FieldDef("ATTRIBUTES_FIXED1", 0x1900000300000001),
     FieldDef("XFAM_FIXED0", 0x1900000300000002),

@@ -21,11 +21,14 @@ from pathlib import Path
 
 from vtdx.errors import VtdxError
 from vtdx.host import kernel as kernel_build
-from vtdx.session.run import CHECKS, InjectRule, RunOptions
+from vtdx.platform.profile import PROFILES as PLATFORMS
+from vtdx.session.run import CHECKS, InjectRule, PauseRule, RunOptions
 from vtdx.session.run import run as run_vm
 from vtdx.units import parse_size
 
-PROFILES = ("default", "no-movdir64b", "one-keyid")
+#: Named platforms (vtdx.platform.profile.PROFILES) and two that lack what Linux needs.
+LACKING = ("no-movdir64b", "one-keyid")
+PROFILES = (*PLATFORMS, *LACKING)
 
 
 def options(args: argparse.Namespace) -> RunOptions:
@@ -60,7 +63,18 @@ def options(args: argparse.Namespace) -> RunOptions:
                       save_trace=args.save_trace, expect_warn=tuple(args.expect_warn),
                       inject=tuple(InjectRule.parse(t) for t in args.inject),
                       qemu_args=tuple(args.qemu_arg), gdb=args.gdb, keep=args.keep,
-                      shell=args.shell, put=tuple(_put(p) for p in args.put))
+                      shell=args.shell, put=tuple(_put(p) for p in args.put),
+                      platform=args.profile if args.profile in PLATFORMS else "default",
+                      features=args.features or "",
+                      pauses=tuple(PauseRule.parse(t) for t in args.pause),
+                      contend=args.contend, serial=args.serial)
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _put(text: str) -> tuple[Path, str]:
@@ -135,7 +149,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checks", default="tdx", metavar="LIST",
                    help=f"in-guest checks, comma separated: {', '.join(CHECKS)} (default: tdx)")
     p.add_argument("--profile", choices=PROFILES, default="default",
-                   help="platform profile: no-movdir64b / one-keyid lack what Linux needs")
+                   help="platform profile: dpamt = Dynamic PAMT module; no-movdir64b / "
+                   "one-keyid lack what Linux needs")
+    p.add_argument("--features", default="", metavar="SPEC",
+                   help="module features on/off, e.g. +dynamic-pamt,-no-rbp-mod")
+    p.add_argument("--pause", action="append", default=[], metavar="RULE",
+                   help="arm a SEAMCALL pause before boot: LEAF[:lp=N][:point=locked]"
+                   "[:nth=N][:until=LEAF][:timeout=S]... (docs/races.md); repeatable")
+    p.add_argument("--contend", type=_seed, default=None, metavar="SEED",
+                   help="contention exploration: seeded varied lock holds; the summary "
+                   "lists every BUSY the kernel got from a held lock")
+    p.add_argument("--serial", action="store_true",
+                   help="no overlap between LPs' SEAMCALLs (deterministic)")
     p.add_argument("--tdx-keyids", type=int, default=None, metavar="N",
                    help="number of TDX private keyids the platform reports (default 16)")
     p.add_argument("--no-movdir64b", action="store_true",

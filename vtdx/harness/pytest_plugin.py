@@ -10,7 +10,9 @@ for a vtdx fixture; without ``--vtdx-kernel`` those tests are skipped.
 Fixtures:
     vtdx_vm    a booted machine (``vtdx.harness.vm.Vm``). Shared by every test of the session that
                asks for the same configuration; ``@pytest.mark.vtdx(...)`` changes it:
-               ``smp=``, ``mem=``, ``append=``, ``faults=[Fault(...)]`` (armed before boot)
+               ``smp=``, ``mem=``, ``append=``, ``faults=[Fault(...)]`` and
+               ``pauses=[Pause(...)]`` (armed before boot), ``profile=``/``features=`` (the
+               platform), ``contend=SEED``/``serial=True`` (module timing, docs/races.md)
                and ``scope="session" | "module" | "function"`` (how long it is reused).
     vtdx_boot  a factory ``vtdx_boot(**same keywords) -> Vm`` for tests that need several
                machines or control over when they boot; each is stopped after the test.
@@ -66,6 +68,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="seconds until the guest agent must answer (default 300)")
     g.addoption("--vtdx-report-lines", metavar="N", type=int, default=40,
                 help="console lines and SEAMCALLs shown for a failed test (default 40)")
+    g.addoption("--vtdx-profile", metavar="NAME", default="default",
+                help="platform profile: default or dpamt (Dynamic PAMT module)")
+    g.addoption("--vtdx-features", metavar="SPEC", default="",
+                help="module features on/off, e.g. +dynamic-pamt,-no-rbp-mod")
+    g.addoption("--vtdx-contend", metavar="SEED", type=int, default=None,
+                help="contention exploration from SEED (docs/races.md)")
+    g.addoption("--vtdx-serial", action="store_true",
+                help="no overlap between LPs' SEAMCALLs (deterministic module timing)")
 
 
 _SPEC = pytest.StashKey["BootSpec | None"]()
@@ -77,8 +87,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "--vtdx-kernel", None) else None
     config.addinivalue_line(
         "markers",
-        "vtdx(smp=, mem=, append=, faults=, scope=, expect_warnings=): the machine the vtdx_vm "
-        "fixture gives this test (faults: vtdx.harness.vm.Fault rules armed before boot; scope: "
+        "vtdx(smp=, mem=, append=, faults=, pauses=, profile=, features=, contend=, serial=, "
+        "scope=, expect_warnings=): the machine the vtdx_vm "
+        "fixture gives this test (faults: vtdx.harness.vm.Fault rules armed before boot; "
+        "pauses: vtdx.harness.vm.Pause control points armed before boot; profile/features: "
+        "the platform; contend=SEED / serial=True: the module timing; scope: "
         "session, module or function; expect_warnings: regexes of kernel WARNING/BUG reports "
         "that do not fail the test, True for any)")
 
@@ -147,9 +160,18 @@ def spec_from_options(config: pytest.Config) -> BootSpec | None:
         check_mem(parse_size(opt("--vtdx-mem")), "--vtdx-mem")
     except VtdxError as e:
         raise pytest.UsageError(str(e)) from None
-    return BootSpec(kernel=kernel, vmlinux=vmlinux, smp=smp, mem=opt("--vtdx-mem"),
+    if opt("--vtdx-serial") and opt("--vtdx-contend") is not None:
+        raise pytest.UsageError("--vtdx-serial and --vtdx-contend exclude each other")
+    spec = BootSpec(kernel=kernel, vmlinux=vmlinux, smp=smp, mem=opt("--vtdx-mem"),
                     append=opt("--vtdx-append"), boot_timeout=opt("--vtdx-boot-timeout"),
-                    kernel_src=kernel_src)
+                    kernel_src=kernel_src, profile=opt("--vtdx-profile"),
+                    features=opt("--vtdx-features"), contend=opt("--vtdx-contend"),
+                    serial=opt("--vtdx-serial"))
+    try:
+        spec.platform()
+    except VtdxError as e:
+        raise pytest.UsageError(str(e)) from None
+    return spec
 
 
 def _customise(base: BootSpec, kw: dict[str, Any]) -> tuple[BootSpec, str]:
@@ -161,8 +183,9 @@ def _customise(base: BootSpec, kw: dict[str, Any]) -> tuple[BootSpec, str]:
         raise pytest.UsageError(f"vtdx marker: scope={scope!r}, use one of {SCOPES}")
     if "append" in kw:
         kw["append"] = f"{base.append} {kw['append']}".strip()
-    if "faults" in kw:
-        kw["faults"] = tuple(kw["faults"])
+    for key in ("faults", "pauses"):
+        if key in kw:
+            kw[key] = tuple(kw[key])
     unknown = set(kw) - {f.name for f in dataclasses.fields(base)}
     if unknown:
         raise pytest.UsageError(f"vtdx marker: unknown keyword(s) {sorted(unknown)}")

@@ -43,9 +43,12 @@ from vtdx.harness.guest_agent import (
 )
 from vtdx.host.payloads import KtapResult, build_payloads, kernel_headers
 from vtdx.module import TdxModule
+from vtdx.module.timing import SERIAL, Explore
 from vtdx.observe.qmp.client import VtdxClient
 from vtdx.observe.qmp.commands import parse_status
-from vtdx.observe.trace import format_record, parse_leaf
+from vtdx.observe.trace import HEADER_KEY, format_record, parse_leaf
+from vtdx.platform.profile import Profile
+from vtdx.units import parse_size
 
 #: Same base as ``vtdx run``: serial console, no hibernation (the kernel refuses TDX while
 #: it is possible), reboot at once on panic (QEMU runs with -no-reboot, so it exits).
@@ -72,6 +75,27 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """A control-point pause armed before the machine boots (``module.control.pause``):
+    the ``nth`` call of ``leaf`` (on ``lp``) stops at ``point`` until resumed
+    (``vm.vtdx.resume(id)``; ids count from 1 in arming order), until a call of ``until``
+    on another LP returned, or ``timeout`` seconds."""
+
+    leaf: int | str | None = None
+    lp: int | None = None
+    point: str = "locked"
+    nth: int = 1
+    until: int | str | None = None
+    timeout: float | None = None
+
+    def arm(self, module: Any) -> None:
+        module.control.pause(
+            self.lp, parse_leaf(self.leaf) if self.leaf is not None else None, self.point,
+            nth=self.nth, until_leaf=parse_leaf(self.until) if self.until is not None else None,
+            timeout_s=self.timeout)
+
+
+@dataclass(frozen=True)
 class BootSpec:
     """Everything that makes two machines different (the pool key for reuse)."""
 
@@ -84,6 +108,18 @@ class BootSpec:
     boot_timeout: float = 300.0
     #: Source tree of the kernel: payloads are built against its UAPI headers (KVM).
     kernel_src: Path | None = None
+    #: Named platform profile (``default``, ``dpamt``) and module feature toggles.
+    profile: str = "default"
+    features: str = ""
+    #: Pauses armed before boot.
+    pauses: tuple[Pause, ...] = ()
+    #: Module timing: contention exploration from this seed, or fully serial; default
+    #: overlap (docs/races.md).
+    contend: int | None = None
+    serial: bool = False
+
+    def platform(self) -> Profile:
+        return Profile.named(self.profile, self.smp, parse_size(self.mem), self.features)
 
     def cmdline(self) -> str:
         return f"{BASE_APPEND} {AGENT_APPEND} {self.append}".strip()
@@ -111,7 +147,9 @@ class TraceView:
         end = data.rfind(b"\n") + 1
         for line in data[:end].splitlines():
             with contextlib.suppress(ValueError):
-                self._records.append(json.loads(line))
+                rec = json.loads(line)
+                if HEADER_KEY not in rec:
+                    self._records.append(rec)
         self._offset += end
         return self._records
 
@@ -189,11 +227,18 @@ class Vm:
             self.module = TdxModule(profile, memory)
             for f in self.spec.faults:
                 f.arm(self.module)
+            for p in self.spec.pauses:
+                p.arm(self.module)
+            if self.spec.serial:
+                self.module.control.set_timing(SERIAL)
+            elif self.spec.contend is not None:
+                self.module.control.set_timing(Explore(seed=self.spec.contend))
             return self.module
 
         self.machine = agent_machine_class()(
             self.spec.kernel, initrd=initrd, append=self.spec.cmdline(), smp=self.spec.smp,
-            mem=self.spec.mem, backend=backend, vmlinux=self.spec.vmlinux)
+            mem=self.spec.mem, backend=backend, vmlinux=self.spec.vmlinux,
+            profile=self.spec.platform())
         try:
             self._call(self.machine.start(), timeout=120)
             self._agent = GuestAgent.connect(self.machine.agent_path)

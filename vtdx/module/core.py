@@ -13,7 +13,9 @@ by ``reset()``. Observation: ``module.events`` (``vtdx.module.events``) and ``mo
 Concurrency: every handler runs holding ``module.cond`` (the module mutex), so model state is
 never torn. TDX-level locks are try-locks taken through the ``CallContext`` and always
 released when the call ends. A control point (``CheckpointReached`` subscriber) may wait on
-``module.cond`` (releasing the mutex) so another LP's SEAMCALL runs and meets those locks.
+``module.cond`` (releasing the mutex) so another LP's SEAMCALL runs and meets those locks:
+pauses and the timing model (``module.control``, ``vtdx.module.timing``) do that. A call
+that fails with BUSY is reported to ``module.contention`` when one is attached.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from collections import deque
 from vtdx.abi import leaves as lv
 from vtdx.abi import status as st
 from vtdx.abi.regs import MASK64, Regs
+from vtdx.module.contention import ContentionLog
 from vtdx.module.context import CallContext, LeafSpec, copy_regs
 from vtdx.module.control import Controller
 from vtdx.module.engine.hostram import HostRam
 from vtdx.module.errors import TdxError
-from vtdx.module.events import CallObserved, EventBus, FaultInjected
+from vtdx.module.events import CallObserved, CheckpointReached, EventBus, FaultInjected
 from vtdx.module.faults import FaultInjector
 from vtdx.module.leaves import leaf_table
 from vtdx.module.locks import LockTable
@@ -61,6 +64,8 @@ class TdxModule:
         self.stats = CallStats()
         #: Control points: pauses and residency time (a ``CheckpointReached`` subscriber).
         self.control = Controller(self.cond, self.events)
+        #: BUSY statuses explained (``vtdx.module.contention``), when attached.
+        self.contention: ContentionLog | None = None
         # Address and size facts of the profile (immutable for the module's life).
         #: MAX_PA: first physical address above the platform's address width.
         self.max_pa = 1 << profile.phys_bits
@@ -73,6 +78,9 @@ class TdxModule:
         #: Unexpected exceptions inside handlers (model bugs); the call still returns a status.
         self.internal_errors: deque[str] = deque(maxlen=32)
         self._table: dict[int, LeafSpec] = leaf_table()
+        #: Leaves the dispatcher lets through with any version (the generation's list in
+        #: tdx_vmm_dispatcher.c); each of them rejects versions it lacks itself.
+        self._multi_version = frozenset(leaf for leaf, v in profile.gen.leaf_versions if v)
         #: All model state, named after the module's global data (tdx_global_data_t, reached
         #: through get_global_data() in the module); replaced as a whole by ``reset``.
         self.gd = ModuleState(profile)
@@ -178,7 +186,8 @@ class TdxModule:
         if rax & _RESERVED_RAX:
             return _OPERAND_INVALID_RAX, False
         spec = self._table.get(leaf)
-        if version and (spec is None or version > spec.max_version):
+        if version and leaf not in self._multi_version and (
+                spec is None or version > spec.max_version):
             return _OPERAND_INVALID_RAX, False
         state = self.gd.sys_state
         if state == SysState.SYS_SHUTDOWN and leaf != _LP_SHUTDOWN:
@@ -204,14 +213,19 @@ class TdxModule:
         lp_state = ctx.lp_state
         lp_state.busy = True
         try:
-            if self.events.checkpoints:
-                ctx.checkpoint("entry")
+            points = self.events.checkpoints
+            if points:
+                entry = CheckpointReached(lp, leaf, "entry", call_id, inp)
+                for point_cb in points:
+                    point_cb(entry)
                 spec.handler(ctx, inp, out)
                 ctx.checkpoint("done")  # committed, locks still held
             else:  # nobody watches control points: no event objects at all
                 spec.handler(ctx, inp, out)
             return ctx.status, False
         except TdxError as e:
+            if self.contention is not None:
+                self.contention.on_busy(call_id, lp, leaf, e.status, inp)
             if e.rcx is not None:
                 out.rcx = e.rcx
             if e.rdx is not None:

@@ -42,12 +42,14 @@ class CallObserved:
 @dataclass(frozen=True, slots=True)
 class CheckpointReached:
     """A call reached a control point: "entry" (nothing locked), "locked" (every check passed,
-    every lock held, nothing committed), "done" (committed, locks still held)."""
+    every lock held, nothing committed), "done" (committed, locks still held). ``inp`` (the
+    caller's registers) comes with "entry" only."""
 
     lp: int
     leaf: int
     point: str
     call_id: int
+    inp: Regs | None = None
 
 
 @dataclass(frozen=True, slots=True)

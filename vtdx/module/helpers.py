@@ -143,26 +143,41 @@ def check_state_map_tdcs_and_lock(ctx: CallContext, td: TdState, op_lock: bool |
         raise TdxError(st.TDX_OP_STATE_INCORRECT)
 
 
-# --- vCPU association -------------------------------------------------------------------------
+# --- vCPU association -----------------------------------------------------------------------
+
+#: vCPU states of TDVPS.MANAGEMENT.STATE (tdx_tdvps.h).
+VCPU_UNINITIALIZED, VCPU_READY, VCPU_ACTIVE, VCPU_DISABLED = 0x0, 0x2, 0x4, 0x8
+
+
+def vcpu_state(vcpu: VcpuState) -> int:
+    """TDVPS.MANAGEMENT.STATE of ``vcpu``: ACTIVE while it runs guest code on some LP."""
+    if not vcpu.initialized:
+        return VCPU_UNINITIALIZED
+    if vcpu.disabled:
+        return VCPU_DISABLED
+    return VCPU_ACTIVE if vcpu.running_lp is not None else VCPU_READY
+
 
 def check_and_associate_vcpu(ctx: CallContext, vcpu: VcpuState, td: TdState,
                              allow_disabled: bool = False) -> None:
-    """check_and_associate_vcpu() + associate_vcpu() of helpers.c.
+    """check_and_associate_vcpu + associate_vcpu (helpers.c 960-1036 of the 1.5 tree).
 
-    The vCPU must be VCPU_READY (initialised by TDH.VP.INIT, not running guest code on some
-    LP, not disabled unless ``allow_disabled``), else TDX_VCPU_STATE_INCORRECT. Then the
-    association: an unassociated vCPU is bound to the calling LP (the module's cmpxchg on
-    TDVPS.ASSOC_LPID, plus TDCS.NUM_ASSOC_VCPUS), one already bound here stays bound, one
-    bound to another LP fails with TDX_VCPU_ASSOCIATED. The association is committed even
-    if the calling leaf fails a later check, as in the module."""
-    if not vcpu.initialized or vcpu.running_lp is not None or (
-            vcpu.disabled and not allow_disabled):
-        raise TdxError(st.TDX_VCPU_STATE_INCORRECT)
+    The vCPU must be READY (initialised by TDH.VP.INIT, not running guest code on some LP
+    -- ACTIVE --, not DISABLED unless ``allow_disabled``): otherwise
+    TDX_VCPU_STATE_INCORRECT, bare in 1.5.x and carrying the state as operand id in 2.0.08
+    (the profile's generation decides). Then the vCPU is bound to the calling LP:
+    associated with another LP -> TDX_VCPU_ASSOCIATED (bare); not associated -> associated
+    with this LP from now on (TDCS.NUM_ASSOC_VCPUS counts it), and the binding stays after
+    the leaf returns, whatever the leaf's later checks say; already associated with this
+    LP -> nothing changes but the LP's current vCPU."""
+    state = vcpu_state(vcpu)
+    if not (state == VCPU_READY or (state == VCPU_DISABLED and allow_disabled)):
+        gen = ctx.module.profile.gen
+        raise TdxError(st.TDX_VCPU_STATE_INCORRECT + (state if gen.vcpu_state_operand else 0))
     if vcpu.associated_lp is not None and vcpu.associated_lp != ctx.lp:
         raise TdxError(st.TDX_VCPU_ASSOCIATED)
-    if vcpu.associated_lp is None:
-        vcpu.associated_lp = ctx.lp
-        ctx.gd.lp_vcpu[ctx.lp] = vcpu.tdvpr_pa
+    vcpu.associated_lp = ctx.lp
+    ctx.gd.lp_vcpu[ctx.lp] = vcpu.tdvpr_pa
 
 
 # --- S-EPT ------------------------------------------------------------------------------------
@@ -229,19 +244,38 @@ def td_handle(ctx: CallContext, rdx: int, exclusive: bool) -> TdState:
     return check_lock_and_map_explicit_tdr(ctx, rdx, st.OPERAND_ID_RDX, exclusive)
 
 
+#: td_handle_and_flags_t (tdx_api_defs.h 1208-1229): bit 0 the flag, 11:1 and 63:52 reserved.
+TD_HANDLE_FLAG = 1
+TD_HANDLE_RESERVED = 0xFFE | (0xFFF << 52)
+
+
+def td_handle_and_flags(ctx: CallContext, rdx: int, exclusive: bool) -> tuple[TdState, bool]:
+    """The RDX of TDH.MEM.SEPT.ADD and TDH.MEM.PAGE.DEMOTE: reserved bits 11:1 and 63:52
+    must be 0 (OPERAND_INVALID | RDX, before the TDR is touched: tdh_mem_sept_add.c 331-336,
+    tdh_mem_page_demote.c 119-124); bit 0 is the leaf's flag (ALLOW_EXISTING /
+    L2_SEPT_ADD_MODE); the TDR is bits 51:12. Returns (td, flag)."""
+    if rdx & TD_HANDLE_RESERVED:
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
+    td = check_lock_and_map_explicit_tdr(ctx, rdx & ~TD_HANDLE_FLAG, st.OPERAND_ID_RDX,
+                                         exclusive)
+    return td, bool(rdx & TD_HANDLE_FLAG)
+
+
 def tlb_tracking_required(td: TdState, state: int) -> bool:
     """Taking ``state`` away needs BLOCK + TRACK first (only once the TD can run)."""
     return state in S.TLB_TRACKING_REQUIRED and td.op_state in TLB_TRACKING_OP_STATES
 
 
 def lock_gpa_entry(ctx: CallContext, rcx: int, rdx: int, leaf: int, min_level: int,
-                   max_level: int | None, tree_lock: bool) -> tuple[TdState, int, S.WalkResult]:
+                   max_level: int | None, tree_lock: bool,
+                   handle_flags: bool = False) -> tuple[TdState, int, S.WalkResult]:
     """How every leaf acting on one S-EPT entry opens, in the module's order: the TD handle
     in RDX (TDR shared), TDCS with OP_STATE shared, page info in RCX (level in
     ``min_level``..``max_level``; None = the TD's S-EPT root level), the S-EPT tree locked
     ``tree_lock`` and walked to that level, then the host-side lock on the entry.
-    Returns (td, level, walk); each leaf then checks the entry state its own way."""
-    td = td_handle(ctx, rdx, SH)
+    Returns (td, level, walk); each leaf then checks the entry state its own way.
+    ``handle_flags``: RDX is a td_handle_and_flags_t (SEPT.ADD, DEMOTE)."""
+    td = td_handle_and_flags(ctx, rdx, SH)[0] if handle_flags else td_handle(ctx, rdx, SH)
     check_state_map_tdcs_and_lock(ctx, td, SH, leaf)
     top = td.sept_root_level if max_level is None else max_level
     gpa, level = verify_page_info_input(rcx, min_level, top)

@@ -18,6 +18,10 @@ from typing import NotRequired, TypedDict
 QMP_SOCKET = "vtdx-qmp.sock"
 #: Event sent for every failed SEAMCALL (rate limited per second, see qmp.events).
 EVENT_SEAMCALL_ERROR = "VTDX_SEAMCALL_ERROR"
+#: Event sent when a SEAMCALL stops at an armed pause (data: ``PauseInfo``).
+EVENT_CALL_PAUSED = "VTDX_SEAMCALL_PAUSED"
+#: Event sent when a paused SEAMCALL goes on (data: ``PauseInfo`` with ``reason``).
+EVENT_CALL_RESUMED = "VTDX_SEAMCALL_RESUMED"
 
 # --------------------------------------------------------------------------- locks
 
@@ -55,6 +59,111 @@ LocksAnswer = TypedDict("LocksAnswer", {
     "waiting-calls": list[InflightCallInfo],
 })
 
+# --------------------------------------------------------------------------- pauses, timing
+
+#: One pause of query-vtdx-pauses (and the answer of vtdx-pause, and the pause events).
+#: ``call``/``call-lp``/``call-leaf`` name the call it stopped (while or after it held it);
+#: ``reason`` says why that call went on: resume, until, timeout, cleared.
+PauseInfo = TypedDict("PauseInfo", {
+    "id": int,
+    "point": str,
+    "lp": int | None,
+    "leaf": str | None,
+    "td": int | None,
+    "gpa": list[int] | None,
+    "hpa": list[int] | None,
+    "nth": int,
+    "once": bool,
+    "until-leaf": str | None,
+    "timeout-s": float | None,
+    "seen": int,
+    "hits": int,
+    "armed": bool,
+    "paused": bool,
+    "call": NotRequired[int],
+    "call-lp": NotRequired[int],
+    "call-leaf": NotRequired[str],
+    "waiting-s": NotRequired[float],
+    "reason": NotRequired[str],
+    "locks": NotRequired[list[str]],
+})
+
+
+class ResumeAnswer(TypedDict):
+    """vtdx-resume and vtdx-pause-clear: how many calls went on / pauses were removed."""
+
+    resumed: int
+    removed: int
+
+
+#: The timing model in force (vtdx.module.timing): ``mode`` serial | overlap | explore.
+TimingInfo = TypedDict("TimingInfo", {
+    "mode": str,
+    "slowdown": NotRequired[float],
+    "seed": NotRequired[int],
+    "p-hold": NotRequired[float],
+    "max-hold-s": NotRequired[float],
+    "p-delay": NotRequired[float],
+    "max-delay-s": NotRequired[float],
+    "chosen": NotRequired[bool],
+    "residency-s": NotRequired[float],
+})
+
+#: One side of a contention: a call (LP, leaf, control point) and its kernel caller.
+class ContentionCall(TypedDict):
+    call: int
+    lp: int
+    leaf: str
+    point: NotRequired[str]
+    caller: NotRequired[str | None]
+
+#: What the caller did after its BUSY: its next call on that LP.
+NextCall = TypedDict("NextCall", {
+    "call": int,
+    "leaf": str,
+    "action": str,  # "retried" | "moved-on"
+    "same-operands": bool,
+    "status": str,
+    "ok": bool,
+})
+
+#: One BUSY a caller got from a lock another call held.
+BusyReport = TypedDict("BusyReport", {
+    "index": int,
+    "call": int,
+    "lp": int,
+    "leaf": str,
+    "status": str,
+    "status-name": str,
+    "operand": NotRequired[str],
+    "lock": str | None,
+    "wanted": NotRequired[str],
+    "held": NotRequired[str],
+    "caller": NotRequired[str | None],
+    "holders": list[ContentionCall],
+    "next": NextCall | None,
+})
+
+#: One row of the contention summary: same leaf, status, lock kind and holder leaf.
+ContentionRow = TypedDict("ContentionRow", {
+    "leaf": str,
+    "status-name": str,
+    "lock": str,
+    "holder-leaf": str,
+    "count": int,
+    "retried": int,
+    "moved-on": int,
+    "callers": list[str],
+})
+
+#: query-vtdx-contention
+class ContentionAnswer(TypedDict):
+    timing: TimingInfo
+    busy: list[BusyReport]
+    summary: list[ContentionRow]
+    total: int
+    dropped: int
+
 # --------------------------------------------------------------------------- status
 
 LpStatus = TypedDict("LpStatus", {
@@ -86,6 +195,9 @@ VtdxStatus = TypedDict("VtdxStatus", {
     "internal-errors": int,
     "seamcalls": NotRequired[int],
     "seamcall-errors": NotRequired[int],
+    "timing": NotRequired[TimingInfo],
+    "profile": NotRequired[str],
+    "features": NotRequired[list[str]],
 })
 
 # --------------------------------------------------------------------------- TDMRs, PAMT
@@ -288,6 +400,7 @@ TraceRecord = TypedDict("TraceRecord", {
     "stack": NotRequired[list[str]],
     "kaslr": NotRequired[str | None],
     "symbolise-error": NotRequired[str],
+    "call": NotRequired[int],
 })
 
 #: Per-leaf figures of query-vtdx-stats (only ``calls`` without a trace recorder).

@@ -24,11 +24,18 @@ from vtdx.abi import status as st
 from vtdx.module import CallObserved, CheckpointReached, TdxModule
 from vtdx.module import pamt as P
 from vtdx.module import sept as SEPT
+from vtdx.module.contention import BusyRecord, ContentionLog
+from vtdx.module.control import POINTS, PauseHandle
 from vtdx.module.engine.exits import exit_reason_name
 from vtdx.module.locks import HeldLock as ModuleHeldLock
 from vtdx.module.locks import septe_key
 from vtdx.module.state import LIFECYCLE_NAMES, OP_STATE_NAMES, TdState, VcpuState
+from vtdx.module.timing import MODES, make_timing
 from vtdx.observe.answers import (
+    BusyReport,
+    ContentionAnswer,
+    ContentionCall,
+    ContentionRow,
     DpamtInfo,
     FaultRuleInfo,
     HeldLock,
@@ -43,10 +50,13 @@ from vtdx.observe.answers import (
     PamtRow,
     PamtSummary,
     PamtSummaryTdmr,
+    PauseInfo,
+    ResumeAnswer,
     SeptAnswer,
     SeptStep,
     TdInfo,
     TdmrInfo,
+    TimingInfo,
     TraceRecord,
     VcpuInfo,
     VtdxStats,
@@ -134,18 +144,22 @@ class Inspector:
         module: TdxModule,
         recorder: TraceRecorder | None = None,
         tracker: InflightTracker | None = None,
+        contention: ContentionLog | None = None,
     ) -> None:
         self.module = module
         self.recorder = recorder
         self.tracker = tracker
+        self.contention = contention
 
     @classmethod
     def attach(cls, module: TdxModule, recorder: TraceRecorder | None = None) -> Inspector:
-        """Subscribe the in-flight tracker (and the trace recorder, if any) to the module."""
+        """Subscribe the in-flight tracker, the contention log (and the trace recorder, if
+        any) to the module."""
         tracker = InflightTracker(module)
         if recorder is not None:
             recorder.attach(module)
-        return cls(module, recorder, tracker)
+        log = module.contention or ContentionLog().attach(module)
+        return cls(module, recorder, tracker, log)
 
     @property
     def lock(self) -> threading.Condition:
@@ -181,7 +195,11 @@ class Inspector:
                 "held-locks": len(m.locks),
                 "fault-rules": len(m.faults.rules),
                 "internal-errors": len(m.internal_errors),
+                "timing": cast(TimingInfo, m.control.describe()),
             }
+            if p.name:
+                out["profile"] = p.name
+            out["features"] = [f"{'+' if on else '-'}{n}" for n, on in p.features.items()]
         if self.recorder is not None:
             s = self.recorder.stats()
             out["seamcalls"] = s["calls"]
@@ -537,3 +555,163 @@ def _vcpu_dict(v: VcpuState) -> VcpuInfo:
             "associated-lp": v.associated_lp, "tdvpx": list(v.tdvpx),
             "state": v.state_name, "running-lp": v.running_lp,
             "rip": eng.rip if ran and eng is not None else None, "exits": exits}
+
+
+# --------------------------------------------------------------------------- pauses
+
+
+def pause_info(h: PauseHandle, locks: list[str] | None = None) -> PauseInfo:
+    """A pause as QMP shows it (leaf names instead of numbers)."""
+    d = cast(PauseInfo, h.info())
+    d["leaf"] = leaves.leaf_name(h.leaf) if h.leaf is not None else None
+    d["until-leaf"] = leaves.leaf_name(h.until_leaf) if h.until_leaf is not None else None
+    if h.paused_leaf is not None:
+        d["call-leaf"] = leaves.leaf_name(h.paused_leaf)
+    if locks is not None:
+        d["locks"] = locks
+    return d
+
+
+class ControlQueries:
+    """Pauses, timing and the contention report of one module (the ``Inspector``'s part
+    that changes what the module does, kept apart from the read-only queries)."""
+
+    def __init__(self, inspector: Inspector) -> None:
+        self.inspector = inspector
+        self.module = inspector.module
+
+    def _locks_of(self, call_id: int | None) -> list[str]:
+        if call_id is None:
+            return []
+        return [d["key"] for d in self.module.locks.snapshot() if call_id in d["owners"]]
+
+    def _info(self, h: PauseHandle) -> PauseInfo:
+        return pause_info(h, self._locks_of(h.paused_call) if h.paused else None)
+
+    def pause(self, point: str = "locked", leaf: int | None = None, lp: int | None = None,
+              td: int | None = None, gpa: tuple[int, int] | None = None,
+              hpa: tuple[int, int] | None = None, nth: int = 1, once: bool = True,
+              until_leaf: int | None = None, timeout: float | None = None) -> PauseInfo:
+        m = self.module
+        if point not in POINTS:
+            raise InspectError(f"unknown control point {point!r} (one of {', '.join(POINTS)})")
+        for what, lf in (("leaf", leaf), ("until-leaf", until_leaf)):
+            if lf is not None and lf not in m.leaves:
+                raise InspectError(f"{what} {lf} is not implemented by the module")
+        if lp is not None and not 0 <= lp < len(m.lps):
+            raise InspectError(f"no such LP: {lp} (the machine has {len(m.lps)})")
+        h = m.control.pause(lp, leaf, point, once, td=td, gpa=gpa, hpa=hpa, nth=nth,
+                            until_leaf=until_leaf, timeout_s=timeout)
+        return self._info(h)
+
+    def pauses(self) -> list[PauseInfo]:
+        with self.module.cond:
+            return [self._info(h) for h in self.module.control.pauses()]
+
+    def _select(self, pause_id: int | None) -> list[PauseHandle]:
+        hs = self.module.control.pauses()
+        if pause_id is None:
+            return hs
+        got = [h for h in hs if h.id == pause_id]
+        if not got:
+            raise InspectError(f"no pause {pause_id} (query-vtdx-pauses lists them)")
+        return got
+
+    def resume(self, id: int | None = None) -> ResumeAnswer:  # noqa: A002 - QMP's name
+        """Let the call paused by ``pause_id`` (or every paused call) go on."""
+        resumed = removed = 0
+        for h in self._select(id):
+            if h.paused:
+                resumed += 1
+                removed += h.once
+                h.resume()
+        return {"resumed": resumed, "removed": removed}
+
+    def pause_clear(self, id: int | None = None) -> ResumeAnswer:  # noqa: A002 - QMP's name
+        """Disarm one pause (or all), releasing a call it holds."""
+        hs = self._select(id)
+        resumed = sum(1 for h in hs if h.paused)
+        for h in hs:
+            h.cancel()
+        return {"resumed": resumed, "removed": len(hs)}
+
+    # -- timing
+
+    def timing(self) -> TimingInfo:
+        return cast(TimingInfo, self.module.control.describe())
+
+    def set_timing(self, mode: str, seed: int | None = None,
+                   slowdown: float | None = None) -> TimingInfo:
+        if mode not in MODES:
+            raise InspectError(f"unknown timing mode {mode!r} (one of {', '.join(MODES)})")
+        if seed is not None and mode != "explore":
+            raise InspectError("'seed' goes with mode=explore")
+        kw: dict[str, Any] = {"seed": seed or 0}
+        if slowdown is not None:
+            kw["slowdown"] = slowdown
+        self.module.control.set_timing(make_timing(mode, **kw))
+        return self.timing()
+
+    # -- contention
+
+    def contention(self, count: int = 100, clear: bool = False) -> ContentionAnswer:
+        log = self.inspector.contention
+        recs = log.snapshot() if log is not None else []
+        out: ContentionAnswer = {
+            "timing": self.timing(),
+            "busy": [self._busy(r) for r in recs[-count:]] if count else [],
+            "summary": summarise(recs, self._caller),
+            "total": len(recs),
+            "dropped": log.dropped if log is not None else 0,
+        }
+        if clear and log is not None:
+            log.clear()
+        return out
+
+    def _caller(self, call_id: int) -> str | None:
+        rec = self.inspector.recorder
+        return rec.caller_of(call_id) if rec is not None else None
+
+    def _busy(self, r: BusyRecord) -> BusyReport:
+        d: BusyReport = {
+            "index": r.index, "call": r.call, "lp": r.lp, "leaf": leaves.leaf_name(r.leaf),
+            "status": f"0x{r.status:x}", "status-name": st.decode(r.status),
+            "lock": str(r.conflict.key) if r.conflict else None,
+            "holders": [], "next": cast(Any, r.next),
+        }
+        v = r.operand_value()
+        if v is not None:
+            d["operand"] = f"0x{v:x}"
+        if r.conflict is not None:
+            d["wanted"], d["held"] = r.conflict.wanted, r.conflict.held
+        d["caller"] = self._caller(r.call)
+        for h in r.holders:
+            c: ContentionCall = {"call": h.call, "lp": h.lp,
+                                 "leaf": leaves.leaf_name(h.leaf) if h.leaf >= 0 else "?",
+                                 "point": h.point, "caller": self._caller(h.call)}
+            d["holders"].append(c)
+        return d
+
+
+def summarise(recs: list[BusyRecord], caller: Any = None) -> list[ContentionRow]:
+    """Rows of equal (leaf, status, lock kind, holder leaf), most frequent first."""
+    rows: dict[tuple[str, str, str, str], ContentionRow] = {}
+    for r in recs:
+        h = r.holders[0] if r.holders else None
+        key = (leaves.leaf_name(r.leaf), st.decode(r.status),
+               r.conflict.key.kind if r.conflict else "?",
+               leaves.leaf_name(h.leaf) if h and h.leaf >= 0 else "?")
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = {"leaf": key[0], "status-name": key[1], "lock": key[2],
+                               "holder-leaf": key[3], "count": 0, "retried": 0,
+                               "moved-on": 0, "callers": []}
+        row["count"] += 1
+        nxt = r.next
+        if nxt is not None:
+            row["retried" if nxt["action"] == "retried" else "moved-on"] += 1
+        if caller is not None and len(row["callers"]) < 4:
+            c = caller(r.call)
+            if c and c not in row["callers"]:
+                row["callers"].append(c)
+    return sorted(rows.values(), key=lambda x: -x["count"])

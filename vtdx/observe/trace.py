@@ -25,6 +25,10 @@ from vtdx.module import CallObserved, TdxModule
 from vtdx.module.engine.exits import exit_reason_name
 
 TRACE_FILE = "trace.jsonl"
+#: The trace's first line: ``{"vtdx-header": {"profile", "features", "timing"}}`` -- what
+#: platform and timing the records were made under. Readers skip it.
+HEADER_KEY = "vtdx-header"
+HEADER_PREFIX = b'{"vtdx-header"'
 
 #: (rip, rsp, cr3) of the vCPU that issued the call being observed, if the daemon knows it.
 CpuContext = Callable[[int], "tuple[int, int, int] | None"]
@@ -84,6 +88,22 @@ class TraceRecorder:
         self.module: TdxModule | None = None
         self._attached = False
 
+    def write_header(self, header: dict[str, Any]) -> None:
+        """The first line of the trace file (see ``HEADER_KEY``); once, before any record."""
+        with self._lock:
+            if self._file is not None and self._file.tell() == 0:
+                self._file.write(json.dumps({HEADER_KEY: header}, separators=(",", ":"))
+                                 + "\n")
+
+    def caller_of(self, call_id: int) -> str | None:
+        """The kernel caller of a recent call (by the module's call id), if symbolised."""
+        with self._lock:
+            for rec in reversed(self._ring):
+                if rec.get("call") == call_id:
+                    caller = rec.get("caller")
+                    return str(caller) if caller is not None else None
+        return None
+
     def attach(self, module: TdxModule) -> TraceRecorder:
         """Record every call ``module`` answers from now on (once; returns self)."""
         if not self._attached:
@@ -101,6 +121,7 @@ class TraceRecorder:
     def on_call(self, ev: CallObserved) -> None:
         """The ``CallObserved`` subscriber."""
         rec = self.record(ev.lp, ev.leaf, ev.inp, ev.out, ev.seconds, injected=ev.injected)
+        rec["call"] = ev.call_id
         with self._lock:
             rec["seq"] = next(self._seq)
             self._ring.append(rec)
@@ -240,7 +261,7 @@ def read_trace(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         for lineno, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 break
-            if line.strip():
+            if line.strip() and not (lineno == 1 and line.startswith(HEADER_PREFIX)):
                 yield _parse_line(line, path, lineno)
 
 
@@ -283,7 +304,7 @@ def follow_trace(path: str | os.PathLike[str], *, poll: float = 0.2,
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
                     lineno += 1
-                    if line.strip():
+                    if line.strip() and not (lineno == 1 and line.startswith(HEADER_PREFIX)):
                         yield _parse_line(line + b"\n", p, lineno)
                 continue
             if not caught_up:

@@ -54,6 +54,88 @@ def q35_ram_layout(mem_bytes: int) -> tuple[Region, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Generation:
+    """What one public tdx-module tree reports and does where the trees differ.
+
+    The model follows exactly one tree per generation (docs/conformance.md names the file
+    and lines per leaf). Values a kernel can observe: the version (Linux prints it as
+    "Module version"), TDX_FEATURES0 as the tree's metadata_sys.c sets it (before the
+    profile's feature toggles), the TD control-structure sizes KVM derives its TDCX/TDVPX
+    page counts from, the TD vCPU limit, and which statuses carry an operand id.
+    """
+
+    name: str
+    #: The tree followed: repository, version and commit.
+    tree: str
+    major: int
+    minor: int
+    update: int
+    #: TDX_FEATURES0 as the tree sets it (metadata_sys.c, md_sys_get_elements).
+    features0: int
+    #: MIN_NUM_TDCS_PAGES (td_control_structures.h) -> TDCS_BASE_SIZE = pages * 4K.
+    tdcs_pages: int
+    #: MIN_TDVPS_PAGES (tdx_tdvps.h) -> TDVPS_BASE_SIZE = pages * 4K.
+    tdvps_pages: int
+    #: MAX_VCPUS_PER_TD (td_control_structures.h), SYS.RD 0x9900000100000008.
+    max_vcpus_per_td: int
+    #: CONFIG_FLAGS_FIXED0 (bits of TD_PARAMS.CONFIG_FLAGS the tree accepts).
+    config_flags_fixed0: int
+    #: TDX_VCPU_STATE_INCORRECT from check_and_associate_vcpu / VP.INIT carries the vCPU
+    #: state as operand id (helpers.c of 2.0.08) or is bare (1.5.x).
+    vcpu_state_operand: bool
+    #: Highest version the dispatcher accepts per leaf number (tdx_vmm_dispatcher.c);
+    #: leaves not named accept version 0 only.
+    leaf_versions: tuple[tuple[int, int], ...]
+    #: NUM_CMRS reads MAX_CMR (32) whatever the platform has (metadata_sys.c 143-146 of the
+    #: 1.5 tree); False: the number of CMRs (2.0.08's metadata_sys.c was not read).
+    num_cmrs_is_max: bool = False
+    #: TDH.VP.INIT version 1 with a duplicate x2APIC id leaves NUM_VCPUS incremented (the
+    #: 1.5 tree returns X2APIC_ID_NOT_UNIQUE without undoing the increment it made for the
+    #: vCPU index; 2.0.08 undoes it).
+    x2apic_dup_keeps_vcpu_count: bool = False
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        return self.major, self.minor, self.update
+
+    @property
+    def version_string(self) -> str:
+        """As Linux prints it (TDX_VERSION_FMT "%u.%u.%02u")."""
+        return f"{self.major}.{self.minor}.{self.update:02d}"
+
+    def max_version(self, leaf: int) -> int:
+        return dict(self.leaf_versions).get(leaf, 0)
+
+
+#: TDX_FEATURES0 of 1.5.06: the 1.5.01 set (td_migration, td_preserving, service_td,
+#: tdg_vp_rdwr, relaxed_mem_mng_concurrency, cpuid_virt_guest_ctrl, td_partitioning,
+#: td_entry_enhancements, host_priority_locks, config_ia32_arch_cap,
+#: pending_ept_violation_v2, fms_config, no_rbp_mod, l2_tlb_invd_opt; local_attestation
+#: off: no SEAMVERIFYREPORT) plus topology_enum, icssd, fixed_ctr12_prof, maxpa_virt and
+#: cpuid2_virt (bits 20, 25, 26, 27, 29).
+_FEATURES0_1_5_06 = 0x2E1F0EBF
+
+# Leaf numbers of the multi-version leaves (vtdx.abi.leaves.Leaf; plain ints here to keep
+# the profile free of module imports): MEM.SEPT.ADD 3, MNG.RD 11, VP.INIT 22,
+# MEM.PAGE.PROMOTE 23, VP.RD 26, MEM.SEPT.REMOVE 30, SYS.INIT 33.
+_V1_COMMON = ((3, 1), (11, 1), (22, 1), (23, 1), (26, 1), (30, 1))
+
+GENERATIONS: dict[str, Generation] = {
+    "1.5": Generation(
+        name="1.5", tree="intel/tdx-module 1.5.06 (commit 1e636985)",
+        major=1, minor=5, update=6, features0=_FEATURES0_1_5_06,
+        tdcs_pages=6, tdvps_pages=6, max_vcpus_per_td=576, config_flags_fixed0=0x7,
+        vcpu_state_operand=False, leaf_versions=_V1_COMMON, num_cmrs_is_max=True,
+        x2apic_dup_keeps_vcpu_count=True),
+    "dpamt": Generation(
+        name="dpamt", tree="intel/tdx-module 2.0.08 (commit 1666adc4, Dynamic PAMT)",
+        major=2, minor=0, update=8, features0=_FEATURES0_1_5_06,
+        tdcs_pages=9, tdvps_pages=6, max_vcpus_per_td=1376, config_flags_fixed0=0x1F,
+        vcpu_state_operand=True, leaf_versions=(*_V1_COMMON, (33, 1))),
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     """Everything that differs between two virtual TDX platforms."""
 
@@ -81,9 +163,9 @@ class Profile:
     no_rbp_mod: bool = True
     topology_enum: bool = True
     sys_disable: bool = True
-    td_preserving: bool = False
-    #: Module identity and limits reported through TDH.SYS.RD.
-    module_version: tuple[int, int, int] = (1, 5, 16)
+    td_preserving: bool = True
+    #: Module identity and limits reported through TDH.SYS.RD (the version, the
+    #: control-structure sizes and MAX_VCPUS_PER_TD are the generation's, see ``gen``).
     build_num: int = 0
     build_date: int = 20260101
     max_tdmrs: int = 64
@@ -91,16 +173,12 @@ class Profile:
     #: Bytes per PAMT entry at 4K/2M/1G (the module's pamt_entry_t is 16 bytes).
     pamt_entry_sizes: tuple[int, int, int] = (16, 16, 16)
     pamt_bitmap_entry_bits: int = 4
-    max_vcpus_per_td: int = 576
-    #: Sizes of TD control structures (bytes); KVM derives its TDCX/TDVPX page counts from them.
+    #: Size of the TDR (bytes); TDCS/TDVPS sizes come from the generation.
     tdr_base_size: int = 4096
-    tdcs_base_size: int = 4 * 4096
-    tdvps_base_size: int = 6 * 4096
     attributes_fixed0: int = 0x0000_0000_5000_0001
     attributes_fixed1: int = 0
     xfam_fixed0: int = 0x0006_1AE7
     xfam_fixed1: int = 0x3
-    config_flags_fixed0: int = 0x7
     config_flags_fixed1: int = 0
     #: CPUID family/model/stepping per package (CPUID.1.EAX); Sapphire Rapids by default.
     cpu_fms: int = 0x000806F8
@@ -163,8 +241,39 @@ class Profile:
         return min(lp // self.lps_per_package, self.num_packages - 1)
 
     @property
+    def gen(self) -> Generation:
+        """The tree this profile's module follows (``generation`` names it)."""
+        try:
+            return GENERATIONS[self.generation]
+        except KeyError:
+            raise VtdxError(f"unknown module generation {self.generation!r} (choose from "
+                            f"{', '.join(GENERATIONS)})") from None
+
+    @property
+    def module_version(self) -> tuple[int, int, int]:
+        return self.gen.version
+
+    @property
+    def tdcs_base_size(self) -> int:
+        return self.gen.tdcs_pages * 4096
+
+    @property
+    def tdvps_base_size(self) -> int:
+        return self.gen.tdvps_pages * 4096
+
+    @property
+    def max_vcpus_per_td(self) -> int:
+        return self.gen.max_vcpus_per_td
+
+    @property
+    def config_flags_fixed0(self) -> int:
+        return self.gen.config_flags_fixed0
+
+    @property
     def features0(self) -> int:
-        """TDX_FEATURES0 as the module reports it (bit numbers: vtdx.abi.fields)."""
+        """TDX_FEATURES0 as the module reports it: the generation's value with the
+        switchable bits (``FEATURES``) set as this profile says (bit numbers:
+        vtdx.abi.fields)."""
         bits = {
             f.FEATURES0_TD_PRESERVING: self.td_preserving,
             f.FEATURES0_NO_RBP_MOD: self.no_rbp_mod,
@@ -173,7 +282,8 @@ class Profile:
             f.FEATURES0_DEMOTE_NOINTERRUPT: self.demote_nointerrupt,
             f.FEATURES0_SYS_DISABLE: self.sys_disable,
         }
-        return sum(bit for bit, on in bits.items() if on)
+        base = self.gen.features0 & ~sum(bits)
+        return base | sum(bit for bit, on in bits.items() if on)
 
     @property
     def hkid_start_bit(self) -> int:
@@ -194,6 +304,8 @@ class Profile:
                 value = [{"base": r.base, "size": r.size} for r in value]
             out[name] = value
         out["features0"] = self.features0
+        out["module_version"] = self.gen.version_string
+        out["module_tree"] = self.gen.tree
         return out
 
 

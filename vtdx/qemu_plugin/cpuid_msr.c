@@ -46,6 +46,8 @@ void cpuid_instrument_tb(struct qemu_plugin_tb *tb, size_t n)
 {
     if (!n)
         return;
+    if (!atomic_load(&plugin.n_cpuid_followers))
+        return; /* the common case: no lock, no lookup for every block translated */
     uint64_t start = qemu_plugin_tb_vaddr(tb);
     pthread_mutex_lock(&plugin.cpuid_mu);
     bool follower = g_hash_table_contains(plugin.cpuid_followers, GUINT_TO_POINTER(start));
@@ -67,7 +69,8 @@ void cpuid_instrument(struct qemu_plugin_tb *tb, size_t i, size_t n,
                                                QEMU_PLUGIN_CB_RW_REGS, (void *)(uintptr_t)next);
     } else {
         pthread_mutex_lock(&plugin.cpuid_mu);
-        g_hash_table_add(plugin.cpuid_followers, GUINT_TO_POINTER(next));
+        if (g_hash_table_add(plugin.cpuid_followers, GUINT_TO_POINTER(next)))
+            atomic_fetch_add(&plugin.n_cpuid_followers, 1);
         pthread_mutex_unlock(&plugin.cpuid_mu);
     }
 }

@@ -140,9 +140,10 @@ struct vtdx_plugin {
     atomic_bool daemon_dead;
 
     /* cpuid_msr.c: vaddr of each instruction after a CPUID that ended its TB, under
-     * cpuid_mu */
+     * cpuid_mu; their count is read without the lock by the translation fast path */
     pthread_mutex_t cpuid_mu;
     GHashTable *cpuid_followers;
+    atomic_uint n_cpuid_followers;
 
     /* patch.c: both tables under table_mu, which is never held across a QEMU call that may
      * wait (a memory write invalidates translations); code_mu serialises changes to guest

@@ -25,6 +25,7 @@ from typing import Protocol
 from vtdx.abi.regs import MASK64, REG_NAMES, Regs
 from vtdx.abi.status import TDX_OPERAND_INVALID
 from vtdx.errors import VtdxError
+from vtdx.module.timing import Overlap
 from vtdx.platform.memory import PhysAddrError, PhysMemory
 from vtdx.platform.profile import Profile
 from vtdx.runtime.platform_rows import platform_rows
@@ -91,6 +92,15 @@ class EchoBackend:
 # --------------------------------------------------------------------------- daemon
 
 
+def overlap_by_default(backend: object) -> None:
+    """A module served to a live guest overlaps calls of different LPs as hardware does
+    (``vtdx.module.timing.Overlap``), unless its timing was chosen already (serial runs)."""
+    module = getattr(backend, "delegate", backend)
+    control = getattr(module, "control", None)
+    if control is not None and getattr(control, "timing", "") is None:
+        control.set_timing(Overlap())
+
+
 class Daemon:
     """The transport server (vtdx.runtime.transport) wired to a backend and a platform profile.
 
@@ -102,6 +112,7 @@ class Daemon:
                  backend: Backend | None) -> None:
         self.profile = profile
         self.backend = backend
+        overlap_by_default(backend)
         self.rows = platform_rows(profile, seam_module=backend is not None)
         #: Last caller context per vCPU: (rflags, rip, rsp, cr3), for symbolising callers.
         self.callers: dict[int, tuple[int, ...]] = {}

@@ -140,11 +140,14 @@ class Server:
         out = bytearray(RET.size)
         unpack_from, pack_into = CALL.unpack_from, RET.pack_into
         handler, calls = self.handler, self.calls
+        recv_into, send = conn.recv_into, conn.sendall
         try:
             while True:
-                got = 0
+                got = recv_into(buf)  # a frame nearly always arrives whole
+                if got == 0:
+                    return
                 while got < size:
-                    n = conn.recv_into(view[got:], size - got)
+                    n = recv_into(view[got:], size - got)
                     if n == 0:
                         return
                     got += n
@@ -159,7 +162,7 @@ class Server:
                 else:
                     self._error(f"vCPU {vcpu}: unexpected frame kind {kind}; closing")
                     return
-                conn.sendall(out)
+                send(out)
         except OSError as e:
             if not self._closed:
                 self._error(f"vCPU {vcpu}: connection error: {e}")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,11 +27,15 @@ from vtdx.abi.status import is_error
 from vtdx.errors import VtdxError
 from vtdx.host import initramfs, payloads
 from vtdx.module import TdxModule
+from vtdx.module.control import POINTS
 from vtdx.module.engine.exits import exit_reason_name
 from vtdx.module.stats import CallStats
+from vtdx.module.timing import SERIAL, Explore
+from vtdx.observe.console.format import table
+from vtdx.observe.inspect import summarise
 from vtdx.observe.qmp.commands import parse_status
 from vtdx.observe.trace import parse_leaf
-from vtdx.platform.profile import GiB, KiB, MiB, Profile
+from vtdx.platform.profile import PROFILES, GiB, KiB, MiB, Profile
 from vtdx.session.machine import Machine, Terminated, on_signals
 from vtdx.units import format_size
 
@@ -249,6 +253,69 @@ class InjectRule:
         module.faults.add(self.status, self.leaf, count=self.count, lps=lps, after=self.after)
 
 
+@dataclass(frozen=True)
+class PauseRule:
+    """``--pause LEAF[:lp=N][:point=entry|locked|done][:nth=N][:td=PA][:gpa=A[+SIZE]]
+    [:hpa=A[+SIZE]][:until=LEAF][:timeout=S]``: a control-point pause armed in the module
+    before the kernel starts (``module.control.pause``; docs/races.md). LEAF may be ``any``.
+    Resume it with ``vtdx console RUN_DIR -c 'resume-call ID'`` (ids count from 1)."""
+
+    leaf: int | None = None
+    lp: int | None = None
+    point: str = "locked"
+    nth: int = 1
+    td: int | None = None
+    gpa: tuple[int, int] | None = None
+    hpa: tuple[int, int] | None = None
+    until: int | None = None
+    timeout: float | None = None
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> PauseRule:
+        parts = [p.strip() for p in text.split(":")]
+        bad = f"--pause {text!r}: "
+        kw: dict[str, Any] = {}
+        try:
+            if parts[0] and parts[0] != "any":
+                kw["leaf"] = parse_leaf(parts[0])
+            for part in parts[1:]:
+                key, eq, value = part.partition("=")
+                if not eq:
+                    raise VtdxError(f"field {part!r} needs a value (e.g. lp=1)")
+                if key in ("lp", "nth", "td"):
+                    kw[key] = int(value, 0)
+                elif key == "point":
+                    if value not in POINTS:
+                        raise VtdxError(f"point {value!r}: one of {', '.join(POINTS)}")
+                    kw["point"] = value
+                elif key in ("gpa", "hpa"):
+                    start, plus, size = value.partition("+")
+                    a = int(start, 0)
+                    kw[key] = (a & ~0xFFF, a + (int(size, 0) if plus else 0x1000))
+                elif key == "until":
+                    kw["until"] = parse_leaf(value)
+                elif key == "timeout":
+                    kw["timeout"] = float(value)
+                else:
+                    raise VtdxError(f"unknown field {key!r} (use lp=, point=, nth=, td=, "
+                                    "gpa=, hpa=, until=, timeout=)")
+        except ValueError:
+            raise VtdxError(bad + "a number was expected") from None
+        except VtdxError as e:
+            raise VtdxError(bad + str(e)) from None
+        rule = cls(text=text, **kw)
+        if rule.nth < 1 or (rule.lp is not None and rule.lp < 0) or (
+                rule.timeout is not None and rule.timeout <= 0):
+            raise VtdxError(bad + "nth must be >= 1, lp >= 0, timeout > 0")
+        return rule
+
+    def arm(self, module: TdxModule) -> None:
+        module.control.pause(self.lp, self.leaf, self.point, td=self.td, gpa=self.gpa,
+                             hpa=self.hpa, nth=self.nth, until_leaf=self.until,
+                             timeout_s=self.timeout)
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -285,6 +352,16 @@ class RunOptions:
     #: An interactive shell in the guest on this terminal (implies ``keep``): stdin is the
     #: guest's ttyS0 input, the console is passed through byte by byte.
     shell: bool = False
+    #: The named platform profile (``vtdx.platform.profile.PROFILES``) and the module
+    #: feature toggles (``+name,-name``) applied to it.
+    platform: str = "default"
+    features: str = ""
+    #: Control-point pauses armed before the kernel starts.
+    pauses: tuple[PauseRule, ...] = ()
+    #: Contention exploration seed (``vtdx.module.timing.Explore``), or None.
+    contend: int | None = None
+    #: Fully serial, deterministic module timing (no overlap between LPs' calls).
+    serial: bool = False
 
     @property
     def own_initrd(self) -> bool:
@@ -313,6 +390,14 @@ class RunOptions:
                                 f"({base.keyid_bits} keyid bits, {base.mktme_keyids} MKTME keyids)")
         if self.timeout <= 0:
             raise VtdxError("--timeout must be positive")
+        if self.platform not in PROFILES:
+            raise VtdxError(f"--profile {self.platform}: unknown (choose from "
+                            f"{', '.join(PROFILES)})")
+        if self.serial and self.contend is not None:
+            raise VtdxError("--serial and --contend exclude each other")
+        if self.contend is not None and not 0 <= self.contend < 1 << 64:
+            raise VtdxError(f"--contend {self.contend}: a seed is 0..2**64-1")
+        self.profile()  # --features: unknown names are refused here, in one line
         unknown = [c for c in self.checks.split(",") if c.strip() not in CHECKS]
         if unknown or not self.checks.strip():
             raise VtdxError(f"--checks {self.checks}: unknown check(s) "
@@ -342,8 +427,28 @@ class RunOptions:
         name = [n for n, on in (("no-movdir64b", not self.movdir64b),
                                 (f"tdx-keyids-{self.tdx_keyids}", self.tdx_keyids is not None))
                 if on]
-        over["name"] = "+".join(name) or "default"
-        return Profile.from_vm(self.smp, self.mem, **over)
+        base = Profile.named(self.platform, self.smp, self.mem, self.features)
+        over["name"] = "+".join([self.platform, *name]) if name else self.platform
+        return replace(base, **over)
+
+    def timing_text(self) -> str:
+        """The timing the run asks for (the daemon's default is overlap)."""
+        if self.serial:
+            return "serial"
+        if self.contend is not None:
+            return f"explore (seed {self.contend})"
+        return "overlap"
+
+    def arm(self, module: TdxModule) -> None:
+        """Faults, pauses and timing, before the kernel starts."""
+        for rule in self.inject:
+            rule.arm(module)
+        for pause in self.pauses:
+            pause.arm(module)
+        if self.serial:
+            module.control.set_timing(SERIAL)
+        elif self.contend is not None:
+            module.control.set_timing(Explore(seed=self.contend))
 
     def cmdline(self) -> str:
         extra = self.append.strip()
@@ -414,6 +519,12 @@ class RunResult:
     disabled_by_kernel: bool = False
     #: Leaf -> the kernel functions behind its first traced call (needs --vmlinux).
     callers: dict[int, str] = field(default_factory=dict)
+    #: BUSY statuses the kernel got from locks another call held (vtdx.module.contention).
+    contention: list[Any] = field(default_factory=list)
+    #: The module timing in force, as the summary prints it.
+    timing: str = ""
+    #: Call id -> kernel caller, for the calls in ``contention`` (needs --vmlinux).
+    busy_callers: dict[int, str] = field(default_factory=dict)
     summary: str = ""
 
 
@@ -482,7 +593,9 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
     word = {EXIT_OK: "PASS", EXIT_TDX_REFUSED: "TDX REFUSED"}.get(res.exit_code, "FAIL")
     lines = [f"vtdx run: {word}: {res.verdict}",
              f"  machine:   smp {opts.smp}, mem {format_size(opts.mem)}, profile "
-             f"{opts.profile().name}, boot to poweroff {res.boot_s:.1f} s"]
+             f"{opts.profile().name}, boot to poweroff {res.boot_s:.1f} s",
+             f"  platform:  features {_features(opts.profile())}; timing "
+             f"{res.timing or opts.timing_text()}"]
     if snap:
         when = " (before the kernel's TDH.SYS.DISABLE at poweroff)" \
             if res.disabled_by_kernel else ""
@@ -523,6 +636,14 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
     if online is not None and online != want:
         lines.append(f"  note:      the guest brought up CPUs {online} of --smp {opts.smp} "
                      "(kernel CONFIG_NR_CPUS or maxcpus= too small?)")
+    if res.contention:
+        rows = summarise(res.contention, res.busy_callers.get)
+        lines.append(f"  contention: {len(res.contention)} BUSY from locks another call held")
+        lines += ["    " + ln for ln in table(
+            ["leaf", "status", "lock", "held by", "count", "retried", "moved on", "callers"],
+            [[r["leaf"], r["status-name"], r["lock"], r["holder-leaf"], r["count"],
+              r["retried"], r["moved-on"], ", ".join(r["callers"]) or "-"]
+             for r in rows]).splitlines()]
     if res.diagnostics:
         lines.append("  vtdx:      " + "\n             ".join(res.diagnostics[-12:]))
     for sp in res.console.splats:
@@ -532,6 +653,10 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
         if len(sp.lines) > 25:
             lines.append(f"    ... ({len(sp.lines) - 25} more lines)")
     return "\n".join(lines)
+
+
+def _features(p: Profile) -> str:
+    return " ".join(f"{'+' if on else '-'}{n}" for n, on in p.features.items())
 
 
 class _Recorder:
@@ -564,6 +689,22 @@ class _Recorder:
         """(snapshot, PAMT bytes) before teardown if the kernel tore the module down, else now."""
         with self._lock:
             return self.at_disable if self.at_disable is not None else self._now()
+
+
+def _busy_callers(machine: Any, backends: list[_Recorder]) -> dict[int, str]:
+    """Kernel callers of the calls that got BUSY and of the calls holding the lock, from the
+    machine's symbolised trace (read before the machine and its trace go away)."""
+    recorder = getattr(getattr(machine, "inspect", None), "recorder", None)
+    if recorder is None:
+        return {}
+    ids = {c for b in backends if b.module.contention is not None
+           for r in b.module.contention.snapshot() for c in (r.call, *(h.call for h in r.holders))}
+    out: dict[int, str] = {}
+    for cid in ids:
+        caller = recorder.caller_of(cid)
+        if caller:
+            out[cid] = caller
+    return out
 
 
 def _first_callers(machine: Any) -> dict[int, str]:
@@ -605,8 +746,7 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
 
     def backend(profile: Profile, memory: Any) -> _Recorder:
         module = TdxModule(profile, memory)
-        for rule in opts.inject:
-            rule.arm(module)
+        opts.arm(module)
         backends.append(_Recorder(module))
         return backends[-1]
 
@@ -691,6 +831,7 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
         boot_s = time.monotonic() - t0
         qemu_rc = machine.qemu.returncode
         callers = _first_callers(machine)
+        busy_callers = _busy_callers(machine, backends)
         diagnostics = [f"daemon: {e}" for e in machine.daemon.errors] if machine.daemon else []
         diagnostics += [f"qemu: {ln}" for ln in machine.stderr_lines[-10:] if ln.strip()]
         if exited.done():
@@ -709,9 +850,16 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
         diagnostics += [f"module: {e.strip().splitlines()[-1]}"
                         for e in rec.module.internal_errors]
     stats = CallStats.merged([b.module.stats for b in backends])
+    contention = [r for b in backends if b.module.contention is not None
+                  for r in b.module.contention.snapshot()]
+    timing = ""
+    if rec:
+        t = rec.module.control.describe()
+        timing = str(t["mode"]) + (f" (seed {t['seed']})" if "seed" in t else "")
     res = RunResult(code, verdict, console, boot_s, snapshot, stats, pamt_kb, diagnostics,
                     disabled_by_kernel=bool(rec and rec.at_disable is not None),
-                    callers=callers)
+                    callers=callers, contention=contention, timing=timing,
+                    busy_callers=busy_callers)
     res.summary = summarize(res, opts)
     return res
 

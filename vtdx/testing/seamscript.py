@@ -64,6 +64,10 @@ CONCURRENT = 1
 WAIT_GO = 2
 #: Wait until every earlier record has completed (not only started).
 BARRIER = 4
+#: Loop phase (the script's tail): once every earlier record completed, each CPU runs its
+#: LOOP records ``iters=`` times with no ordering between CPUs, retrying on BUSY and
+#: counting (``loop_calls``, ``loop_busy`` in its result line). Outputs are not compared.
+LOOP = 8
 
 OFF_FRONTIER = 0x20
 OFF_COMPLETED = 0x28
@@ -155,7 +159,11 @@ class Script:
     records: list[Record]
 
     def __post_init__(self) -> None:
+        looping = False
         for i, r in enumerate(self.records):
+            if looping and not r.flags & LOOP:
+                raise VtdxError(f"{r.describe()}: LOOP records must be the script's tail")
+            looping = looping or bool(r.flags & LOOP)
             if r.seq != i:
                 raise VtdxError(f"script records must be numbered 0..n-1 (record {i} has "
                                 f"seq {r.seq})")
@@ -357,6 +365,15 @@ class Recorder:
         with self._lock:
             self._records[seq] = rec
         return out
+
+    def add_loop(self, lp: int, regs: Regs) -> None:
+        """Append a LOOP record (not run here: the guest runs it in its loop phase)."""
+        with self._lock:
+            if self._pending:
+                raise VtdxError("memory writes before a LOOP record would never be made")
+            seq = self._next
+            self._next += 1
+            self._records[seq] = Record(seq, lp, regs.copy(), Regs(), [], LOOP, 0, 0)
 
     def script(self) -> Script:
         """The records so far; every started call must have finished."""

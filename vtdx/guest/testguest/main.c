@@ -601,6 +601,8 @@ static void test_nomodule(void *arg)
 #define SCRIPT_CONCURRENT 1               /* later records may start while this one runs */
 #define SCRIPT_WAIT_GO 2                  /* wait for the host's go[rec->go] */
 #define SCRIPT_BARRIER 4                  /* wait until every earlier record completed */
+#define SCRIPT_LOOP 8                     /* loop phase: see script_loop() */
+#define TDX_OPERAND_BUSY_CLASS 0x80000200UL /* status bits 63:32 of TDX_OPERAND_BUSY */
 enum { PH_TURN = 1, PH_GO = 2, PH_CALL = 3, PH_DONE = 4 };
 
 struct script_hdr {
@@ -653,6 +655,53 @@ static void script_writes(const struct script_rec *rec)
     }
 }
 
+/* The loop phase: the LOOP records (the script's tail) run without ordering between CPUs,
+ * once every earlier record completed. Each CPU runs its own LOOP records in sequence,
+ * iters times; a call is retried while it returns TDX_OPERAND_BUSY (any operand id), as
+ * the kernel's retry loops do. Counted: calls and BUSY statuses; any other error stops
+ * this CPU's loop. The last outputs of each record are stored like any record's. */
+static void script_loop(struct script_hdr *h, struct script_result *res, const u8 *p,
+                        u32 first, struct result *r)
+{
+    int cpu = r->cpu;
+    u64 calls = 0, busy = 0;
+    while (load64(&h->completed) < first)
+        cpu_relax();
+    script_progress(h, cpu, first, PH_CALL);
+    for (u64 it = 0; it < cfg.iters; it++) {
+        const u8 *q = p;
+        for (u32 i = first; i < h->nrecords; i++, q += ((const struct script_rec *)q)->size) {
+            const struct script_rec *rec = (const void *)q;
+            if (rec->lp != cpu)
+                continue;
+            struct sregs s;
+            for (;;) {
+                s = (struct sregs){ .rflags = RFLAGS_FIXED | RFLAGS_ARITH };
+                for (int k = 0; k < 14; k++)
+                    s.r[k] = rec->in[k];
+                seamcall_regs(&s);
+                calls++;
+                if ((s.r[0] >> 32) != TDX_OPERAND_BUSY_CLASS)
+                    break;
+                busy++;
+            }
+            struct script_result *out = &res[i];
+            out->rflags = s.rflags;
+            for (int k = 0; k < 14; k++)
+                out->r[k] = s.r[k];
+            store64(&out->state, 1);
+            if (s.r[0] >> 63) {
+                r->fail++;
+                note(r, " loop_error_seq=%u status=%x", (u64)rec->seq, s.r[0]);
+                note(r, " loop_calls=%u loop_busy=%u", calls, busy);
+                return;
+            }
+            r->ok++;
+        }
+    }
+    note(r, " loop_calls=%u loop_busy=%u", calls, busy);
+}
+
 static void test_script(void *arg)
 {
     struct result *r = arg;
@@ -683,6 +732,10 @@ static void test_script(void *arg)
     p = (const u8 *)h + h->records_off;
     for (u32 i = 0; i < h->nrecords; i++, p += ((const struct script_rec *)p)->size) {
         const struct script_rec *rec = (const void *)p;
+        if (rec->flags & SCRIPT_LOOP) {
+            script_loop(h, res, p, i, r);
+            break;
+        }
         if (rec->lp != cpu)
             continue;
         script_progress(h, cpu, rec->seq, PH_TURN);

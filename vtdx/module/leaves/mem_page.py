@@ -116,7 +116,10 @@ def tdh_mem_page_demote(ctx: CallContext, inp: Regs, out: Regs) -> None:
     R12/R13 = Dynamic PAMT page pair when DPAMT is on and a 2MB page is split)."""
     rcx, rdx, sept_pa, hpa0, hpa1 = inp.rcx, inp.rdx, inp.r8, inp.r12, inp.r13
     out.rcx = out.rdx = 0
-    td, level, w = lock_gpa_entry(ctx, rcx, rdx, Leaf.TDH_MEM_PAGE_DEMOTE, 1, 2, SH)
+    # RDX is a td_handle_and_flags_t: bit 0 (L2_SEPT_ADD_MODE) only selects which L2 S-EPT
+    # pages are needed, and the model has no L2 VM (tdh_mem_page_demote.c 119-124).
+    td, level, w = lock_gpa_entry(ctx, rcx, rdx, Leaf.TDH_MEM_PAGE_DEMOTE, 1, 2, SH,
+                                  handle_flags=True)
     entry = w.entry
     if entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MEM_PAGE_DEMOTE]:
         raise septe_error(st.TDX_EPT_ENTRY_STATE_INCORRECT, st.OPERAND_ID_RCX, w)
@@ -170,6 +173,8 @@ def tdh_mem_page_promote(ctx: CallContext, inp: Regs, out: Regs) -> None:
     leaves back into one; RCX = freed S-EPT page, with DPAMT RDX/R8 = freed PAMT pair."""
     rcx, rdx = inp.rcx, inp.rdx
     out.rcx = out.rdx = 0
+    if ctx.version > 1:  # tdh_mem_page_promote.c 216-220; version 1 only adds L2 aliases
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RAX)
     td, level, w = lock_gpa_entry(ctx, rcx, rdx, Leaf.TDH_MEM_PAGE_PROMOTE, 1, 2, SH)
     entry = w.entry
     if entry.state not in S.SEAMCALL_ALLOWED[Leaf.TDH_MEM_PAGE_PROMOTE]:

@@ -5,9 +5,8 @@ Values come from the platform profile (vtdx.platform.profile.Profile) and module
 and shapes from vtdx.abi.fields. SYS.RD: RDX = field id in, next field id out; R8 = value.
 SYS.RDALL: RDX = 4 KB-aligned buffer for a metadata list, R8 = first field id in / next out.
 
-Differs from Intel's md_dump_list(): the model writes one sequence per lookup-table row,
-where the module merges consecutive rows of the same class and element size into one
-sequence. Both are valid metadata lists; Linux 7.3 does not call RDALL.
+RDALL builds sequences as md_dump_list() does (consecutive fields of one class, element
+count and size share a sequence), over vtdx's global field list (vtdx.abi.fields).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from vtdx.abi import fields as fl
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
+from vtdx.module import metadata as md
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import TdxError, fail
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from vtdx.module.core import TdxModule
 
 _FIELD_NA = fl.FIELD_ID_NA
-_CPUID_ARRAYS = ("CPUID_CONFIG_LEAVES", "CPUID_CONFIG_VALUES")
 
 
 def global_values(m: TdxModule) -> dict[str, list[int]]:
@@ -38,6 +37,11 @@ def global_values(m: TdxModule) -> dict[str, list[int]]:
     for (leaf, sub), (eax, ebx, ecx, edx) in p.cpuid_config:
         cpuid_leaves.append(leaf | (sub << 32))
         cpuid_values += [eax | (ebx << 32), ecx | (edx << 32)]
+    num_cpuid_config = len(cpuid_leaves)
+    # Slots past NUM_CPUID_CONFIG read as leaf ~0 and values 0 (metadata_sys.c 262-285 of the
+    # 1.5 tree): the CPUID arrays are whole 32-field entries and never answer FIELD_SKIP.
+    cpuid_leaves += [(1 << 64) - 1] * (32 - len(cpuid_leaves))
+    cpuid_values += [0] * (64 - len(cpuid_values))
     cmrs = [c for c in p.cmrs if c.size]
     v: dict[str, list[int]] = {
         "NUM_PKGS": [p.num_packages],
@@ -56,7 +60,7 @@ def global_values(m: TdxModule) -> dict[str, list[int]]:
         "SYS_ATTRIBUTES": [m.gd.sys_attributes],
         "NUM_TDX_FEATURES": [1],
         "TDX_FEATURES0": [p.features0],
-        "NUM_CMRS": [len(cmrs)],
+        "NUM_CMRS": [32 if p.gen.num_cmrs_is_max else len(cmrs)],
         "CMR_BASE": [c.base for c in cmrs] + [0] * (32 - len(cmrs)),
         "CMR_SIZE": [c.size for c in cmrs] + [0] * (32 - len(cmrs)),
         "MAX_TDMRS": [p.max_tdmrs],
@@ -66,12 +70,14 @@ def global_values(m: TdxModule) -> dict[str, list[int]]:
         "PAMT_1G_ENTRY_SIZE": [p.pamt_entry_sizes[2]],
         "TDR_BASE_SIZE": [p.tdr_base_size],
         "TDCS_BASE_SIZE": [p.tdcs_base_size],
+        "TDCS_SIZE_PER_L2_VM": [4096],
         "TDVPS_BASE_SIZE": [p.tdvps_base_size],
+        "TDVPS_SIZE_PER_L2_VM": [3 * 4096],
         "ATTRIBUTES_FIXED0": [p.attributes_fixed0],
         "ATTRIBUTES_FIXED1": [p.attributes_fixed1],
         "XFAM_FIXED0": [p.xfam_fixed0],
         "XFAM_FIXED1": [p.xfam_fixed1],
-        "NUM_CPUID_CONFIG": [len(cpuid_leaves)],
+        "NUM_CPUID_CONFIG": [num_cpuid_config],
         "CONFIG_FLAGS_FIXED0": [p.config_flags_fixed0],
         "CONFIG_FLAGS_FIXED1": [p.config_flags_fixed1],
         "MAX_VCPUS_PER_TD": [p.max_vcpus_per_td],
@@ -94,8 +100,7 @@ def _elements(values: dict[str, list[int]]) -> list[int]:
         vals = values.get(f.name)
         if vals is None:
             continue
-        n = len(vals) if f.name in _CPUID_ARRAYS else f.count
-        out += [f.element_id(i) for i in range(n)]
+        out += [f.element_id(i) for i in range(len(vals))]
     return out
 
 
@@ -131,25 +136,63 @@ def tdh_sys_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
     field_id = inp.rdx & ~fl.CONTEXT_MASK  # context code is implicit (SYS = 0)
     cat = catalogue(ctx.module)
     values = cat.values
-    if fl.is_null(field_id):
+    if md.is_null(field_id):
         out.rdx = cat.ids[0] if cat.ids else _FIELD_NA
         ctx.set_status(st.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT)
         return
-    if field_id & fl.SINGLE_ELEMENT_MBZ:
-        raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
+    md.check_single_element(field_id)
     hit = fl.lookup_global(field_id)
     if hit is None or hit[0].name not in values:
         raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
     f, idx = hit
-    vals = values[f.name]
-    if idx >= len(vals):  # CPUID config entries past NUM_CPUID_CONFIG
-        ctx.set_status(st.TDX_METADATA_FIELD_SKIP)
-        return
-    out.r8 = vals[idx] & _mask(f)
-    out.rdx = cat.next_of.get((fl.class_code(field_id), fl.field_code(field_id)), _FIELD_NA)
+    out.r8 = values[f.name][idx] & _mask(f)
+    # Next element (md_get_next_element_in_context): inside the same entry only the field
+    # code advances and the caller's other bits stay; otherwise the next entry's table id.
+    if idx + 1 < f.count:
+        out.rdx = (field_id & ~fl.FIELD_CODE_MASK) | (fl.field_code(field_id) + 1)
+    else:
+        out.rdx = cat.next_of.get((fl.class_code(field_id), fl.field_code(field_id)),
+                                  _FIELD_NA)
 
 
 RDALL_BUF = 4096
+
+
+def _dump_list(fields: list[tuple[int, fl.FieldDef, list[int]]]
+               ) -> tuple[bytes, int, int]:
+    """md_dump_list / md_dump_sequence (metadata_generic.c 872-1058): a sequence goes on
+    while the next field has the same class, the next field code, the same number of
+    elements and the same element size, and stops when a whole field no longer fits in the
+    4 KB buffer. Returns (sequences, number of sequences, next field id or -1)."""
+    space = RDALL_BUF - 8
+    body = bytearray()
+    nseq = 0
+    k = 0
+    while k < len(fields) and space >= 8 + 8 * fields[k][1].num_elem:
+        head, f, _ = fields[k]
+        room = space - 8
+        elems: list[int] = []
+        count = 0
+        while k < len(fields) and room >= 8 * f.num_elem:
+            fid, f, vals = fields[k]
+            elems += [x & _mask(f) for x in vals]
+            room -= 8 * f.num_elem
+            count += 1
+            k += 1
+            if k == len(fields):
+                break
+            nxt, g, _ = fields[k]
+            if (fl.class_code(nxt) != fl.class_code(fid)
+                    or fl.field_code(nxt) != fl.field_code(fid) + f.num_elem
+                    or g.num_elem != f.num_elem or g.size != f.size):
+                break
+        header = ((head & ~(fl.CONTEXT_MASK | (1 << 51)) & ~fl.SINGLE_ELEMENT_MBZ)
+                  | ((f.num_elem - 1) << 34) | ((count - 1) << 38))
+        body += struct.pack("<Q", header) + b"".join(struct.pack("<Q", x) for x in elems)
+        space -= 8 + 8 * len(elems)
+        nseq += 1
+    next_id = fields[k][0] if k < len(fields) else _FIELD_NA
+    return bytes(body), nseq, next_id
 
 
 def tdh_sys_rdall(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -164,25 +207,25 @@ def tdh_sys_rdall(ctx: CallContext, inp: Regs, out: Regs) -> None:
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     values = catalogue(m).values
     start = inp.r8 & ~fl.CONTEXT_MASK
-    fields = [f for f in fl.GLOBAL_FIELDS if f.name in values]
+    rows = [f for f in fl.GLOBAL_FIELDS if f.name in values]
+    first_field = 0
     if not fl.is_null(start):
+        # md_check_field_and_get_entry (metadata_generic.c 735-766): the first element of
+        # a field, with the entry's exact element size code.
         hit = fl.lookup_global(start)
-        if hit is None or hit[0] not in fields:
+        if (hit is None or hit[0] not in rows or hit[1] % hit[0].num_elem
+                or (start >> 32) & 3 != (hit[0].field_id >> 32) & 3):
             raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
-        fields = fields[fields.index(hit[0]):]
-    body = bytearray()
-    nseq = 0
-    next_id = _FIELD_NA
-    for f in fields:
+        rows = rows[rows.index(hit[0]):]
+        first_field = hit[1] // hit[0].num_elem
+    # Every field from the start on: (field id of its first element, row, its elements).
+    fields = []
+    for k, f in enumerate(rows):
         vals = values[f.name]
-        if 8 + len(body) + 8 + 8 * len(vals) > RDALL_BUF:
-            next_id = f.field_id
-            break
-        nfields = max(1, len(vals) // f.num_elem)
-        header = f.field_id | ((f.num_elem - 1) << 34) | ((nfields - 1) << 38)
-        body += struct.pack("<Q", header)
-        body += b"".join(struct.pack("<Q", x & _mask(f)) for x in vals)
-        nseq += 1
+        for i in range(first_field if k == 0 else 0, len(vals) // f.num_elem):
+            fid = f.field_id + i * f.num_elem
+            fields.append((fid, f, vals[i * f.num_elem:(i + 1) * f.num_elem]))
+    body, nseq, next_id = _dump_list(fields)
     if not m.memory.contains(buf_pa, RDALL_BUF):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     m.memory.write(buf_pa, struct.pack("<HHI", 8 + len(body), nseq, 0) + bytes(body))

@@ -11,6 +11,7 @@ import struct
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
+from vtdx.module import metadata as md
 from vtdx.module import sept as S
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import TdxError, fail
@@ -40,14 +41,6 @@ from vtdx.module.state import (
 
 TD_PARAMS_SIZE = 1024
 CPUID_CONFIG_OFFSET = 256
-# MNG.RD/WR field ids KVM uses (Linux arch/x86/kvm/vmx/tdx.c, arch/x86/include/asm/tdx.h).
-FIELD_TSC_OFFSET = 0x110000000000000A
-FIELD_TSC_MULTIPLIER = 0x110000000000000B
-FIELD_CPUID_BASE = 0x9410000300000000
-FIELD_ATTRIBUTES = 0x1110000300000000
-FIELD_XFAM = 0x1110000300000001
-FIELD_NUM_VCPUS = 0x1110000200000002
-FIELD_MAX_VCPUS = 0x1110000200000003
 
 
 def tdh_mng_create(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -214,62 +207,47 @@ def tdh_mng_key_reclaimid(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.KEY.RECLAIMID: a no-op that succeeds in TDX 1.5 (kept for old hosts)."""
 
 
-def _td_field(td: TdState, field_id: int) -> int | None:
-    if field_id == FIELD_TSC_OFFSET:
-        return td.tsc_offset
-    if field_id == FIELD_TSC_MULTIPLIER:
-        return td.tsc_multiplier
-    if field_id == FIELD_ATTRIBUTES:
-        return td.attributes
-    if field_id == FIELD_XFAM:
-        return td.xfam
-    if field_id == FIELD_NUM_VCPUS:
-        return td.num_vcpus
-    if field_id == FIELD_MAX_VCPUS:
-        return td.max_vcpus
-    if field_id & ~0x1FFFF == FIELD_CPUID_BASE:
-        # KVM's tdx_read_cpuid(): bit 16 = extended leaf range, bits 15:9 = leaf[6:0],
-        # bits 8:1 = subleaf (0xFF: no subleaf), bit 0 = second half (ECX/EDX).
-        leaf = (0x80000000 if field_id & (1 << 16) else 0) | ((field_id >> 9) & 0x7F)
-        sub = (field_id >> 1) & 0xFF
-        vals = td.cpuid.get((leaf, 0xFFFFFFFF if sub == 0xFF else sub))
-        if vals is None:
-            return None
-        return vals[2] | (vals[3] << 32) if field_id & 1 else vals[0] | (vals[1] << 32)
-    return td.fields.get(field_id)
-
-
-def _locked_field(ctx: CallContext, inp: Regs, leaf: int) -> tuple[TdState, int]:
-    """TDH.MNG.RD and TDH.MNG.WR open alike: TDR (RCX) shared, TDCS with OP_STATE shared,
-    then the field id in RDX must name a field. Returns the TD and the field's value."""
+def _mng_rd_wr(ctx: CallContext, inp: Regs, out: Regs, write: bool) -> None:
+    """tdh_mng_rd_wr.c (1.5: lines 41-190; 2.0.08 the same steps): R8 = 0 (and for RD
+    version 1, RDX = -1) at entry; TDR (RCX) shared, TDCS with OP_STATE shared; the context
+    code forced to TD; RD version 1 with the null id -> the first readable TD field id and
+    TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT; then the single-element check and the element
+    read or write (``vtdx.module.metadata``, metadata_td.c), whose statuses are bare."""
+    out.r8 = 0
+    if not write and ctx.version >= 1:
+        out.rdx = md.FIELD_ID_NA
+    if ctx.version > 1:  # MNG.RD's own check (lines 72-78)
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RAX)
+    leaf = Leaf.TDH_MNG_WR if write else Leaf.TDH_MNG_RD
     td = check_lock_and_map_explicit_tdr(ctx, inp.rcx, st.OPERAND_ID_RCX, SH)
     check_state_map_tdcs_and_lock(ctx, td, SH, leaf)
-    value = _td_field(td, inp.rdx)
-    if value is None:
-        raise fail(st.TDX_METADATA_FIELD_ID_INCORRECT, st.OPERAND_ID_RDX)
-    return td, value
+    fid = md.with_context(inp.rdx, md.CTX_TD)
+    if not write and ctx.version >= 1 and md.is_null(fid):  # lines 113-124
+        out.rdx = md.td_next(td, fid)
+        ctx.set_status(st.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT)
+        return
+    md.check_single_element(fid)
+    if write:
+        old, commit = md.td_write(td, fid, inp.r8, inp.r9)
+        ctx.checkpoint("locked")
+        commit()
+        out.r8 = old
+        return
+    value = md.td_read(td, fid)
+    ctx.checkpoint("locked")
+    out.r8 = value
+    if ctx.version >= 1:
+        out.rdx = md.td_next(td, fid)
 
 
 def tdh_mng_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
-    """TDH.MNG.RD(RCX = TDR PA, RDX = field id) -> R8 = value."""
-    _, value = _locked_field(ctx, inp, Leaf.TDH_MNG_RD)
-    ctx.checkpoint("locked")
-    out.r8 = value
+    """TDH.MNG.RD(RCX = TDR PA, RDX = field id) -> R8 = value (version 1: RDX = next id)."""
+    _mng_rd_wr(ctx, inp, out, write=False)
 
 
 def tdh_mng_wr(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.WR(RCX = TDR PA, RDX = field id, R8 = value, R9 = mask) -> R8 = old value."""
-    td, old = _locked_field(ctx, inp, Leaf.TDH_MNG_WR)
-    if inp.rdx in (FIELD_ATTRIBUTES, FIELD_XFAM, FIELD_NUM_VCPUS, FIELD_MAX_VCPUS,
-                    FIELD_TSC_MULTIPLIER):
-        raise fail(st.TDX_METADATA_FIELD_NOT_WRITABLE, st.OPERAND_ID_RDX)
-    ctx.checkpoint("locked")
-    new = (old & ~inp.r9) | (inp.r8 & inp.r9)
-    if inp.rdx == FIELD_TSC_OFFSET:
-        td.tsc_offset = new
-    else:
-        td.fields[inp.rdx] = new
-    out.r8 = old
+    _mng_rd_wr(ctx, inp, out, write=True)
 
 
 LEAVES = [

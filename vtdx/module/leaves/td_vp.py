@@ -3,7 +3,9 @@
 From intel/tdx-module tdh_vp_{create,addcx,init,rd_wr,flush}.c: VP.CREATE locks the TDR
 explicitly (RDX); the others reach the TDR implicitly through the TDVPR's PAMT owner
 (lock_and_map_implicit_tdr, busy operand = TDR). VP.INIT associates the vCPU with the
-calling LP; VP.FLUSH must run on that LP (TDX_VCPU_NOT_ASSOCIATED otherwise).
+calling LP, and so do VP.RD / VP.WR (check_and_associate_vcpu, helpers.c) when the vCPU is
+not associated; VP.FLUSH must run on that LP (TDX_VCPU_NOT_ASSOCIATED otherwise). Field
+access goes through ``vtdx.module.metadata`` (metadata_vp.c).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
+from vtdx.module import metadata as md
 from vtdx.module import td_engine
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.helpers import (
     EX,
     SH,
+    check_and_associate_vcpu,
     check_and_lock_explicit_private_hpa,
     check_lock_and_map_explicit_tdr,
     check_state_map_tdcs_and_lock,
@@ -25,18 +29,19 @@ from vtdx.module.pamt import LEVEL_4K, PAGE_4K, PT_NDA, PT_TDCX, PT_TDVPR, pamt_
 from vtdx.module.state import TD_KEYS_CONFIGURED, TdState, VcpuState
 
 MAX_TDVPS_PAGES = 15
-#: TD VMCS field of KVM's shared EPTP (VMX_GUEST_SHARED_EPT_POINTER_FULL_ENCODE), which
-#: KVM writes with TDH.VP.WR before the vCPU first runs; the engine walks it for shared GPAs.
-FIELD_SHARED_EPTP = 0x203C
+#: Canonical id of the guest RCX in TDVPS (class 16, GPR state), set by VP.INIT.
+GPR_RCX = 0x1020000300000001
 
 
 def _vcpu(ctx: CallContext, tdvpr_pa: int, operand: int, exclusive: bool,
-          leaf: int, op_lock: bool | None = SH) -> tuple[VcpuState, TdState]:
-    """Check/lock the TDVPR, then the owner TDR implicitly (shared), then TDCS."""
+          leaf: int, op_lock: bool | None = SH,
+          tdr_exclusive: bool = False) -> tuple[VcpuState, TdState]:
+    """Check/lock the TDVPR, then the owner TDR implicitly (lock_and_map_implicit_tdr,
+    shared unless ``tdr_exclusive``), then TDCS."""
     check_and_lock_explicit_private_hpa(ctx, tdvpr_pa, operand, exclusive, PT_TDVPR)
     gd = ctx.gd
     vcpu = gd.vcpus[tdvpr_pa]
-    if not ctx.try_lock(pamt_key(LEVEL_4K, vcpu.tdr_pa), SH):
+    if not ctx.try_lock(pamt_key(LEVEL_4K, vcpu.tdr_pa), tdr_exclusive):
         raise fail(st.TDX_OPERAND_BUSY, st.OPERAND_ID_TDR)
     td = gd.tds[vcpu.tdr_pa]
     if leaf == Leaf.TDH_VP_FLUSH:
@@ -83,47 +88,97 @@ def tdh_vp_addcx(ctx: CallContext, inp: Regs, out: Regs) -> None:
 
 
 def tdh_vp_init(ctx: CallContext, inp: Regs, out: Regs) -> None:
-    """TDH.VP.INIT(RCX = TDVPR, RDX = initial guest RCX, R8 = x2APIC id for version 1)."""
+    """TDH.VP.INIT(RCX = TDVPR, RDX = initial guest RCX, R8 = x2APIC id for version 1).
+
+    tdh_vp_init.c of 1.5.06 / 2.0.08: version 1 takes the TDR exclusive and needs R8 to be a
+    32-bit x2APIC id unique in the TD (X2APIC_ID_NOT_UNIQUE carries the duplicate id);
+    an initialised vCPU gives VCPU_STATE_INCORRECT (2.0.08: | state)."""
+    if ctx.version > 1:
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RAX)
     tdvpr_pa = inp.rcx
-    vcpu, td = _vcpu(ctx, tdvpr_pa, st.OPERAND_ID_RCX, EX, Leaf.TDH_VP_INIT)
+    vcpu, td = _vcpu(ctx, tdvpr_pa, st.OPERAND_ID_RCX, EX, Leaf.TDH_VP_INIT,
+                     tdr_exclusive=ctx.version >= 1)
     if vcpu.num_pages < ctx.module.min_tdvps:
         raise TdxError(st.TDX_TDCX_NUM_INCORRECT)
     if vcpu.initialized:
-        raise TdxError(st.TDX_VCPU_STATE_INCORRECT)
+        state = md.vcpu_state(vcpu) if ctx.module.profile.gen.vcpu_state_operand else 0
+        raise TdxError(st.TDX_VCPU_STATE_INCORRECT + state)
     if td.num_vcpus >= td.max_vcpus:
         raise TdxError(st.TDX_MAX_VCPUS_EXCEEDED)
-    x2apic = inp.r8 & 0xFFFFFFFF if ctx.version >= 1 else td.num_vcpus
-    if ctx.version >= 1 and any(v.initialized and v.x2apic_id == x2apic
-                                for v in td.vcpus.values()):
-        raise TdxError(st.TDX_X2APIC_ID_NOT_UNIQUE)
+    if ctx.version >= 1:
+        x2apic = inp.r8
+        if x2apic >> 32:
+            raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_R8)
+        if any(v.initialized and v.x2apic_id == x2apic for v in td.vcpus.values()):
+            if ctx.module.profile.gen.x2apic_dup_keeps_vcpu_count:
+                td.num_vcpus += 1  # the 1.5 tree's vCPU index stays taken
+            raise fail(st.TDX_X2APIC_ID_NOT_UNIQUE, x2apic)
+    else:
+        x2apic = td.num_vcpus
     ctx.checkpoint("locked")
     vcpu.vcpu_index = td.num_vcpus
     td.num_vcpus += 1
     vcpu.x2apic_id = x2apic
-    vcpu.fields[0] = inp.rdx  # initial RCX
+    vcpu.fields[GPR_RCX] = inp.rdx  # the guest's initial RCX
     vcpu.initialized = True
-    vcpu.associated_lp = ctx.lp
+    vcpu.associated_lp = ctx.lp  # associate_vcpu_initial (helpers.c 1038-1055)
     ctx.gd.lp_vcpu[ctx.lp] = tdvpr_pa
     td_engine.make_engine(ctx.module, td, vcpu, inp.rdx)
 
 
-def tdh_vp_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
-    """TDH.VP.RD(RCX = TDVPR, RDX = field id) -> R8 = value."""
-    vcpu, _ = _vcpu(ctx, inp.rcx, st.OPERAND_ID_RCX, SH, Leaf.TDH_VP_RD)
+def _vp_rd_wr(ctx: CallContext, inp: Regs, out: Regs, write: bool) -> None:
+    """tdh_vp_rd_wr.c (1.5: lines 42-250; 2.0.08 the same order), step by step."""
+    out.r8 = 0
+    if not write and ctx.version >= 1:
+        out.rdx = md.FIELD_ID_NA
+    if ctx.version > 1:  # VP.RD's own check (lines 82-88); VP.WR never gets here
+        raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RAX)
+    leaf = Leaf.TDH_VP_WR if write else Leaf.TDH_VP_RD
+    # TDVPR shared (RCX), TDR implicit shared (TDR), TDCS + OP_STATE shared (lines 90-127).
+    vcpu, td = _vcpu(ctx, inp.rcx, st.OPERAND_ID_RCX, SH, leaf)
+    # map_tdvps (lines 132-140, helpers.c 616-640): the TDVPR and every TDVPX present.
+    if vcpu.num_pages < ctx.module.min_tdvps:
+        raise TdxError(st.TDX_TDCX_NUM_INCORRECT)
+    # check_and_associate_vcpu (lines 142-150): binds an unassociated vCPU to this LP.
+    check_and_associate_vcpu(ctx, vcpu, td)
+    fid = md.with_context(inp.rdx, md.CTX_VP)
+    if not write and ctx.version >= 1 and md.is_null(fid):  # lines 160-171
+        out.rdx = md.vp_next(td, fid)
+        ctx.set_status(st.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT)
+        return
+    md.check_single_element(fid)
+    m = ctx.module
+    if write:
+        old, commit = md.vp_write(td, vcpu, fid, inp.r8, inp.r9, max_pa=m.max_pa,
+                                  hkid_of=m.hkid_of,
+                                  first_private_hkid=m.profile.tdx_keyid_start)
+        ctx.checkpoint("locked")
+        commit()
+        out.r8 = old
+        return
+    value = md.vp_read(td, vcpu, fid)
     ctx.checkpoint("locked")
-    out.r8 = vcpu.fields.get(inp.rdx, 0)
+    out.r8 = value
+    if ctx.version >= 1:
+        out.rdx = md.vp_next(td, fid)
+
+
+def tdh_vp_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
+    """TDH.VP.RD(RCX = TDVPR, RDX = field id) -> R8 = value (version 1: RDX = next id)."""
+    _vp_rd_wr(ctx, inp, out, write=False)
 
 
 def tdh_vp_wr(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.VP.WR(RCX = TDVPR, RDX = field id, R8 = value, R9 = mask) -> R8 = old value."""
-    vcpu, _ = _vcpu(ctx, inp.rcx, st.OPERAND_ID_RCX, SH, Leaf.TDH_VP_WR)
-    ctx.checkpoint("locked")
-    old = vcpu.fields.get(inp.rdx, 0)
-    vcpu.fields[inp.rdx] = (old & ~inp.r9) | (inp.r8 & inp.r9)
-    out.r8 = old
-    if inp.rdx == FIELD_SHARED_EPTP and vcpu.engine is not None:
-        vcpu.engine.shared_eptp = vcpu.fields[inp.rdx]
-        vcpu.engine.invalidate_translations()
+    _vp_rd_wr(ctx, inp, out, write=True)
+    if md.field_code(inp.rdx) == md.VMCS_SHARED_EPTP and not (inp.rdx >> 56) & 0x3F:
+        # KVM's shared EPTP (TD VMCS class 0): the vCPU's engine walks it for shared GPAs.
+        vcpu = ctx.gd.vcpus[inp.rcx]
+        if vcpu.engine is not None:
+            td = ctx.gd.tds[vcpu.tdr_pa]
+            vcpu.engine.shared_eptp = md.vp_read(td, vcpu, md.with_context(inp.rdx,
+                                                                           md.CTX_VP))
+            vcpu.engine.invalidate_translations()
 
 
 def tdh_vp_flush(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -143,7 +198,7 @@ def tdh_vp_flush(ctx: CallContext, inp: Regs, out: Regs) -> None:
 LEAVES = [
     LeafSpec(Leaf.TDH_VP_CREATE, tdh_vp_create),
     LeafSpec(Leaf.TDH_VP_ADDCX, tdh_vp_addcx),
-    LeafSpec(Leaf.TDH_VP_INIT, tdh_vp_init, max_version=1),
+    LeafSpec(Leaf.TDH_VP_INIT, tdh_vp_init),
     LeafSpec(Leaf.TDH_VP_RD, tdh_vp_rd),
     LeafSpec(Leaf.TDH_VP_WR, tdh_vp_wr),
     LeafSpec(Leaf.TDH_VP_FLUSH, tdh_vp_flush),

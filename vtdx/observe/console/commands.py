@@ -149,6 +149,46 @@ class ConsoleCommands:
                       _clear_text)
         p.add_argument("rule_id", type=_int, nargs="?")
 
+        p = self._add("pause-call", "arm a SEAMCALL pause at a control point (vtdx-pause)",
+                      lambda ns: Request("vtdx-pause", _given(
+                          leaf=ns.leaf, lp=ns.lp, point=ns.point, td=ns.td, gpa=ns.gpa,
+                          hpa=ns.hpa, nth=ns.nth, timeout=ns.timeout,
+                          persistent=ns.persistent or None,
+                          **{"gpa-size": ns.gpa_size, "hpa-size": ns.hpa_size,
+                             "until-leaf": ns.until})),
+                      F.fmt_pause)
+        p.add_argument("leaf", nargs="?", help="leaf name or number (default: any)")
+        p.add_argument("--lp", type=_int)
+        p.add_argument("--point", choices=("entry", "locked", "done"))
+        p.add_argument("--td", type=_int, help="TDR physical address")
+        p.add_argument("--gpa", type=_int)
+        p.add_argument("--gpa-size", type=_int)
+        p.add_argument("--hpa", type=_int)
+        p.add_argument("--hpa-size", type=_int)
+        p.add_argument("--nth", type=_int)
+        p.add_argument("--until", help="go on when this leaf returned on another LP")
+        p.add_argument("--timeout", type=float, help="go on after this many seconds")
+        p.add_argument("--persistent", action="store_true", help="stay armed after a hit")
+        self._query("pauses", "armed pauses and the calls they hold", "query-vtdx-pauses",
+                    F.fmt_pauses)
+        p = self._add("resume-call", "let a paused SEAMCALL (or all) go on",
+                      lambda ns: Request("vtdx-resume", _given(id=ns.id)), F.fmt_resume)
+        p.add_argument("id", type=_int, nargs="?")
+        p = self._add("unpause", "remove a pause (or all), releasing its call",
+                      lambda ns: Request("vtdx-pause-clear", _given(id=ns.id)), F.fmt_resume)
+        p.add_argument("id", type=_int, nargs="?")
+        p = self._add("timing", "show or set the timing: serial, overlap, explore SEED",
+                      lambda ns: Request("vtdx-timing", _given(
+                          mode=ns.mode, seed=ns.seed, slowdown=ns.slowdown))
+                      if ns.mode else Request("query-vtdx-timing"), F.fmt_timing)
+        p.add_argument("mode", nargs="?", choices=("serial", "overlap", "explore"))
+        p.add_argument("seed", type=_int, nargs="?")
+        p.add_argument("--slowdown", type=float)
+        p = self._add("contention", "BUSY from held locks: summary and newest records",
+                      lambda ns: Request("query-vtdx-contention", _given(count=ns.count)),
+                      F.fmt_contention)
+        p.add_argument("-n", "--count", type=_int, default=None)
+
         self._query("pause", "pause the machine (QEMU stop): a consistent snapshot", "stop",
                     lambda _: "machine paused")
         self._query("resume", "resume the machine (QEMU cont)", "cont",

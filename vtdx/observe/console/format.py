@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from vtdx.observe.answers import (
+    ContentionAnswer,
     FaultRuleInfo,
     LockHolder,
     LocksAnswer,
@@ -18,28 +19,25 @@ from vtdx.observe.answers import (
     PamtPage,
     PamtRow,
     PamtSummary,
+    PauseInfo,
     QemuStatus,
+    ResumeAnswer,
     SeamcallErrorData,
     SeptAnswer,
     SeptWalk,
     TdInfo,
     TdmrInfo,
+    TimingInfo,
     TraceRecord,
     VtdxStats,
     VtdxStatus,
 )
 from vtdx.observe.trace import format_record
+from vtdx.units import format_size
 
 
 def hx(v: object) -> str:
     return f"0x{v:x}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
-
-
-def size(n: int) -> str:
-    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= div and n % div == 0:
-            return f"{n // div}{unit}"
-    return str(n)
 
 
 def table(headers: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
@@ -74,7 +72,7 @@ def fmt_status(s: VtdxStatus) -> str:
         f"keyids:     MKTME 1..{k['mktme']}, TDX [{k['tdx-start']}, "
         f"{k['tdx-start'] + k['tdx-count']}), global {k['global']}, "
         f"configured packages {k['configured-packages']}",
-        f"memory:     {size(s['ram-bytes'])} RAM, {s['tdmrs']} TDMRs, PAMT "
+        f"memory:     {format_size(s['ram-bytes'])} RAM, {s['tdmrs']} TDMRs, PAMT "
         f"{s['pamt-bytes'] // 1024} KB, dynamic PAMT {'on' if s['dynamic-pamt'] else 'off'}",
         f"TDs:        {s['tds']}",
         f"locks held: {s['held-locks']}, fault rules: {s['fault-rules']}, "
@@ -88,8 +86,8 @@ def fmt_status(s: VtdxStatus) -> str:
 def fmt_tdmrs(ts: list[TdmrInfo]) -> str:
     rows = []
     for t in ts:
-        pamt = " ".join(f"{p['level']}@{hx(p['base'])}+{size(p['size'])}" for p in t["pamt"])
-        rows.append([t["index"], hx(t["base"]), hx(t["end"]), size(t["size"]), pamt,
+        pamt = " ".join(f"{p['level']}@{hx(p['base'])}+{format_size(p['size'])}" for p in t["pamt"])
+        rows.append([t["index"], hx(t["base"]), hx(t["end"]), format_size(t["size"]), pamt,
                      len(t["reserved"]), "yes" if t["initialized"] else
                      f"up to {hx(t['initialized-up-to'])}"])
     return table(["#", "base", "end", "size", "PAMT (level@base+size)", "rsvd", "init"], rows)
@@ -225,3 +223,68 @@ def fmt_seamcall_error(d: SeamcallErrorData) -> str:
     mark = " [injected]" if d.get("injected") else ""
     return (f"! lp{d.get('lp')} {d.get('name')} -> {d.get('status-name')}{mark}"
             + (f" from {d['caller']}" if d.get("caller") else ""))
+
+
+# --------------------------------------------------------------------------- races
+
+
+def _filters(p: PauseInfo) -> str:
+    parts = [p["point"]]
+    for k in ("leaf", "lp", "td", "until-leaf", "timeout-s"):
+        v = p.get(k)
+        if v is not None:
+            parts.append(f"{k}={hex(v) if k == 'td' and isinstance(v, int) else v}")
+    for k, rng in (("gpa", p["gpa"]), ("hpa", p["hpa"])):
+        if rng:
+            parts.append(f"{k}=0x{rng[0]:x}..0x{rng[1]:x}")
+    if p["nth"] != 1:
+        parts.append(f"nth={p['nth']}")
+    if not p["once"]:
+        parts.append("persistent")
+    return " ".join(parts)
+
+
+def fmt_pause(p: PauseInfo) -> str:
+    return f"pause {p['id']}: {_filters(p)}"
+
+
+def fmt_pauses(ps: list[PauseInfo]) -> str:
+    rows = []
+    for p in ps:
+        state = "armed" if p["armed"] else ""
+        if p["paused"]:
+            state = (f"holding call {p.get('call')} (LP{p.get('call-lp')} "
+                     f"{p.get('call-leaf')}) {p.get('waiting-s')} s")
+            if p.get("locks"):
+                state += "; locks: " + ", ".join(p.get("locks", []))
+        rows.append([p["id"], _filters(p), f"{p['hits']}/{p['seen']}", state])
+    return table(["id", "pause", "hits/seen", "state"], rows) if rows else "no pauses"
+
+
+def fmt_resume(r: ResumeAnswer) -> str:
+    return f"{r['resumed']} call(s) resumed, {r['removed']} pause(s) removed"
+
+
+def fmt_timing(t: TimingInfo) -> str:
+    return "timing: " + " ".join(f"{k}={v}" for k, v in t.items())
+
+
+def fmt_contention(c: ContentionAnswer) -> str:
+    """The summary table, then the newest BUSY records one per line."""
+    out = [fmt_timing(c["timing"]), f"{c['total']} BUSY from held locks"
+           + (f" ({c['dropped']} not kept)" if c["dropped"] else "")]
+    if c["summary"]:
+        out.append(table(
+            ["leaf", "status", "lock", "held by", "count", "retried", "moved on", "callers"],
+            [[r["leaf"], r["status-name"], r["lock"], r["holder-leaf"], r["count"],
+              r["retried"], r["moved-on"], ", ".join(r["callers"])] for r in c["summary"]]))
+    for b in c["busy"]:
+        hs = "; ".join(f"LP{h['lp']} {h['leaf']}@{h.get('point')}"
+                       + (f" <- {h.get('caller')}" if h.get("caller") else "")
+                       for h in b["holders"])
+        nxt = b["next"]
+        then = f"{nxt['action']} {nxt['leaf']} -> {nxt['status']}" if nxt else "(no next call)"
+        who = f" <- {b.get('caller')}" if b.get("caller") else ""
+        out.append(f"#{b['index']} LP{b['lp']} {b['leaf']}{who}: {b['status-name']} "
+                   f"operand={b.get('operand', '-')} lock '{b['lock']}' held by {hs}; {then}")
+    return "\n".join(out)

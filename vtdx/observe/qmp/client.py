@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -26,6 +27,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from vtdx.errors import VtdxError
 from vtdx.observe.answers import (
     QMP_SOCKET,
+    ContentionAnswer,
     FaultRuleInfo,
     InjectAnswer,
     InjectClearAnswer,
@@ -34,12 +36,15 @@ from vtdx.observe.answers import (
     PamtPage,
     PamtRow,
     PamtSummary,
+    PauseInfo,
     QemuStatus,
+    ResumeAnswer,
     SeptAnswer,
     SeptMappings,
     SeptWalk,
     TdInfo,
     TdmrInfo,
+    TimingInfo,
     TraceRecord,
     VtdxStats,
     VtdxStatus,
@@ -215,6 +220,77 @@ class VtdxClient:
         finally:
             with contextlib.suppress(VtdxError):  # a count-limited rule removes itself
                 self.inject_clear(rid)
+
+    # -- pauses, timing, contention (docs/races.md)
+
+    def pause(self, leaf: int | str | None = None, *, lp: int | None = None,
+              point: str | None = None, td: int | None = None, gpa: int | None = None,
+              gpa_size: int | None = None, hpa: int | None = None,
+              hpa_size: int | None = None, nth: int | None = None,
+              persistent: bool | None = None, until_leaf: int | str | None = None,
+              timeout: float | None = None) -> PauseInfo:
+        """Arm a pause (``vtdx-pause``); ``info["id"]`` names it for ``resume``."""
+        return cast(PauseInfo, self.execute(
+            "vtdx-pause", leaf=leaf, lp=lp, point=point, td=td, gpa=gpa,
+            **{"gpa-size": gpa_size, "hpa-size": hpa_size, "until-leaf": until_leaf},
+            hpa=hpa, nth=nth, persistent=persistent, timeout=timeout))
+
+    def pauses(self) -> list[PauseInfo]:
+        return cast(list[PauseInfo], self.execute("query-vtdx-pauses"))
+
+    def pause_state(self, pause_id: int) -> PauseInfo:
+        """One pause by id (QmpCommandError-free: VtdxError if it is gone)."""
+        for p in self.pauses():
+            if p["id"] == pause_id:
+                return p
+        raise VtdxError(f"pause {pause_id} is no longer armed or holding a call")
+
+    def wait_paused(self, pause_id: int, timeout: float = 30.0, poll: float = 0.02
+                    ) -> PauseInfo:
+        """Poll until the pause holds a call; its state then (VtdxError on timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.pause_state(pause_id)
+            if p["paused"]:
+                return p
+            if time.monotonic() > deadline:
+                raise VtdxError(f"pause {pause_id} held no call within {timeout:g} s "
+                                f"(seen {p['seen']} matching calls)")
+            time.sleep(poll)
+
+    def resume(self, pause_id: int | None = None) -> int:
+        """Let the call held by one pause (or all) go on; how many went on."""
+        return int(cast(ResumeAnswer, self.execute("vtdx-resume", id=pause_id))["resumed"])
+
+    def pause_clear(self, pause_id: int | None = None) -> int:
+        """Remove a pause (or all); how many were removed."""
+        r = cast(ResumeAnswer, self.execute("vtdx-pause-clear", id=pause_id))
+        return int(r["removed"])
+
+    @contextlib.contextmanager
+    def pausing(self, leaf: int | str | None = None, **kw: object) -> Iterator[PauseInfo]:
+        """``with vm.vtdx.pausing("TDH.MEM.PAGE.AUG", lp=0) as p: ...`` -- removed (and its
+        call released) on leaving the block."""
+        info = self.pause(leaf, **kw)  # type: ignore[arg-type]
+        try:
+            yield info
+        finally:
+            with contextlib.suppress(VtdxError):  # a fired one-shot pause removed itself
+                self.pause_clear(info["id"])
+
+    def timing(self) -> TimingInfo:
+        return cast(TimingInfo, self.execute("query-vtdx-timing"))
+
+    def set_timing(self, mode: str, *, seed: int | None = None,
+                   slowdown: float | None = None) -> TimingInfo:
+        """``serial``, ``overlap`` or ``explore`` (with ``seed``)."""
+        return cast(TimingInfo, self.execute("vtdx-timing", mode=mode, seed=seed,
+                                             slowdown=slowdown))
+
+    def contention(self, count: int | None = None, *, clear: bool | None = None
+                   ) -> ContentionAnswer:
+        return cast(ContentionAnswer, self.execute("query-vtdx-contention", count=count,
+                                                   clear=clear))
 
     def qemu_status(self) -> QemuStatus:
         """QEMU's run state (only when the endpoint forwards to QEMU)."""

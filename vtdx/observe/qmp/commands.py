@@ -13,8 +13,10 @@ from typing import ParamSpec, TypeVar
 
 from vtdx.abi import status as st
 from vtdx.errors import VtdxError
-from vtdx.observe.answers import InjectAnswer, PamtAnswer, TraceRecord
-from vtdx.observe.inspect import InspectError, Inspector
+from vtdx.module.control import POINTS
+from vtdx.module.timing import MODES
+from vtdx.observe.answers import InjectAnswer, PamtAnswer, PauseInfo, TraceRecord
+from vtdx.observe.inspect import ControlQueries, InspectError, Inspector
 from vtdx.observe.qmp.errors import QmpError
 from vtdx.observe.qmp.qemu import QemuControl
 from vtdx.observe.qmp.schema import Arg, Command, as_int, type_error
@@ -130,11 +132,34 @@ class VtdxCommands:
             lps = [lp]
         return self.inspector.inject(status, leaf, count, probability, lps)
 
+    def pause(self, **kw: object) -> PauseInfo:
+        """vtdx-pause: QMP's hyphenated arguments to ``ControlQueries.pause``."""
+        ranges: dict[str, tuple[int, int]] = {}
+        for what in ("gpa", "hpa"):
+            start = kw.pop(what, None)
+            size = kw.pop(f"{what}-size", None)
+            if start is None:
+                if size is not None:
+                    raise QmpError(f"'{what}-size' needs '{what}'")
+                continue
+            assert isinstance(start, int)
+            ranges[what] = (start & ~0xFFF, start + (size if isinstance(size, int) else 0x1000))
+        until = kw.pop("until-leaf", None)
+        once = not kw.pop("persistent", False)
+        return self.control.pause(gpa=ranges.get("gpa"), hpa=ranges.get("hpa"),
+                                  until_leaf=until, once=once,  # type: ignore[arg-type]
+                                  **kw)  # type: ignore[arg-type]
+
+    @property
+    def control(self) -> ControlQueries:
+        return ControlQueries(self.inspector)
+
 
 def vtdx_commands(inspector: Inspector, qemu: QemuControl | None = None) -> list[Command]:
     """The vtdx QMP command table over ``inspector`` (with QEMU's run control if given)."""
     q = _qmp_errors
     h = VtdxCommands(inspector)
+    c = ControlQueries(inspector)
     cmds = [
         Command("query-vtdx-status", q(inspector.status),
                 "Module state, LPs, keyids, TDMR/TD counts, SEAMCALL totals."),
@@ -190,6 +215,58 @@ def vtdx_commands(inspector: Inspector, qemu: QemuControl | None = None) -> list
                 "Remove one fault rule (id) or all.",
                 (Arg("rule_id", "int", "rule id from vtdx-inject", optional=True,
                      minimum=1),)),
+        Command("vtdx-pause", q(h.pause),
+                "Arm a pause: the nth SEAMCALL matching every given filter stops at the "
+                "control point (entry, locked = every lock held, done) until vtdx-resume, "
+                "until a call of until-leaf on another LP returned, or timeout seconds. "
+                "Events VTDX_SEAMCALL_PAUSED / VTDX_SEAMCALL_RESUMED.",
+                (Arg("point", "str", "control point (default locked)", optional=True,
+                     choices=POINTS),
+                 Arg("leaf", "leaf", "leaf number or name (default: any)", optional=True,
+                     convert=_leaf_arg),
+                 Arg("lp", "int", "only this LP", optional=True, minimum=0),
+                 Arg("td", "int", "only calls on this TD (TDR PA in RCX or RDX)",
+                     optional=True, minimum=0, maximum=MAX_PA),
+                 Arg("gpa", "int", "only GPA leaves whose GPA (RCX) is in [gpa, gpa+size)",
+                     optional=True, minimum=0, maximum=MAX_PA),
+                 Arg("gpa-size", "int", "bytes of the GPA range (default 4096)",
+                     optional=True, minimum=1, maximum=MAX_PA),
+                 Arg("hpa", "int", "only calls with an operand page in [hpa, hpa+size)",
+                     optional=True, minimum=0, maximum=MAX_PA),
+                 Arg("hpa-size", "int", "bytes of the HPA range (default 4096)",
+                     optional=True, minimum=1, maximum=MAX_PA),
+                 Arg("nth", "int", "pause the nth matching call (default 1)", optional=True,
+                     minimum=1, maximum=1 << 32),
+                 Arg("persistent", "bool", "stay armed after a hit", optional=True),
+                 Arg("until-leaf", "leaf", "go on once a call of this leaf on another LP "
+                     "returned", optional=True, convert=_leaf_arg),
+                 Arg("timeout", "number", "go on after this many seconds (default 60)",
+                     optional=True, minimum=0.001, maximum=3600))),
+        Command("query-vtdx-pauses", q(c.pauses),
+                "Armed pauses and the calls they hold (with the locks those hold)."),
+        Command("vtdx-resume", q(c.resume),
+                "Let the call held by pause id (or every held call) go on.",
+                (Arg("id", "int", "pause id (default: all)", optional=True, minimum=1),)),
+        Command("vtdx-pause-clear", q(c.pause_clear),
+                "Remove a pause (or all), releasing any call it holds.",
+                (Arg("id", "int", "pause id (default: all)", optional=True, minimum=1),)),
+        Command("query-vtdx-timing", q(c.timing),
+                "How long calls hold their locks: serial, overlap or explore (seeded)."),
+        Command("vtdx-timing", q(c.set_timing),
+                "Choose the timing: serial (no overlap, deterministic), overlap (calls of "
+                "different LPs overlap as on hardware), explore (seeded varied holds).",
+                (Arg("mode", "str", "serial | overlap | explore", choices=MODES),
+                 Arg("seed", "int", "exploration seed", optional=True, minimum=0,
+                     maximum=(1 << 64) - 1),
+                 Arg("slowdown", "number", "guest slowdown under TCG (default 50)",
+                     optional=True, minimum=0, maximum=100000))),
+        Command("query-vtdx-contention", q(c.contention),
+                "Every BUSY a caller got from a lock another call held: leaf, operand, "
+                "lock, the holder, both kernel callers, the caller's next call; and a "
+                "summary.",
+                (Arg("count", "int", "BUSY records listed (newest, default 100)",
+                     optional=True, minimum=0, maximum=MAX_LIST),
+                 Arg("clear", "bool", "forget the records after answering", optional=True))),
     ]
     if qemu is not None:
         cmds += qemu.commands()

@@ -3,7 +3,8 @@
 ``InspectEndpoint`` owns all three: ``start()`` attaches the recorder to the module and
 serves the socket ``RUN_DIR/vtdx-qmp.sock`` on its own thread; ``stop()`` closes the
 socket, detaches the recorder and closes the trace file. Failed SEAMCALLs become
-``VTDX_SEAMCALL_ERROR`` events.
+``VTDX_SEAMCALL_ERROR`` events; calls stopping at and leaving a pause become
+``VTDX_SEAMCALL_PAUSED`` / ``VTDX_SEAMCALL_RESUMED``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ from pathlib import Path
 from typing import cast
 
 from vtdx.module import TdxModule
-from vtdx.observe.answers import EVENT_SEAMCALL_ERROR, QMP_SOCKET
-from vtdx.observe.inspect import Inspector
+from vtdx.module.control import PauseHandle
+from vtdx.observe.answers import (
+    EVENT_CALL_PAUSED,
+    EVENT_CALL_RESUMED,
+    EVENT_SEAMCALL_ERROR,
+    QMP_SOCKET,
+)
+from vtdx.observe.inspect import Inspector, pause_info
 from vtdx.observe.qmp.commands import vtdx_commands
 from vtdx.observe.qmp.qemu import QemuControl
 from vtdx.observe.qmp.server import QmpServer
@@ -75,13 +82,34 @@ class InspectEndpoint:
         self.qemu = QemuControl(qemu_qmp) if qemu_qmp is not None else None
         self.server = QmpServer(self.socket_path, vtdx_commands(self.inspector, self.qemu))
         self.recorder.on_error.append(seamcall_error_event(self.server))
+        self.module = module
+        module.control.listeners.append(self._on_pause)
         self._thread: QmpServerThread | None = None
 
+    def _on_pause(self, what: str, handle: PauseHandle) -> None:
+        """VTDX_SEAMCALL_PAUSED (with the locks the call holds) / VTDX_SEAMCALL_RESUMED."""
+        if what == "paused":
+            locks = [d["key"] for d in self.module.locks.snapshot()
+                     if handle.paused_call in d["owners"]]
+            self.server.emit(EVENT_CALL_PAUSED, pause_info(handle, locks))
+        else:
+            self.server.emit(EVENT_CALL_RESUMED, pause_info(handle))
+
+    def header(self) -> dict[str, object]:
+        """Platform profile, module features and timing in force (the trace's first line)."""
+        p = self.module.profile
+        return {"profile": p.name,
+                "features": [f"{'+' if on else '-'}{n}" for n, on in p.features.items()],
+                "timing": self.module.control.describe()}
+
     def start(self) -> InspectEndpoint:
+        self.recorder.write_header(self.header())
         self._thread = QmpServerThread(self.server).start()
         return self
 
     def stop(self) -> None:
+        if self._on_pause in self.module.control.listeners:
+            self.module.control.listeners.remove(self._on_pause)
         if self._thread is not None:
             self._thread.stop()
             self._thread = None
