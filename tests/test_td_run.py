@@ -426,3 +426,23 @@ def test_console_lists_td_vcpus(world: World) -> None:
     text = fmt_tds(Inspector.attach(w.module).tds())
     assert "TDCALL:1" in text and "READY" in text and "guest RIP" in text, text
     _teardown_clean(w, td)
+
+
+def test_triple_fault_disables_the_vcpu(world: World) -> None:
+    """A guest triple fault is a TD exit with TDX_NON_RECOVERABLE_VCPU and reason 2
+    (td_exit.c: the vCPU becomes VCPU_DISABLED). Then VP.ENTER and VP.WR find it not READY
+    (helpers.c check_and_associate_vcpu -> TDX_VCPU_STATE_INCORRECT) while VP.RD still reads
+    it (tdh_vp_rd_wr.c: association allows a disabled vCPU on read)."""
+    w = world
+    h = w.host
+    td, (v,) = _test_guest_td(w, tg.T_TRIPLE)
+    r = h.run(td, v, lambda _v, _out: Regs(r10=0, r11=0), max_exits=1000)
+    assert r.stop == "triple_fault"
+    assert r.out.rax == st.TDX_NON_RECOVERABLE_VCPU | 2
+    assert w.module.gd.vcpus[v.tdvpr].state_name == "DISABLED"
+    assert h.vp_enter(v).rax == st.TDX_VCPU_STATE_INCORRECT
+    assert h.call(0, Leaf.TDH_VP_RD, rcx=v.tdvpr, rdx=0x2, expect=None).rax == 0
+    wr = h.call(0, Leaf.TDH_VP_WR, rcx=v.tdvpr, rdx=0x2, r8=0xF2, r9=0xFFFF, expect=None)
+    assert wr.rax == st.TDX_VCPU_STATE_INCORRECT
+    assert not w.module.internal_errors
+    _teardown_clean(w, td)

@@ -139,8 +139,9 @@ def _vp_rd_wr(ctx: CallContext, inp: Regs, out: Regs, write: bool) -> None:
     # map_tdvps (lines 132-140, helpers.c 616-640): the TDVPR and every TDVPX present.
     if vcpu.num_pages < ctx.module.min_tdvps:
         raise TdxError(st.TDX_TDCX_NUM_INCORRECT)
-    # check_and_associate_vcpu (lines 142-150): binds an unassociated vCPU to this LP.
-    check_and_associate_vcpu(ctx, vcpu, td)
+    # check_and_associate_vcpu (lines 142-150): binds an unassociated vCPU to this LP; a
+    # read is allowed on a DISABLED vCPU (one a triple fault stopped), a write is not.
+    check_and_associate_vcpu(ctx, vcpu, td, allow_disabled=not write)
     fid = md.with_context(inp.rdx, md.CTX_VP)
     if not write and ctx.version >= 1 and md.is_null(fid):  # lines 160-171
         out.rdx = md.vp_next(td, fid)
