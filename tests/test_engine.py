@@ -32,8 +32,10 @@ from vtdx.module.engine.exits import (
     accept_eeq,
 )
 from vtdx.module.engine.interfaces import LEVEL_2M, LEVEL_4K, SEPT_FREE, SEPT_PENDING
-from vtdx.module.engine.sandbox import temp_host_ram
-from vtdx.module.engine.td_test_guest import (
+from vtdx.platform.memory import GuestRam
+from vtdx.platform.profile import Region
+from vtdx.testing.td_sandbox import temp_host_ram
+from vtdx.testing.td_test_guest import (
     ACCEPT_2M_GPA,
     ACCEPT_4K_GPA,
     MISMATCH_2M_GPA,
@@ -60,8 +62,6 @@ from vtdx.module.engine.td_test_guest import (
     GuestRig,
     build_guest,
 )
-from vtdx.platform.memory import GuestRam
-from vtdx.platform.profile import Region
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,7 +122,8 @@ def test_tdg_vp_info(ram) -> None:
     r = rig.next_report()
     assert r.code == 0x110 and r.values == (0, 48, 1 << 28, 3 | 4 << 32)
     assert rig.next_report().values == (0, 1, 0, 0)
-    assert [e.reason for e in rig.exits] == [EXIT_TDCALL, EXIT_TDCALL]
+    assert [e.reason for e in rig.exits if e.reason != EXIT_TIME_SLICE] == [EXIT_TDCALL,
+                                                                        EXIT_TDCALL]
     rig = GuestRig(ram, T_INFO, config=TdConfig(gpaw=True, attributes=0))
     assert rig.next_report().values[1:3] == (52, 0)
 
@@ -152,6 +153,8 @@ def test_accept_4k_zeroes_pending_page(ram) -> None:
     level as operand."""
     rig = GuestRig(ram, T_ACCEPT_4K)
     ex = rig.enter()
+    while ex.reason == EXIT_TIME_SLICE:     # a loaded host may end the first slice early
+        ex = rig.enter()
     assert ex.reason == EXIT_EPT_VIOLATION and ex.gpa == ACCEPT_4K_GPA
     assert ex.ext_qualification == accept_eeq(LEVEL_4K, LEVEL_4K, SEPT_FREE, False)
     assert ex.ext_qualification & 0xF == EEQ_ACCEPT and ex.qualification == 2
@@ -358,7 +361,8 @@ def test_bad_tdcalls_status_codes(ram) -> None:
     assert r.values == (TDX_NO_VALID_VE_INFO, TDX_OPERAND_INVALID + 1,
                         TDX_OPERAND_INVALID + 0, TDX_OPERAND_INVALID + 0)
     assert rig.next_report().values[0] == TDX_OPERAND_INVALID + 1
-    assert [e.reason for e in rig.exits] == [EXIT_TDCALL, EXIT_TDCALL]
+    assert [e.reason for e in rig.exits if e.reason != EXIT_TIME_SLICE] == [EXIT_TDCALL,
+                                                                        EXIT_TDCALL]
 
 
 def test_blocked_page_invalidates_cached_translation(ram) -> None:

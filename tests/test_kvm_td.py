@@ -239,7 +239,7 @@ def _run_on_td_engine(image: bytes, nr_vcpus: int) -> dict:
     shared ones by mapping a page in KVM's shared EPT (non-present entries carry
     suppress-#VE, as KVM's do), TDVMCALLs as kvm-td.c answers them."""
     # Imported here: the engine (vtdx.module.engine) may not be in this tree yet.
-    sandbox = pytest.importorskip("vtdx.module.engine.sandbox",
+    sandbox = pytest.importorskip("vtdx.testing.td_sandbox",
                                   reason="the TD vCPU engine is not in this tree")
     from vtdx.abi.regs import Regs
     from vtdx.module.engine import TdConfig, TdVcpuEngine

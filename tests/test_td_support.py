@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from linux_tdmr import LinuxHost, q35_memblocks
 
@@ -16,7 +17,7 @@ from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import TdxModule
 from vtdx.module import control as ctl
-from vtdx.platform.memory import SparseMemory
+from vtdx.platform.memory import GuestRam, PhysMemory, SparseMemory
 from vtdx.platform.profile import Profile
 from vtdx.testing.invariants import check_invariants
 from vtdx.testing.td_host import KvmHost, PageAllocator
@@ -43,10 +44,19 @@ class World:
 
 
 def make_world(*, dpamt: bool = True, smp: int = 4, mem: int = 24 * GiB,
-               generation: str = "1.5") -> World:
+               generation: str = "1.5", ram_file: Path | None = None) -> World:
+    """``ram_file``: back the host RAM with this (sparse) file as QEMU's memory backend
+    does, so TDs can run (the TD vCPU engine maps it); otherwise in-memory pages."""
     p = Profile.from_vm(smp, mem, dynamic_pamt=dpamt, demote_nointerrupt=True,
                         generation=generation)
-    m = TdxModule(p, SparseMemory(p.ram))
+    memory: PhysMemory
+    if ram_file is not None:
+        with open(ram_file, "wb") as f:
+            f.truncate(sum(r.size for r in p.ram))
+        memory = GuestRam(ram_file, p.ram)
+    else:
+        memory = SparseMemory(p.ram)
+    m = TdxModule(p, memory)
 
     def seamcall(lp: int, regs: Regs) -> Regs:
         if dpamt and regs.rax == Leaf.TDH_SYS_CONFIG:

@@ -176,8 +176,7 @@ DECLARED: tuple[Conformance, ...] = (
       ("VP tables are 1.5.01's auto-generated ones",
        "a VMCS field in the table is always VMREAD-able; fields the model does not compute "
        "read their stored value (VMCS initial values: PI vector 0xFFFF, PI descriptor "
-       "NULL_PA, others 0)",
-       "no DISABLED vCPU state exists in the model")),
+       "NULL_PA, others 0)")),
     C(Leaf.TDH_VP_WR, BOTH, (API + "tdh_vp_rd_wr.c", HELPERS, MD + "metadata_vp.c"),
       ("version 0 only (dispatcher)", "same opening checks and association as TDH.VP.RD",
        "combined mask 0 -> FIELD_NOT_WRITABLE; forbidden bits (with the NULL_PA "
@@ -190,6 +189,29 @@ DECLARED: tuple[Conformance, ...] = (
        "capability model)",)),
     C(Leaf.TDH_VP_FLUSH, BOTH, (API + "tdh_vp_flush.c",),
       ("TDVPR exclusive, page count, VCPU_NOT_ASSOCIATED unless on the associated LP",)),
+    C(Leaf.TDH_VP_ENTER, (T15,), ("src/td_transitions/tdh_vp_enter.c", HELPERS,
+                                  "src/td_transitions/td_exit.c"),
+      ("vcpu_and_flags_t reserved bits 11:0, 63:54 -> OPERAND_INVALID|RCX",
+       "TDVPR shared (check_and_lock_explicit_4k_private_hpa, operand RCX); TDR implicit "
+       "shared (BUSY|TDR); TDCS + OP_STATE shared, RUNNABLE only (OP_STATE_INCORRECT)",
+       "map_tdvps: TDCX_NUM_INCORRECT",
+       "check_and_associate_vcpu: VCPU_STATE_INCORRECT unless READY (ACTIVE while another "
+       "LP runs it, DISABLED after a triple fault), VCPU_ASSOCIATED when another LP holds it",
+       "HOST_RECOVERABILITY_HINT only after an ASYNC_TRAP exit, RESUME_L1 (no L2) -> "
+       "OPERAND_INVALID|RCX",
+       "adjust_tlb_tracking_state: epoch lock shared (BUSY|TD_EPOCH), the vCPU joins the "
+       "TD epoch's refcount until its exit; TDVPR and TDR locks held while the guest runs",
+       "TD exits: TDCALL 77 (TDG.VP.VMCALL GPRs by the guest's mask), EPT violation 48 "
+       "(unmapped, blocked, PENDING access with EEQ type 6, ACCEPT level in the EEQ), "
+       "triple fault 2 (NON_RECOVERABLE_VCPU, vCPU DISABLED), OTHER_SMI 6 for the end of a "
+       "time slice or a TRACK kick; re-entry loads KVM's TDVMCALL replies"),
+      ("LP MSR checks (LIMIT_CPUID_MAXVAL, IA32_TSC_ADJUST, MONITOR_FSM), TSC rollback, the "
+       "0-step stepping filter and L2 VMs are not modelled",
+       "guest code runs on the stock-unicorn TD vCPU engine: no interrupt injection, "
+       "events delivered CPL0 -> CPL0 in 64-bit mode only, LOCK not atomic across vCPUs "
+       "(vtdx/module/engine/INTEGRATION.md); what the engine cannot model ends the entry "
+       "with NON_RECOVERABLE_VCPU and an internal error",
+       "2.0.08 (dpamt generation) not compared")),
     # --- S-EPT and private memory --------------------------------------------------------------
     C(Leaf.TDH_MEM_SEPT_ADD, BOTH, (API + "tdh_mem_sept_add.c", HELPERS),
       ("td_handle_and_flags_t: reserved bits -> OPERAND_INVALID|RDX before the TDR; "

@@ -32,6 +32,7 @@ from vtdx.abi.regs import MASK64, Regs
 from vtdx.module.contention import ContentionLog
 from vtdx.module.context import CallContext, LeafSpec, copy_regs
 from vtdx.module.control import Controller
+from vtdx.module.engine.hostram import HostRam
 from vtdx.module.errors import TdxError
 from vtdx.module.events import CallObserved, CheckpointReached, EventBus, FaultInjected
 from vtdx.module.faults import FaultInjector
@@ -83,6 +84,8 @@ class TdxModule:
         #: All model state, named after the module's global data (tdx_global_data_t, reached
         #: through get_global_data() in the module); replaced as a whole by ``reset``.
         self.gd = ModuleState(profile)
+        #: Host RAM mapped once for every TD vCPU engine (``vtdx.module.td_engine.host_ram``).
+        self.host_ram: HostRam | None = None
 
     # -- registration ----------------------------------------------------------------------
     @property

@@ -145,18 +145,33 @@ def check_state_map_tdcs_and_lock(ctx: CallContext, td: TdState, op_lock: bool |
 
 # --- vCPU association -----------------------------------------------------------------------
 
-def check_and_associate_vcpu(ctx: CallContext, vcpu: VcpuState, td: TdState) -> None:
+#: vCPU states of TDVPS.MANAGEMENT.STATE (tdx_tdvps.h).
+VCPU_UNINITIALIZED, VCPU_READY, VCPU_ACTIVE, VCPU_DISABLED = 0x0, 0x2, 0x4, 0x8
+
+
+def vcpu_state(vcpu: VcpuState) -> int:
+    """TDVPS.MANAGEMENT.STATE of ``vcpu``: ACTIVE while it runs guest code on some LP."""
+    if not vcpu.initialized:
+        return VCPU_UNINITIALIZED
+    if vcpu.disabled:
+        return VCPU_DISABLED
+    return VCPU_ACTIVE if vcpu.running_lp is not None else VCPU_READY
+
+
+def check_and_associate_vcpu(ctx: CallContext, vcpu: VcpuState, td: TdState,
+                             allow_disabled: bool = False) -> None:
     """check_and_associate_vcpu + associate_vcpu (helpers.c 960-1036 of the 1.5 tree).
 
-    The vCPU must be READY (the model has no DISABLED vCPU, so "allow disabled" never
-    matters): otherwise TDX_VCPU_STATE_INCORRECT, bare in 1.5.x and carrying the state as
-    operand id in 2.0.08 (the profile's generation decides). Then the vCPU is bound to the
-    calling LP: associated with another LP -> TDX_VCPU_ASSOCIATED (bare); not associated ->
-    associated with this LP from now on (TDCS.NUM_ASSOC_VCPUS counts it), and the binding
-    stays after the leaf returns, whatever the leaf's later checks say; already associated
-    with this LP -> nothing changes but the LP's current vCPU."""
-    state = 2 if vcpu.initialized else 0  # VCPU_READY / VCPU_UNINITIALIZED (tdx_tdvps.h)
-    if not vcpu.initialized:
+    The vCPU must be READY (initialised by TDH.VP.INIT, not running guest code on some LP
+    -- ACTIVE --, not DISABLED unless ``allow_disabled``): otherwise
+    TDX_VCPU_STATE_INCORRECT, bare in 1.5.x and carrying the state as operand id in 2.0.08
+    (the profile's generation decides). Then the vCPU is bound to the calling LP:
+    associated with another LP -> TDX_VCPU_ASSOCIATED (bare); not associated -> associated
+    with this LP from now on (TDCS.NUM_ASSOC_VCPUS counts it), and the binding stays after
+    the leaf returns, whatever the leaf's later checks say; already associated with this
+    LP -> nothing changes but the LP's current vCPU."""
+    state = vcpu_state(vcpu)
+    if not (state == VCPU_READY or (state == VCPU_DISABLED and allow_disabled)):
         gen = ctx.module.profile.gen
         raise TdxError(st.TDX_VCPU_STATE_INCORRECT + (state if gen.vcpu_state_operand else 0))
     if vcpu.associated_lp is not None and vcpu.associated_lp != ctx.lp:

@@ -12,10 +12,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
+from vtdx.module.engine.registry import TdEngines
 from vtdx.module.pamt import PamtManager
 from vtdx.module.sept import SeptTree
 from vtdx.platform.profile import Profile
+
+if TYPE_CHECKING:
+    from vtdx.module.engine.engine import TdVcpuEngine
 
 #: Key ownership table states (KOT_STATE_* in tdx_global_data.h).
 KOT_FREE = 0
@@ -36,7 +41,8 @@ SEPT_ROOT_PAGE_INDEX = 3
 #: seamcall_state_lookup (include/auto_gen/op_state_lookup.c), states 0..2 only: leaf number
 #: -> op_states in which the leaf may run.
 OP_ALLOWED: dict[int, frozenset[int]] = {
-    1: frozenset({0}), 2: frozenset({1}), 3: frozenset({1, 2}), 4: frozenset({1}),
+    0: frozenset({2}), 1: frozenset({0}), 2: frozenset({1}), 3: frozenset({1, 2}),
+    4: frozenset({1}),
     6: frozenset({1, 2}), 7: frozenset({1, 2}), 10: frozenset({1}), 11: frozenset({1, 2}),
     13: frozenset({1, 2}), 15: frozenset({1, 2}), 16: frozenset({1}), 17: frozenset({1}),
     18: frozenset({0, 1, 2}), 21: frozenset({0}), 22: frozenset({1}), 23: frozenset({1, 2}),
@@ -83,10 +89,29 @@ class VcpuState:
     x2apic_id: int = 0
     associated_lp: int | None = None
     fields: dict[int, int] = field(default_factory=dict)
+    #: TDVPS.MANAGEMENT.STATE beyond INITIALIZED: VCPU_DISABLED after a non-recoverable exit
+    #: (a triple fault), VCPU_ACTIVE while it runs guest code (``running_lp`` is the LP).
+    disabled: bool = False
+    running_lp: int | None = None
+    #: TDVPS.MANAGEMENT.VCPU_EPOCH: the TD epoch this vCPU last entered in (its refcount).
+    vcpu_epoch: int = 0
+    #: TDVPS.MANAGEMENT.LAST_TD_EXIT (td_exit.c): async_fault, async_trap or tdvmcall.
+    last_td_exit: str = "async_fault"
+    #: The TD vCPU engine made at TDH.VP.INIT (None when host RAM cannot be mapped).
+    engine: TdVcpuEngine | None = None
 
     @property
     def num_pages(self) -> int:
         return 1 + len(self.tdvpx)
+
+    @property
+    def state_name(self) -> str:
+        """vcpu_state_e of tdx_tdvps.h: UNINITIALIZED, READY, ACTIVE or DISABLED."""
+        if not self.initialized:
+            return "UNINITIALIZED"
+        if self.disabled:
+            return "DISABLED"
+        return "ACTIVE" if self.running_lp is not None else "READY"
 
 
 @dataclass
@@ -126,6 +151,10 @@ class TdState:
     vcpus: dict[int, VcpuState] = field(default_factory=dict)
     sept: SeptTree | None = None
     fields: dict[int, int] = field(default_factory=dict)
+    #: The vCPU engines of this TD: S-EPT changes and TDH.MEM.TRACK reach them through it.
+    engines: TdEngines = field(default_factory=TdEngines)
+    #: The TD as its engines see it (``vtdx.module.td_engine.ModuleTdView``), made once.
+    view: object | None = None
 
     @property
     def sept_root_level(self) -> int:

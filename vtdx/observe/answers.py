@@ -307,6 +307,11 @@ VcpuInfo = TypedDict("VcpuInfo", {
     "initialized": bool,
     "associated-lp": int | None,
     "tdvpx": list[int],
+    # UNINITIALIZED, READY, ACTIVE (running guest code) or DISABLED (tdx_tdvps.h)
+    "state": str,
+    "running-lp": int | None,     # the LP whose TDH.VP.ENTER runs it now
+    "rip": int | None,            # guest RIP at its last TD exit (None: never ran)
+    "exits": dict[str, int],      # TD exits per VMX exit reason name
 })
 
 SeptSummary = TypedDict("SeptSummary", {

@@ -26,9 +26,10 @@ from vtdx.module import pamt as P
 from vtdx.module import sept as SEPT
 from vtdx.module.contention import BusyRecord, ContentionLog
 from vtdx.module.control import POINTS, PauseHandle
+from vtdx.module.engine.exits import exit_reason_name
 from vtdx.module.locks import HeldLock as ModuleHeldLock
 from vtdx.module.locks import septe_key
-from vtdx.module.state import LIFECYCLE_NAMES, OP_STATE_NAMES, TdState
+from vtdx.module.state import LIFECYCLE_NAMES, OP_STATE_NAMES, TdState, VcpuState
 from vtdx.module.timing import MODES, make_timing
 from vtdx.observe.answers import (
     BusyReport,
@@ -57,6 +58,7 @@ from vtdx.observe.answers import (
     TdmrInfo,
     TimingInfo,
     TraceRecord,
+    VcpuInfo,
     VtdxStats,
     VtdxStatus,
 )
@@ -411,11 +413,7 @@ class Inspector:
             "tdcx": list(td.tdcx),
             "child-pages": td.chldcnt,
             "max-vcpus": td.max_vcpus,
-            "vcpus": [
-                {"tdvpr": v.tdvpr_pa, "index": v.vcpu_index, "initialized": v.initialized,
-                 "associated-lp": v.associated_lp, "tdvpx": list(v.tdvpx)}
-                for _, v in sorted(td.vcpus.items())
-            ],
+            "vcpus": [_vcpu_dict(v) for _, v in sorted(td.vcpus.items())],
             "attributes": td.attributes,
             "xfam": td.xfam,
             "td-epoch": td.td_epoch,
@@ -545,6 +543,18 @@ class Inspector:
             rows.append(row)
         return rows
 
+
+
+def _vcpu_dict(v: VcpuState) -> VcpuInfo:
+    """One TD vCPU: its TDVPS state, where it runs, and what its engine has seen."""
+    eng = v.engine
+    exits = {} if eng is None else {
+        exit_reason_name(r): n for r, n in sorted(eng.exit_counts.items())}
+    ran = eng is not None and eng.last_exit is not None
+    return {"tdvpr": v.tdvpr_pa, "index": v.vcpu_index, "initialized": v.initialized,
+            "associated-lp": v.associated_lp, "tdvpx": list(v.tdvpx),
+            "state": v.state_name, "running-lp": v.running_lp,
+            "rip": eng.rip if ran and eng is not None else None, "exits": exits}
 
 
 # --------------------------------------------------------------------------- pauses

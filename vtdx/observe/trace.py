@@ -22,6 +22,7 @@ from vtdx.abi import leaves, status
 from vtdx.abi.regs import REG_NAMES, Regs
 from vtdx.errors import VtdxError
 from vtdx.module import CallObserved, TdxModule
+from vtdx.module.engine.exits import exit_reason_name
 
 TRACE_FILE = "trace.jsonl"
 #: The trace's first line: ``{"vtdx-header": {"profile", "features", "timing"}}`` -- what
@@ -157,6 +158,12 @@ class TraceRecorder:
             "ok": not status.is_error(st),
             "duration-us": round(duration_s * 1e6, 1),
         }
+        if leaf == leaves.Leaf.TDH_VP_ENTER and not status.is_error(st) and st & 0xFFFF_FFFF:
+            # A TD exit: RAX[31:0] is the VMX exit reason, RAX[63:32] the completion status
+            # (tdx-module td_exit.c; KVM's tdx_vcpu_enter_exit reads it the same way).
+            reason = exit_reason_name(st)
+            rec["exit-reason"] = reason
+            rec["status-name"] = f"{status.decode(st & ~0xFFFF_FFFF)} exit {reason}"
         if injected:
             rec["injected"] = True
         ctx = self.context(lp) if self.context is not None else None

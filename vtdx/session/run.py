@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,10 +23,12 @@ from typing import Any, TextIO
 
 from vtdx.abi.leaves import Leaf, leaf_name
 from vtdx.abi.regs import Regs
+from vtdx.abi.status import is_error
 from vtdx.errors import VtdxError
 from vtdx.host import initramfs, payloads
 from vtdx.module import TdxModule
 from vtdx.module.control import POINTS
+from vtdx.module.engine.exits import exit_reason_name
 from vtdx.module.stats import CallStats
 from vtdx.module.timing import SERIAL, Explore
 from vtdx.observe.console.format import table
@@ -185,7 +188,7 @@ class ConsoleLog:
 # --- options -----------------------------------------------------------------------------------
 
 #: The in-guest checks guest/initramfs/init knows.
-CHECKS = ("tdx", "hotplug", "kvm", "none")
+CHECKS = ("tdx", "hotplug", "kvm", "kvm-td", "none")
 
 
 def check_mem(mem: int, option: str) -> None:
@@ -451,21 +454,26 @@ class RunOptions:
         extra = self.append.strip()
         checks = "" if "vtdx.checks=" in extra else f" vtdx.checks={self.checks}"
         keep = " vtdx.shell=1" if self.shell else " vtdx.keep=1" if self.keep else ""
-        kvm = " kvm_intel.tdx=1" if "kvm" in self.checks.split(",") and \
-            "kvm_intel.tdx=" not in extra else ""
+        wants_kvm = bool({"kvm", "kvm-td"} & set(self.checks.split(",")))
+        kvm = " kvm_intel.tdx=1" if wants_kvm and "kvm_intel.tdx=" not in extra else ""
         return f"{BASE_APPEND}{checks}{kvm}{keep} {extra}".strip()
 
     def initramfs(self) -> Path:
         """The user's --initrd, or vtdx's (with the KVM payload when ``kvm`` is checked)."""
         rd = self.initrd if self.initrd is not None else initramfs.ensure_initramfs()
-        if "kvm" in self.checks.split(",") and self.initrd is None:
+        # --checks kvm: kvm-tdx (a TD's life up to its vCPUs); kvm-td: kvm-td (a TD that
+        # runs its guest to PASS with 1 and 2 vCPUs).
+        wanted = [c for c in ("kvm", "kvm-td") if c in self.checks.split(",")]
+        if wanted and self.initrd is None:
             if self.kernel_src is None:
-                raise VtdxError("--checks kvm: the KVM payload is built against the kernel's "
-                                "UAPI headers: pass --kernel-src DIR (default kernel: its "
-                                "source)")
+                raise VtdxError(f"--checks {wanted[0]}: the KVM payload is built against the "
+                                "kernel's UAPI headers: pass --kernel-src DIR (default kernel: "
+                                "its source)")
             headers = payloads.kernel_headers(self.kernel_src)
-            kvm = payloads.build_payloads(headers=headers)["kvm-tdx"]
-            rd = initramfs.with_files(rd, {"vtdx/bin/kvm-tdx": kvm}, tag="kvm")
+            built = payloads.build_payloads(headers=headers)
+            names = {"kvm": "kvm-tdx", "kvm-td": "kvm-td"}
+            rd = initramfs.with_files(rd, {f"vtdx/bin/{names[c]}": built[names[c]]
+                                           for c in wanted}, tag="kvm")
         if self.put:
             rd = initramfs.with_files(rd, self.put_files(), tag="put")
         return rd
@@ -569,6 +577,16 @@ def _judge_tdx(console: ConsoleLog, pamt_module_kb: int | None) -> tuple[int, st
     return EXIT_OK, f"TDX-Module initialized, PAMT {console.pamt_kb} KB matches vtdx"
 
 
+def td_exits(stats: CallStats) -> dict[str, int]:
+    """TD exits per exit reason: the TDH.VP.ENTER calls that ended in a TD exit (RAX[31:0] is
+    the exit reason; tdx-module td_exit.c), most frequent first."""
+    out: Counter[str] = Counter()
+    for (_, leaf, rax), n in stats.counts.items():
+        if leaf == Leaf.TDH_VP_ENTER and not is_error(rax) and rax & 0xFFFF_FFFF:
+            out[exit_reason_name(rax)] += n
+    return dict(out.most_common())
+
+
 def summarize(res: RunResult, opts: RunOptions) -> str:
     """The human summary printed after the console."""
     snap = res.snapshot
@@ -607,6 +625,9 @@ def summarize(res: RunResult, opts: RunOptions) -> str:
             lines.append(f"    {leaf_name(leaf):<22} {sum(by_lp.values()):>5} ({lps}{err}){who}")
     else:
         lines.append("  SEAMCALLs: none")
+    exits = td_exits(res.stats)
+    if exits:
+        lines.append("  TD exits:  " + ", ".join(f"{name} {n}" for name, n in exits.items()))
     if res.console.results:
         lines.append("  guest:     " + " ".join(f"{k}={v}" for k, v in res.console.results.items()
                                                if k != "done"))

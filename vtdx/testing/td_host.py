@@ -3,7 +3,8 @@
 Used by tests and by anyone who wants to drive the model without a kernel: builds TD_PARAMS
 in physical memory, runs the per-ioctl SEAMCALL sequences of
 Linux arch/x86/kvm/vmx/tdx.c (KVM_TDX_INIT_VM, INIT_VCPU, INIT_MEM_REGION,
-FINALIZE_VM, fault-in with SEPT.ADD + PAGE.AUG, zap with BLOCK/TRACK/REMOVE, teardown) and,
+FINALIZE_VM, fault-in with SEPT.ADD + PAGE.AUG, zap with BLOCK/TRACK/REMOVE, teardown, and
+KVM_RUN: TDH.VP.ENTER with KVM's exit handling, ``KvmHost.run``) and,
 with Dynamic PAMT, the kernel's tdx_pamt_get()/tdx_pamt_put() refcounting around every page
 it hands to the module (RFC v5 patches 14-16). Every call goes through
 ``TdxModule.seamcall(lp, regs)``; nothing touches model internals.
@@ -12,6 +13,7 @@ it hands to the module (RFC v5 patches 14-16). Every call goes through
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -99,6 +101,38 @@ class Td:
     private: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
+# TD exit reasons KVM handles (Linux arch/x86/kvm/vmx/tdx.c __tdx_handle_exit).
+EXIT_TRIPLE_FAULT = 2
+EXIT_OTHER_SMI = 6
+EXIT_EPT_VIOLATION = 48
+EXIT_TDCALL = 77
+# Extended exit qualification types (tdx-module vmcs_defs.h vmx_eeq_type_t).
+EEQ_ACCEPT = 1
+EEQ_PENDING_EPT_VIOLATION = 6
+#: Statuses after which KVM retries: the fault is taken again on re-entry.
+_BUSY_CLASSES = frozenset({st.TDX_OPERAND_BUSY, st.TDX_PREVIOUS_TLB_EPOCH_BUSY,
+                           st.TDX_OPERAND_BUSY_HOST_PRIORITY})
+
+
+def is_busy(status: int) -> bool:
+    return status & 0xFFFF_FFFF_0000_0000 in _BUSY_CLASSES
+
+
+@dataclass
+class RunResult:
+    """How ``KvmHost.run`` ended: the last VP.ENTER output and the exits seen per reason."""
+
+    out: Regs
+    exits: dict[int, int] = field(default_factory=dict)
+    stop: str = ""
+
+
+#: The VMM's TDVMCALL handler: (vcpu, exit registers) -> reply registers, or None to stop.
+TdvmcallHandler = Callable[["Vcpu", Regs], "Regs | None"]
+#: The VMM's shared-GPA EPT violation handler: (vcpu, GPA with the shared bit).
+SharedFaultHandler = Callable[["Vcpu", int], None]
+
+
 class KvmHost:
     """KVM-like caller: one instance per host, any number of TDs."""
 
@@ -118,6 +152,13 @@ class KvmHost:
         self.pamt_refcount: dict[int, int] = {}
         self.pamt_pairs: dict[int, tuple[int, int]] = {}
         self.log: list[tuple[int, Regs, Regs]] = []
+        #: KVM's mmu_lock around S-EPT changes made by the run loops of several vCPUs.
+        self.mmu_lock = threading.RLock()
+        #: Per vCPU (TDVPR): in the guest now, and how many entries returned so far; the
+        #: KVM_REQ_OUTSIDE_GUEST_MODE wait after TDH.MEM.TRACK uses them.
+        self._guest = threading.Condition()
+        self._in_guest: dict[int, bool] = {}
+        self._entries: dict[int, int] = {}
 
     # -- raw calls ---------------------------------------------------------------------------
     def call(self, lp: int, leaf: int, version: int = 0, *, expect: int | None = 0,
@@ -181,17 +222,21 @@ class KvmHost:
         return td
 
     # -- KVM_TDX_INIT_VCPU ----------------------------------------------------------------------
-    def init_vcpu(self, td: Td, lp: int, x2apic_id: int) -> Vcpu:
+    def init_vcpu(self, td: Td, lp: int, x2apic_id: int, init_rcx: int = 0) -> Vcpu:
         v = Vcpu(self.control_page(lp), [], lp)
         self.call(lp, Leaf.TDH_VP_CREATE, rcx=v.tdvpr, rdx=td.tdr)
         for _ in range(self.tdvps_pages - 1):
             pa = self.control_page(lp)
             self.call(lp, Leaf.TDH_VP_ADDCX, rcx=pa, rdx=v.tdvpr)
             v.tdvpx.append(pa)
-        self.call(lp, Leaf.TDH_VP_INIT, 1, rcx=v.tdvpr, rdx=0, r8=x2apic_id)
+        self.call(lp, Leaf.TDH_VP_INIT, 1, rcx=v.tdvpr, rdx=init_rcx, r8=x2apic_id)
         self.call(lp, Leaf.TDH_VP_WR, rcx=v.tdvpr, rdx=0x2, r8=0xF2, r9=(1 << 64) - 1)
         td.vcpus.append(v)
         return v
+
+    def set_shared_eptp(self, v: Vcpu, eptp: int) -> None:
+        """tdx_load_mmu_pgd(): TDH.VP.WR of the TD VMCS shared EPTP (field 0x203C)."""
+        self.call(v.lp, Leaf.TDH_VP_WR, rcx=v.tdvpr, rdx=0x203C, r8=eptp, r9=(1 << 64) - 1)
 
     # -- S-EPT population (tdx_sept_link_private_spt) --------------------------------------
     def ensure_sept(self, td: Td, gpa: int, level: int, lp: int = 0) -> None:
@@ -240,7 +285,17 @@ class KvmHost:
     # -- split: BLOCK, TRACK, DEMOTE ------------------------------------------------------
     def block_track(self, td: Td, gpa: int, level: int, lp: int = 0) -> None:
         self.call(lp, Leaf.TDH_MEM_RANGE_BLOCK, rcx=gpa | level, rdx=td.tdr)
+        self.track(td, lp)
+
+    def track(self, td: Td, lp: int = 0) -> None:
+        """tdx_track(): TDH.MEM.TRACK, then kvm_make_all_cpus_request(OUTSIDE_GUEST_MODE):
+        every vCPU in the guest at this point leaves it once before the caller goes on."""
         self.call(lp, Leaf.TDH_MEM_TRACK, rcx=td.tdr)
+        with self._guest:
+            waiting = {v.tdvpr: self._entries.get(v.tdvpr, 0) for v in td.vcpus
+                       if self._in_guest.get(v.tdvpr)}
+            self._guest.wait_for(lambda: all(self._entries.get(k, 0) != n
+                                             for k, n in waiting.items()), timeout=30)
 
     def demote_regs(self, td: Td, gpa: int, sept_page: int, pair: tuple[int, int] | None,
                     level: int = 1) -> dict[str, int]:
@@ -281,17 +336,115 @@ class KvmHost:
     def remove(self, td: Td, gpa: int, lp: int = 0) -> None:
         hpa, level = td.private.pop(gpa)
         self.call(lp, Leaf.TDH_MEM_RANGE_BLOCK, rcx=gpa | level, rdx=td.tdr)
-        self.call(lp, Leaf.TDH_MEM_TRACK, rcx=td.tdr)
+        self.track(td, lp)
         out = self.call(lp, Leaf.TDH_MEM_PAGE_REMOVE, rcx=gpa | level, rdx=td.tdr)
         assert out.rcx == hpa
         self.call(lp, Leaf.TDH_PHYMEM_PAGE_WBINVD, rcx=hpa | (td.hkid << self.keyid_shift))
         if level == 0:
             self.pamt_put(hpa, lp)
 
+    # -- KVM_RUN: TDH.VP.ENTER and the exits KVM handles ---------------------------------
+    def vp_enter(self, v: Vcpu, replies: Regs | None = None, *,
+                 expect: int | None = None) -> Regs:
+        """One TDH.VP.ENTER of ``v`` on its LP (tdx_vcpu_enter_exit: RCX = TDVPR, the other
+        GPRs carry KVM's TDVMCALL replies)."""
+        r = replies.to_dict() if replies is not None else {}
+        r.pop("rax", None)
+        r["rcx"] = v.tdvpr
+        with self._guest:
+            self._in_guest[v.tdvpr] = True
+        try:
+            return self.call(v.lp, Leaf.TDH_VP_ENTER, expect=expect, **r)
+        finally:
+            with self._guest:
+                self._in_guest[v.tdvpr] = False
+                self._entries[v.tdvpr] = self._entries.get(v.tdvpr, 0) + 1
+                self._guest.notify_all()
+
+    def run(self, td: Td, v: Vcpu, tdvmcall: TdvmcallHandler, *,
+            shared_fault: SharedFaultHandler | None = None, shared_bit: int = 1 << 47,
+            max_exits: int = 100_000) -> RunResult:
+        """KVM_RUN's loop over TDH.VP.ENTER (tdx_vcpu_run + __tdx_handle_exit):
+        - OTHER_SMI: re-enter (nothing to do, tdx.c returns 1 for it);
+        - EPT violation on a private GPA: SEPT.ADD + PAGE.AUG at the guest's ACCEPT level (4 KB
+          otherwise); an ACCEPT level below an existing mapping splits it (BLOCK, TRACK,
+          DEMOTE); a PENDING-page access (EEQ type 6) stops the run as KVM kills the VM
+          ("Guest access before accepting"); a BUSY status is retried by re-entering;
+        - EPT violation on a shared GPA: ``shared_fault``;
+        - TDCALL with R10 = 0: ``tdvmcall`` builds the reply (None stops the run);
+        - triple fault or any error status: the run stops.
+        """
+        res = RunResult(Regs())
+        replies: Regs | None = None
+        for _ in range(max_exits):
+            out = self.vp_enter(v, replies)
+            res.out = out
+            replies = None
+            status = out.rax
+            if status >> 32 and not status & (1 << 62):
+                res.stop = "error" if not is_busy(status) else "busy"
+                if is_busy(status):
+                    continue
+                return res
+            reason = status & 0xFFFF
+            res.exits[reason] = res.exits.get(reason, 0) + 1
+            if reason == EXIT_OTHER_SMI:
+                continue
+            if reason == EXIT_TRIPLE_FAULT:
+                res.stop = "triple_fault"
+                return res
+            if reason == EXIT_EPT_VIOLATION:
+                gpa = out.r8
+                if gpa & shared_bit:
+                    if shared_fault is None:
+                        res.stop = "shared_fault"
+                        return res
+                    shared_fault(v, gpa)
+                    continue
+                if out.rdx & 0xF == EEQ_PENDING_EPT_VIOLATION:
+                    res.stop = "pending_access"
+                    return res
+                self.fault_in(td, gpa, out.rdx, v.lp)
+                continue
+            if reason == EXIT_TDCALL:
+                reply = tdvmcall(v, out)
+                if reply is None:
+                    res.stop = "vmm"
+                    return res
+                replies = reply
+                continue
+            res.stop = f"exit {reason}"
+            return res
+        res.stop = "max_exits"
+        return res
+
+    def fault_in(self, td: Td, gpa: int, eeq: int, lp: int) -> None:
+        """tdx_handle_ept_violation -> kvm_mmu_page_fault for a private GPA, under mmu_lock.
+        An ACCEPT exit carries the level the guest wants (EEQ bits 34:32) and the level of
+        the entry the module met (37:35): a mapping above the wanted level is split."""
+        want = (eeq >> 32) & 7 if eeq & 0xF == EEQ_ACCEPT else 0
+        with self.mmu_lock:
+            base = gpa & ~((1 << (12 + 9 * want)) - 1)
+            try:
+                for g, (_, level) in list(td.private.items()):
+                    if level > want and g <= gpa < g + (1 << (12 + 9 * level)):
+                        self.block_track(td, g, level, lp)
+                        self.demote(td, g, lp)
+                        return
+                if base not in td.private:
+                    self.aug(td, base, level=want, lp=lp)
+            except SeamcallError as e:
+                if not is_busy(e.status):
+                    raise
+
     # -- teardown (tdx_mmu_release_hkid, tdx_vm_free) -------------------------------------
     def teardown(self, td: Td) -> None:
         for v in td.vcpus:
-            self.call(v.lp, Leaf.TDH_VP_FLUSH, rcx=v.tdvpr)
+            # tdx_flush_vp(): only a vCPU loaded on some CPU is flushed; one that never got
+            # TDH.VP.INIT is associated with no LP.
+            out = self.call(v.lp, Leaf.TDH_VP_FLUSH, rcx=v.tdvpr, expect=None)
+            if out.rax not in (0, st.TDX_VCPU_NOT_ASSOCIATED):
+                raise SeamcallError(Leaf.TDH_VP_FLUSH, out.rax, out)
         self.call(0, Leaf.TDH_MNG_VPFLUSHDONE, rcx=td.tdr)
         for pkg in range(self.num_packages):
             self.call(pkg * self.lps_per_package, Leaf.TDH_PHYMEM_CACHE_WB, rcx=0,
@@ -316,3 +469,51 @@ class KvmHost:
         if level == 0:
             self.pamt_put(pa)
         return out
+
+
+class SharedEpt:
+    """KVM's shared EPT of one TD as bytes in host memory (4 levels, 4 KB leaves, WB),
+    the tables the engine walks for GPAs with the shared bit; non-present leaves carry
+    suppress-#VE as KVM's do (shadow_nonpresent_value / SHADOW_NONPRESENT_VALUE)."""
+
+    def __init__(self, mem: object, alloc: PageAllocator) -> None:
+        self.mem = mem
+        self.alloc = alloc
+        self.root = self._table()
+        #: What KVM writes with TDH.VP.WR 0x203C: the bare root HPA (tdx_load_mmu_pgd); the
+        #: module walks it with the TD's own EPT levels.
+        self.eptp = self.root
+
+    def _table(self) -> int:
+        pa = self.alloc.page()
+        self.mem.write(pa, b"\0" * 7 + b"\x80" * 1 + (b"\0" * 7 + b"\x80") * 511)  # type: ignore[attr-defined]
+        return pa
+
+    def _u64(self, pa: int) -> int:
+        return int.from_bytes(self.mem.read(pa, 8), "little")  # type: ignore[attr-defined]
+
+    def _put(self, pa: int, value: int) -> None:
+        self.mem.write(pa, value.to_bytes(8, "little"))  # type: ignore[attr-defined]
+
+    def _leaf_slot(self, gpa: int, create: bool) -> int | None:
+        table = self.root
+        for lvl in (3, 2, 1):
+            slot = table + ((gpa >> (12 + 9 * lvl)) & 511) * 8
+            e = self._u64(slot)
+            if not e & 7:
+                if not create:
+                    return None
+                e = self._table() | 7
+                self._put(slot, e)
+            table = e & 0x000F_FFFF_FFFF_F000
+        return table + ((gpa >> 12) & 511) * 8
+
+    def map(self, gpa: int, hpa: int) -> None:
+        slot = self._leaf_slot(gpa, True)
+        assert slot is not None
+        self._put(slot, hpa | 7 | 6 << 3)
+
+    def unmap(self, gpa: int) -> None:
+        slot = self._leaf_slot(gpa, False)
+        if slot is not None:
+            self._put(slot, 1 << 63)

@@ -10,8 +10,10 @@ so either side can change its internals.
 - ``exits``: ``TdExit`` and the VP.ENTER output / re-entry register layouts.
 - ``guest_leaves``: TDCALL leaves answered without leaving the TD.
 - ``registry.TdEngines``: the invalidation calls the module makes on S-EPT changes.
-- ``hostram.HostRam``: host RAM mapped once; ``sandbox``: an in-process TD for tests and
-  benchmarks.
+- ``hostram.HostRam``: host RAM mapped once.
+
+The in-process TD for engine tests and benchmarks (a ``TdView`` without the module) and the
+assembled test guest live in ``vtdx.testing`` (``td_sandbox``, ``td_test_guest``).
 """
 
 from vtdx.module.engine.engine import TdVcpuEngine, Watchdog

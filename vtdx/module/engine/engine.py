@@ -207,6 +207,7 @@ class TdVcpuEngine:
         self._batch_ptrs = (ctypes.c_void_p * len(_GPR_NAMES))(
             *(vbase + 8 * i for i in range(len(_GPR_NAMES))))
         self._msr = _MsrStruct()
+        self._write_batches: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()          # exit/stop bookkeeping vs the watchdog
         self._entry = 0
         self._running = False
@@ -224,7 +225,7 @@ class TdVcpuEngine:
         self._fatal: EngineUnsupported | None = None    # raised by run() after the stop
 
         # Typed as Any: unicorn's stubs lack the 2.1 ctl_* methods used here.
-        uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
         self.uc = uc
         self._uch = uc._uch
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -289,7 +290,7 @@ class TdVcpuEngine:
     def rdmsr(self, index: int) -> int:
         self._msr.rid = index
         uclib.uc_reg_read(self._uch, X.UC_X86_REG_MSR, ctypes.byref(self._msr))
-        return self._msr.value
+        return int(self._msr.value)
 
     _GPR_IDS = {"rax": X.UC_X86_REG_RAX, "rcx": X.UC_X86_REG_RCX, "rdx": X.UC_X86_REG_RDX,
                 "rbx": X.UC_X86_REG_RBX, "rsp": X.UC_X86_REG_RSP, "rbp": X.UC_X86_REG_RBP,
@@ -321,11 +322,20 @@ class TdVcpuEngine:
 
     def write_gprs(self, values: dict[str, int]) -> None:
         """Write the named GPRs in one unicorn call (uc_reg_write_batch)."""
-        n = len(values)
-        ids = (ctypes.c_int * n)(*(self._GPR_IDS[k] for k in values))
-        vals = (ctypes.c_uint64 * n)(*(v & MASK64 for v in values.values()))
-        base = ctypes.addressof(vals)
-        ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        names = tuple(values)
+        n = len(names)
+        batch = self._write_batches.get(names)
+        if batch is None:
+            # ctypes arrays per register set, made once (a TDVMCALL reply selects the same
+            # registers every time, and building them costs more than the write itself).
+            ids = (ctypes.c_int * n)(*(self._GPR_IDS[k] for k in names))
+            vals = (ctypes.c_uint64 * n)()
+            base = ctypes.addressof(vals)
+            ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+            batch = self._write_batches[names] = (ids, vals, ptrs)
+        ids, vals, ptrs = batch
+        for i, v in enumerate(values.values()):
+            vals[i] = v & MASK64
         uclib.uc_reg_write_batch(self._uch, ids, ptrs, n)
 
     def efer(self) -> int:
@@ -386,13 +396,21 @@ class TdVcpuEngine:
         return self._slice_over(None)
 
     def _slice_over(self, entry: int | None) -> bool:
+        """Request the end of the running slice. uc_emu_start() clears a stop requested
+        before it began, so a request that lands between the entry's start and the
+        emulation starting would be lost: the run loop checks the reason before every
+        emu_start, and the watchdog repeats the stop on every poll past the deadline
+        (uc_emu_stop is idempotent) until the entry ends. True for the first request."""
         with self._lock:
-            if not self._running or (entry is not None and entry != self._entry) \
-                    or self._stop_reason is not None:
+            if not self._running or (entry is not None and entry != self._entry):
                 return False
+            first = self._stop_reason is None
             self._stop_reason = "slice"
-        uclib.uc_emu_stop(self._uch)
-        return True
+            # Under the lock: run() starts the next entry under it too, so a stop meant for
+            # this entry can never land in the next one (where it would have no reason).
+            # A stop after this entry's emulation returned is ignored by unicorn.
+            uclib.uc_emu_stop(self._uch)
+        return first
 
     def _apply_flushes(self) -> None:
         with self._lock:
@@ -459,10 +477,10 @@ class TdVcpuEngine:
             if ex is not None:
                 return ex
         while True:
+            if self._stop_reason == "slice":
+                return TdExit(EXIT_TIME_SLICE)
             self._apply_flushes()
-            self._exit = None
-            self._event = None
-            self._trap_rip_advance = 0
+            self._clear_outcome()
             err: UcError | None = None
             start = self.rip
             try:
@@ -504,6 +522,13 @@ class TdVcpuEngine:
             if not budgeted:
                 raise EngineUnsupported(f"unicorn stopped at {self.rip:#x} for no known reason")
             return TdExit(EXIT_TIME_SLICE)          # the instruction budget ran out
+
+    def _clear_outcome(self) -> None:
+        """Forget the previous emu_start's outcome; the hooks set it again (a method, so
+        type narrowing does not assume the hooks leave it unset)."""
+        self._exit = None
+        self._event = None
+        self._trap_rip_advance = 0
 
     def _ended_on_hlt(self) -> bool:
         """Stock unicorn returns from emu_start after HLT without saying so. Without a
@@ -572,11 +597,12 @@ class TdVcpuEngine:
                                       "gpa": gpa, "length": 0, "info": 0})
 
     def _shared_ept_walk(self, page: int, qual: int) -> tuple[int, int]:
-        """Walk KVM's shared EPT in host memory (4 or 5 levels from EPTP bits 5:3)."""
+        """Walk KVM's shared EPT in host memory: the root from the shared EPTP, the walk
+        length of the TD's own EPT (``TdConfig.ept_levels``), as the module does."""
         eptp = self.shared_eptp
         if not eptp or eptp == MASK64:
             raise _EptExit(page, qual)
-        levels = ((eptp >> 3) & 7) + 1
+        levels = self.cfg.ept_levels
         table = eptp & ADDR_MASK
         rwx = 7
         for lvl in range(levels - 1, -1, -1):
@@ -860,7 +886,7 @@ class TdVcpuEngine:
 
     def close(self) -> None:
         self.watchdog.disarm(self)
-        self.uc = None  # type: ignore[assignment]
+        self.uc = None
 
 
 class _Undeliverable(Exception):

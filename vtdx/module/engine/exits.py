@@ -31,6 +31,17 @@ EXIT_OTHER_SMI = 6
 EXIT_EPT_VIOLATION = 48
 EXIT_TDCALL = 77
 
+#: Names of the basic exit reasons a TD exit reports (SDM Vol. 3 Appendix C), for traces
+#: and inspection.
+EXIT_REASON_NAMES = {EXIT_TRIPLE_FAULT: "TRIPLE_FAULT", EXIT_OTHER_SMI: "OTHER_SMI",
+                     EXIT_EPT_VIOLATION: "EPT_VIOLATION", EXIT_TDCALL: "TDCALL"}
+
+
+def exit_reason_name(reason: int) -> str:
+    """``TDCALL``, ``EPT_VIOLATION``...; an unnamed reason as its number."""
+    return EXIT_REASON_NAMES.get(reason & 0xFFFF, str(reason & 0xFFFF))
+
+
 #: The exit used to end a time slice. KVM re-enters on OTHER_SMI without doing anything
 #: (Linux 7.3 arch/x86/kvm/vmx/tdx.c ``__tdx_handle_exit``: ``case EXIT_REASON_OTHER_SMI:``
 #: ... ``return 1;``, lines 2130-2150), and ``vmx_handle_exit_irqoff`` (vmx.c lines

@@ -114,6 +114,11 @@ class TdConfig:
     max_vcpus: int = 1
     no_rbp_mod: bool = True        # TD_PARAMS.CONFIG_FLAGS.NO_RBP_MOD (KVM sets it)
     cpuid1_eax: int = 0x000806F8   # CPUID(1).EAX the module saved at TDH.SYS.INIT
+    #: EPT levels of the TD (TD_PARAMS.EPTP_CONTROLS page-walk length: 4 or 5). The shared
+    #: EPT is walked with it too: the module takes the walk length of the shared EPTP from
+    #: the TD's EPTP (helpers.c check_walk_and_map_guest_side_gpa), and KVM writes the bare
+    #: root HPA as the shared EPTP (Linux arch/x86/kvm/vmx/tdx.c tdx_load_mmu_pgd).
+    ept_levels: int = 4
 
     @property
     def shared_bit(self) -> int:

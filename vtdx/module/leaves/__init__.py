@@ -31,10 +31,11 @@ from vtdx.module.leaves import (
     sys_tdmr,
     td_mng,
     td_vp,
+    td_vp_enter,
 )
 
 _FAMILIES = (sys_init, sys_lp, sys_config, sys_key, sys_tdmr, sys_rd, sys_shutdown, phymem,
-             td_mng, td_vp, mem_sept, mem_page, mem_range, mr, phymem_td, dpamt)
+             td_mng, td_vp, td_vp_enter, mem_sept, mem_page, mem_range, mr, phymem_td, dpamt)
 
 
 def leaf_table() -> dict[int, LeafSpec]:

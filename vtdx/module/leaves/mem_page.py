@@ -14,6 +14,7 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import sept as S
+from vtdx.module import td_engine
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import fail
 from vtdx.module.helpers import (
@@ -66,6 +67,7 @@ def tdh_mem_page_add(ctx: CallContext, inp: Regs, out: Regs) -> None:
     pamt.set(page_pa, LEVEL_4K, PT_REG, td.tdr_pa)
     pamt.inc_page_count(page_pa)
     td.chldcnt += 1
+    td_engine.sept_changed(td, "ADD", gpa, level)
 
 
 def tdh_mem_page_aug(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -84,6 +86,7 @@ def tdh_mem_page_aug(ctx: CallContext, inp: Regs, out: Regs) -> None:
     if level == LEVEL_4K:
         pamt.inc_page_count(page_pa)
     td.chldcnt += 1 << (9 * level)
+    td_engine.sept_changed(td, "AUG", rcx & ~0xFFF, level)
 
 
 def tdh_mem_page_remove(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -105,6 +108,7 @@ def tdh_mem_page_remove(ctx: CallContext, inp: Regs, out: Regs) -> None:
     if level == LEVEL_4K:
         pamt.dec_page_count(page_pa)
     out.rcx = page_pa
+    td_engine.sept_changed(td, "REMOVE", rcx & ~0xFFF, level)
 
 
 def tdh_mem_page_demote(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -161,6 +165,7 @@ def tdh_mem_page_demote(ctx: CallContext, inp: Regs, out: Regs) -> None:
     pamt.set(sept_pa, LEVEL_4K, PT_EPT, owner)
     pamt.inc_page_count(sept_pa)
     td.chldcnt += 1
+    td_engine.sept_changed(td, "DEMOTE", rcx & ~0xFFF, level)
 
 
 def tdh_mem_page_promote(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -209,6 +214,7 @@ def tdh_mem_page_promote(ctx: CallContext, inp: Regs, out: Regs) -> None:
     pamt.dec_page_count(removed)
     td.chldcnt -= 1
     out.rcx = removed
+    td_engine.sept_changed(td, "PROMOTE", rcx & ~0xFFF, level)
 
 
 LEAVES = [

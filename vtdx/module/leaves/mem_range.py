@@ -12,6 +12,7 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import sept as S
+from vtdx.module import td_engine
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.helpers import (
@@ -48,6 +49,7 @@ def tdh_mem_range_block(ctx: CallContext, inp: Regs, out: Regs) -> None:
     pamt = ctx.gd.pamt
     e = pamt.get(pa, plevel)
     pamt.set(pa, plevel, e.pt, e.owner, td.td_epoch)
+    td_engine.sept_changed(td, "BLOCK", rcx & ~0xFFF, level)
 
 
 def tdh_mem_range_unblock(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -63,6 +65,7 @@ def tdh_mem_range_unblock(ctx: CallContext, inp: Regs, out: Regs) -> None:
             raise fail(st.TDX_TLB_TRACKING_NOT_DONE, st.OPERAND_ID_SEPT_TREE)
     ctx.checkpoint("locked")
     w.entry.state = S.unblock(w.entry.state)
+    td_engine.sept_changed(td, "UNBLOCK", rcx & ~0xFFF, level)
 
 
 def tdh_mem_track(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -75,6 +78,9 @@ def tdh_mem_track(ctx: CallContext, inp: Regs, out: Regs) -> None:
         raise TdxError(st.TDX_PREVIOUS_TLB_EPOCH_BUSY)
     ctx.checkpoint("locked")
     td.td_epoch += 1
+    # The IPIs KVM sends after TDH.MEM.TRACK (tdx_track) take every LP running the TD out
+    # of it; here the engines' slices end now, so the previous epoch drains promptly.
+    td_engine.kick(td)
 
 
 LEAVES = [

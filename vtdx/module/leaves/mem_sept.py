@@ -11,6 +11,7 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import MASK64, Regs
 from vtdx.module import sept as S
+from vtdx.module import td_engine
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import fail
 from vtdx.module.helpers import (
@@ -81,6 +82,7 @@ def _sept_add(ctx: CallContext, inp: Regs, pages: list[int], flagged: list[int])
     pamt.inc_page_count(new_pa)
     td.chldcnt += 1
     flagged[0] = NULL_PA
+    td_engine.sept_changed(td, "ADD", inp.rcx & ~0xFFF, level)
 
 
 def tdh_mem_sept_remove(ctx: CallContext, inp: Regs, out: Regs) -> None:
@@ -107,6 +109,7 @@ def tdh_mem_sept_remove(ctx: CallContext, inp: Regs, out: Regs) -> None:
     pamt.set(removed, LEVEL_4K, PT_NDA)
     pamt.dec_page_count(removed)
     out.rcx = removed
+    td_engine.sept_changed(td, "REMOVE", rcx & ~0xFFF, level)
 
 
 LEAVES = [

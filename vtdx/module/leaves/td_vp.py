@@ -14,6 +14,7 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import metadata as md
+from vtdx.module import td_engine
 from vtdx.module.context import CallContext, LeafSpec
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.helpers import (
@@ -122,6 +123,7 @@ def tdh_vp_init(ctx: CallContext, inp: Regs, out: Regs) -> None:
     vcpu.initialized = True
     vcpu.associated_lp = ctx.lp  # associate_vcpu_initial (helpers.c 1038-1055)
     ctx.gd.lp_vcpu[ctx.lp] = tdvpr_pa
+    td_engine.make_engine(ctx.module, td, vcpu, inp.rdx)
 
 
 def _vp_rd_wr(ctx: CallContext, inp: Regs, out: Regs, write: bool) -> None:
@@ -137,8 +139,9 @@ def _vp_rd_wr(ctx: CallContext, inp: Regs, out: Regs, write: bool) -> None:
     # map_tdvps (lines 132-140, helpers.c 616-640): the TDVPR and every TDVPX present.
     if vcpu.num_pages < ctx.module.min_tdvps:
         raise TdxError(st.TDX_TDCX_NUM_INCORRECT)
-    # check_and_associate_vcpu (lines 142-150): binds an unassociated vCPU to this LP.
-    check_and_associate_vcpu(ctx, vcpu, td)
+    # check_and_associate_vcpu (lines 142-150): binds an unassociated vCPU to this LP; a
+    # read is allowed on a DISABLED vCPU (one a triple fault stopped), a write is not.
+    check_and_associate_vcpu(ctx, vcpu, td, allow_disabled=not write)
     fid = md.with_context(inp.rdx, md.CTX_VP)
     if not write and ctx.version >= 1 and md.is_null(fid):  # lines 160-171
         out.rdx = md.vp_next(td, fid)
@@ -169,6 +172,14 @@ def tdh_vp_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
 def tdh_vp_wr(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.VP.WR(RCX = TDVPR, RDX = field id, R8 = value, R9 = mask) -> R8 = old value."""
     _vp_rd_wr(ctx, inp, out, write=True)
+    if md.field_code(inp.rdx) == md.VMCS_SHARED_EPTP and not (inp.rdx >> 56) & 0x3F:
+        # KVM's shared EPTP (TD VMCS class 0): the vCPU's engine walks it for shared GPAs.
+        vcpu = ctx.gd.vcpus[inp.rcx]
+        if vcpu.engine is not None:
+            td = ctx.gd.tds[vcpu.tdr_pa]
+            vcpu.engine.shared_eptp = md.vp_read(td, vcpu, md.with_context(inp.rdx,
+                                                                           md.CTX_VP))
+            vcpu.engine.invalidate_translations()
 
 
 def tdh_vp_flush(ctx: CallContext, inp: Regs, out: Regs) -> None:

@@ -148,8 +148,18 @@ def fmt_tds(tds: list[TdInfo]) -> str:
                      f"{len(t['vcpus'])}/{t['max-vcpus']}",
                      sept["pages"] if sept else "-", leaves or "-",
                      "FATAL" if t["fatal"] else ("finalized" if t["finalized"] else "")])
-    return table(["#", "TDR", "hkid", "lifecycle", "op-state", "vcpus", "sept pages",
-                  "mapped", ""], rows)
+    out = table(["#", "TDR", "hkid", "lifecycle", "op-state", "vcpus", "sept pages",
+                 "mapped", ""], rows)
+    vrows = [[i, v["index"], hx(v["tdvpr"]), v["state"],
+              v["running-lp"] if v["running-lp"] is not None else "-",
+              v["associated-lp"] if v["associated-lp"] is not None else "-",
+              hx(v["rip"]) if v["rip"] is not None else "-",
+              " ".join(f"{k}:{n}" for k, n in v["exits"].items()) or "-"]
+             for i, t in enumerate(tds) for v in t["vcpus"]]
+    if vrows:
+        out += "\n" + table(["TD", "vcpu", "TDVPR", "state", "runs on", "assoc LP",
+                              "guest RIP", "TD exits"], vrows)
+    return out
 
 
 def fmt_sept(answer: SeptAnswer) -> str:

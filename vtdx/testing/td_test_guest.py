@@ -22,7 +22,7 @@ from vtdx.module.engine.engine import TdVcpuEngine
 from vtdx.module.engine.exits import EXIT_TDCALL, TdExit
 from vtdx.module.engine.hostram import HostRam
 from vtdx.module.engine.interfaces import TdConfig
-from vtdx.module.engine.sandbox import SandboxTd, SharedEpt
+from vtdx.testing.td_sandbox import SandboxTd, SharedEpt
 
 # Routine numbers (TDH.VP.INIT RCX).
 T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
@@ -429,6 +429,39 @@ LINKER_SCRIPT = """SECTIONS {
 """
 
 
+def guest_pages(shared_bit: int) -> dict[int, bytes]:
+    """Every private page of the test guest by GPA (what TDH.MEM.PAGE.ADD loads). Page
+    tables (guest-physical): PML4 0x1000 -> PDPT 0x2000; 0-2 MB through PT 0x4000 (4 KB,
+    identity), 2-4 MB and 4-6 MB as 2 MB pages (identity), VA 1 GB -> the shared GPA
+    0x400000, and the reset page at 4 GB - 4 KB; code at 0x10000, data from SAVE."""
+    text, reset = build_guest()
+    pt: dict[int, bytearray] = {g: bytearray(4096) for g in range(0x1000, 0x9000, 4096)}
+
+    def ent(table: int, idx: int, value: int) -> None:
+        pt[table][idx * 8:idx * 8 + 8] = (value | 3).to_bytes(8, "little")
+
+    ent(0x1000, 0, 0x2000)
+    ent(0x2000, 0, 0x3000)
+    ent(0x2000, 1, 0x7000)
+    ent(0x2000, 3, 0x5000)
+    ent(0x3000, 0, 0x4000)
+    ent(0x3000, 1, ACCEPT_2M_GPA | 0x80)
+    ent(0x3000, 2, MISMATCH_2M_GPA | 0x80)
+    for i in range(512):
+        ent(0x4000, i, i * 4096)
+    ent(0x7000, 0, 0x8000)
+    ent(0x8000, 0, shared_bit | SHARED_GPA)
+    ent(0x5000, 511, 0x6000)
+    ent(0x6000, 511, 0xFFFFF000)
+    pages: dict[int, bytes] = {g: bytes(data) for g, data in pt.items()}
+    for off in range(0, len(text), 4096):
+        pages[0x10000 + off] = text[off:off + 4096].ljust(4096, b"\0")
+    pages[0xFFFFF000] = reset.ljust(4096, b"\0")
+    for g in range(SAVE, SAVE + 0x10000, 4096):
+        pages[g] = bytes(4096)
+    return pages
+
+
 @dataclass
 class Report:
     code: int
@@ -444,38 +477,16 @@ class GuestRig:
     def __init__(self, ram: HostRam, routine: int, config: TdConfig | None = None,
                  loop_count: int = 0, rcx_high: int = 0x5A5A_0000_1234_5600,
                  **engine_kw: object) -> None:
-        text, reset = build_guest()
         self.td = td = SandboxTd(ram, config)
-        shared = td.config.shared_bit
-        pt: dict[int, bytearray] = {g: bytearray(4096) for g in range(0x1000, 0x9000, 4096)}
-
-        def ent(table: int, idx: int, value: int) -> None:
-            pt[table][idx * 8:idx * 8 + 8] = (value | 3).to_bytes(8, "little")
-
-        ent(0x1000, 0, 0x2000)
-        ent(0x2000, 0, 0x3000)
-        ent(0x2000, 1, 0x7000)
-        ent(0x2000, 3, 0x5000)
-        ent(0x3000, 0, 0x4000)
-        ent(0x3000, 1, ACCEPT_2M_GPA | 0x80)
-        ent(0x3000, 2, MISMATCH_2M_GPA | 0x80)
-        for i in range(512):
-            ent(0x4000, i, i * 4096)
-        ent(0x7000, 0, 0x8000)
-        ent(0x8000, 0, shared | SHARED_GPA)
-        ent(0x5000, 511, 0x6000)
-        ent(0x6000, 511, 0xFFFFF000)
-        for g, data in pt.items():
-            td.page_add(g, bytes(data))
-        for off in range(0, len(text), 4096):
-            td.page_add(0x10000 + off, text[off:off + 4096])
-        td.page_add(0xFFFFF000, reset)
-        for g in range(SAVE, SAVE + 0x10000, 4096):
-            td.page_add(g)
+        for g, data in guest_pages(td.config.shared_bit).items():
+            td.page_add(g, data)
         ram.write_u64(td.leaves[(0, SAVE)][1] + 64, loop_count)
         self.shared_ept = SharedEpt(td)
         self.shared_hpa = td.alloc()
-        self.shared_ept.map(shared | SHARED_GPA, self.shared_hpa)
+        self.shared_ept.map(td.config.shared_bit | SHARED_GPA, self.shared_hpa)
+        # Slices of half a second unless a test asks otherwise: a loaded host must not end
+        # the slice before the exit a test waits for (tests of slices set their own).
+        engine_kw.setdefault("slice_seconds", 0.5)
         self.engine = TdVcpuEngine(ram, td, vcpu_index=0, init_rcx=rcx_high | routine,
                                    **engine_kw)  # type: ignore[arg-type]
         self.engine.shared_eptp = self.shared_ept.eptp
