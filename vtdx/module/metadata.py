@@ -36,6 +36,8 @@ from vtdx.abi import md_tables
 from vtdx.abi import status as st
 from vtdx.abi.fields import FIELD_ID_NA as FIELD_ID_NA
 from vtdx.abi.fields import SINGLE_ELEMENT_MBZ
+from vtdx.abi.regs import Regs
+from vtdx.module.context import CallContext
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.helpers import check_gpa_validity
 from vtdx.module.state import TdState, VcpuState
@@ -481,3 +483,23 @@ def vp_write(td: TdState, vcpu: VcpuState, fid: int, value: int, req_mask: int, 
 def vp_next(td: TdState, fid: int) -> int:
     """The next readable VP element (TDH.VP.RD version 1)."""
     return VP_TABLE.next_element(fid, host_readable(bool(td.attributes & 1)))
+
+
+def finish_rd_wr(ctx: CallContext, out: Regs, write: bool, read: Callable[[], int],
+                 write_prepared: Callable[[], tuple[int, Callable[[], None]]],
+                 next_id: Callable[[], int]) -> None:
+    """The common end of every metadata RD/WR leaf, once its own checks passed: a write is
+    prepared (every check of the value), the call reaches ``locked``, then it commits and
+    returns the old value in R8; a read returns the value in R8 and, for version 1, the next
+    field id in RDX (tdh_mng_rd.c / tdh_mng_wr.c / tdh_vp_rd_wr.c all end this way)."""
+    if write:
+        old, commit = write_prepared()
+        ctx.checkpoint("locked")
+        commit()
+        out.r8 = old
+        return
+    value = read()
+    ctx.checkpoint("locked")
+    out.r8 = value
+    if ctx.version >= 1:
+        out.rdx = next_id()

@@ -227,17 +227,8 @@ def _mng_rd_wr(ctx: CallContext, inp: Regs, out: Regs, write: bool) -> None:
         ctx.set_status(st.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT)
         return
     md.check_single_element(fid)
-    if write:
-        old, commit = md.td_write(td, fid, inp.r8, inp.r9)
-        ctx.checkpoint("locked")
-        commit()
-        out.r8 = old
-        return
-    value = md.td_read(td, fid)
-    ctx.checkpoint("locked")
-    out.r8 = value
-    if ctx.version >= 1:
-        out.rdx = md.td_next(td, fid)
+    md.finish_rd_wr(ctx, out, write, lambda: md.td_read(td, fid),
+                    lambda: md.td_write(td, fid, inp.r8, inp.r9), lambda: md.td_next(td, fid))
 
 
 def tdh_mng_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:

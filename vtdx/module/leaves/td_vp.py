@@ -149,19 +149,11 @@ def _vp_rd_wr(ctx: CallContext, inp: Regs, out: Regs, write: bool) -> None:
         return
     md.check_single_element(fid)
     m = ctx.module
-    if write:
-        old, commit = md.vp_write(td, vcpu, fid, inp.r8, inp.r9, max_pa=m.max_pa,
-                                  hkid_of=m.hkid_of,
-                                  first_private_hkid=m.profile.tdx_keyid_start)
-        ctx.checkpoint("locked")
-        commit()
-        out.r8 = old
-        return
-    value = md.vp_read(td, vcpu, fid)
-    ctx.checkpoint("locked")
-    out.r8 = value
-    if ctx.version >= 1:
-        out.rdx = md.vp_next(td, fid)
+    md.finish_rd_wr(ctx, out, write, lambda: md.vp_read(td, vcpu, fid),
+                    lambda: md.vp_write(td, vcpu, fid, inp.r8, inp.r9, max_pa=m.max_pa,
+                                        hkid_of=m.hkid_of,
+                                        first_private_hkid=m.profile.tdx_keyid_start),
+                    lambda: md.vp_next(td, fid))
 
 
 def tdh_vp_rd(ctx: CallContext, inp: Regs, out: Regs) -> None:
