@@ -33,14 +33,23 @@ from __future__ import annotations
 import dataclasses
 import signal
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from vtdx.errors import VtdxError
+from vtdx.units import parse_size
+
 if TYPE_CHECKING:
     from vtdx.harness.vm import BootSpec, Vm
+
+# The other vtdx imports in this file are inside the functions that need them, on purpose
+# and not because of a cycle: the plugin is loaded into every pytest run of an environment
+# with vtdx installed, and the harness (QEMU runtime, module model, unicorn) takes about
+# 0.4 s to import, which only runs that use a vtdx fixture or option should pay.
 
 SCOPES = ("session", "module", "function")
 _USED = pytest.StashKey[list]()  # (vm, trace mark, console mark, commands mark) per test
@@ -116,7 +125,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def spec_from_options(config: pytest.Config) -> BootSpec | None:
     """The command line's BootSpec, or None when --vtdx-kernel was not given."""
-    from vtdx.errors import VtdxError
     from vtdx.harness.vm import BootSpec
 
     opt = config.getoption
@@ -155,7 +163,6 @@ def spec_from_options(config: pytest.Config) -> BootSpec | None:
         raise pytest.UsageError(f"--vtdx-smp {smp}: must be 1..64")
     try:
         from vtdx.session.run import check_mem
-        from vtdx.units import parse_size
 
         check_mem(parse_size(opt("--vtdx-mem")), "--vtdx-mem")
     except VtdxError as e:
@@ -317,7 +324,6 @@ def vtdx_vm(request: pytest.FixtureRequest, vtdx_spec: BootSpec) -> Iterator[Vm]
     yield _track(request.node, vm)
     if scope != "function" and vm.alive:
         # Rules a test armed over QMP must not leak into the next test on a shared machine.
-        from vtdx.errors import VtdxError
 
         try:
             vm.vtdx.inject_clear()
@@ -421,7 +427,6 @@ def _expected(item: pytest.Item) -> tuple[str, ...]:
 def _settle(vm: Any, quiet: float = 0.2, limit: float = 1.0) -> None:
     """Let the console catch up: a report the test's last command caused is printed by
     the kernel before the command returns, but reaches the host a moment later."""
-    import time
 
     lines = getattr(vm.machine, "console_lines", None)
     if lines is None or not vm.alive:

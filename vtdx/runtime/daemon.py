@@ -25,12 +25,14 @@ from typing import Protocol
 from vtdx.abi.regs import MASK64, REG_NAMES, Regs
 from vtdx.abi.status import TDX_OPERAND_INVALID
 from vtdx.errors import VtdxError
+from vtdx.module import TdxModule
 from vtdx.module.timing import Overlap
-from vtdx.platform.memory import PhysAddrError, PhysMemory
+from vtdx.platform.memory import GuestRam, PhysAddrError, PhysMemory
 from vtdx.platform.profile import Profile
 from vtdx.runtime.platform_rows import platform_rows
 from vtdx.runtime.protocol import Result
 from vtdx.runtime.transport import Server
+from vtdx.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,6 @@ def make_backend(name: str, profile: Profile, memory: PhysMemory) -> Backend | N
         return EchoBackend(memory)
     if name not in BACKENDS:
         raise VtdxError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    from vtdx.module import TdxModule
 
     module = TdxModule(profile, memory)
     return module if name == "module" else EchoBackend(memory, module)
@@ -199,8 +200,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace, ready: Callable[[], None] | None = None) -> None:
     """Run a daemon until SIGTERM/SIGINT/SIGHUP (prints ``ready`` once listening); the socket
     is removed and the RAM file unmapped on the way out."""
-    from vtdx.platform.memory import GuestRam
-    from vtdx.units import parse_size
 
     profile = Profile.from_vm(args.smp, parse_size(args.mem))
     ram = GuestRam(args.ram, profile.ram)
