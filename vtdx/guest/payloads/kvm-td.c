@@ -47,6 +47,7 @@
 #if defined(KVM_X86_TDX_VM) && defined(KVM_CREATE_GUEST_MEMFD) && defined(KVM_EXIT_TDX)
 #define HAVE_TDX_UAPI 1
 #include "tdguest.h"
+#include "tdx-cpuid.h"
 #include "tdguest_image.h"
 #endif
 
@@ -203,22 +204,7 @@ static int stage_init_vm(char *why, size_t n)
 	unsigned int nent = g.caps->cpuid.nent;
 
 	g.init = calloc(1, sizeof(*g.init) + nent * sizeof(struct kvm_cpuid_entry2));
-	g.init->cpuid.nent = nent;
-	for (unsigned int i = 0; i < nent; i++) {
-		const struct kvm_cpuid_entry2 *mask = &g.caps->cpuid.entries[i];
-		struct kvm_cpuid_entry2 *e = &g.init->cpuid.entries[i];
-		unsigned int a, b, c, d;
-
-		__cpuid_count(mask->function, mask->index, a, b, c, d);
-		*e = *mask;
-		e->flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
-		e->eax = a & mask->eax;
-		e->ebx = b & mask->ebx;
-		e->ecx = c & mask->ecx;
-		e->edx = d & mask->edx;
-		if (e->function == 0x80000008)
-			e->eax = (e->eax & ~0xff0000u) | 48u << 16;
-	}
+	tdx_cpuid_from_caps(g.caps, g.init);
 	/* SEPT_VE_DISABLE when offered (as QEMU's default): an access to a page that is not
 	 * accepted exits to KVM instead of raising #VE in a guest that has no IDT. */
 	g.init->attributes = g.caps->supported_attrs & (1ULL << 28);

@@ -21,6 +21,8 @@
 #include "ktap.h"
 
 #ifdef KVM_X86_TDX_VM
+#include "tdx-cpuid.h"
+
 /* KVM_TDX_INIT_VM with the host's CPUID limited to what the module lets a VMM configure
  * (the capability's entries are masks of configurable bits), a 48-bit guest physical
  * address width, and XFAM/attributes left at what the module fixes to 1. */
@@ -32,24 +34,7 @@ static int init_vm(int vm, const struct kvm_tdx_capabilities *caps, char *why, s
 	int ret;
 
 	init = calloc(1, sizeof(*init) + nent * sizeof(struct kvm_cpuid_entry2));
-	init->cpuid.nent = nent;
-	for (unsigned int i = 0; i < nent; i++) {
-		const struct kvm_cpuid_entry2 *mask = &caps->cpuid.entries[i];
-		struct kvm_cpuid_entry2 *e = &init->cpuid.entries[i];
-		unsigned int a, b, c, d;
-
-		__cpuid_count(mask->function, mask->index, a, b, c, d);
-		*e = *mask;
-		/* The capability leaves flags to userspace; without it KVM matches (0xd, 1) with
-		 * the (0xd, 0) entry. Index 0 of the no-subleaf leaves still matches. */
-		e->flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
-		e->eax = a & mask->eax;
-		e->ebx = b & mask->ebx;
-		e->ecx = c & mask->ecx;
-		e->edx = d & mask->edx;
-		if (e->function == 0x80000008)
-			e->eax = (e->eax & ~0xff0000u) | 48u << 16; /* KVM: GPAW 48; clears it */
-	}
+	tdx_cpuid_from_caps(caps, init);
 	memset(&cmd, 0, sizeof(cmd));
 	cmd.id = KVM_TDX_INIT_VM;
 	cmd.data = (unsigned long)init;
