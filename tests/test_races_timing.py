@@ -14,7 +14,7 @@ from test_dpamt_demote_race import DPAMT_A1, DPAMT_B1, GPA, PAMT_ADD_PFN, Scenar
 from vtdx.abi.leaves import Leaf
 from vtdx.module.contention import ContentionLog
 from vtdx.module.pamt import pamt_key
-from vtdx.module.timing import SERIAL, Explore, Overlap, make_timing, native_ns
+from vtdx.module.timing import SERIAL, Explore, Overlap, make_timing, native_ns, requested
 from vtdx.testing.race_loop import LoopResult, lp0_steps, lp1_steps, run_threads
 
 ITERATIONS = 40
@@ -103,3 +103,12 @@ def test_exploration_finds_busy_and_the_same_seed_gives_the_same_report_set() ->
     assert _pairs(log1) == _pairs(log2) == {
         ("TDH.MEM.PAGE.DEMOTE", "TDX_OPERAND_BUSY(R12)", "PAMT.ADD/REMOVE"),
         ("PAMT.ADD/REMOVE", "TDX_OPERAND_BUSY(RCX)", "TDH.MEM.PAGE.DEMOTE")}
+
+
+def test_requested_timing_of_a_runs_options() -> None:
+    """--serial, --contend SEED (and the marker's serial=/contend=) pick the timing; nothing
+    leaves the daemon's overlap default."""
+    assert requested(True, None) is SERIAL
+    explore = requested(False, 7)
+    assert isinstance(explore, Explore) and explore.seed == 7
+    assert requested(False, None) is None

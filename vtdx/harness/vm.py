@@ -43,7 +43,7 @@ from vtdx.harness.guest_agent import (
 )
 from vtdx.host.payloads import KtapResult, build_payloads, kernel_headers
 from vtdx.module import TdxModule
-from vtdx.module.timing import SERIAL, Explore
+from vtdx.module.timing import requested
 from vtdx.observe.qmp.client import VtdxClient
 from vtdx.observe.qmp.commands import parse_status
 from vtdx.observe.trace import HEADER_KEY, format_record, parse_leaf
@@ -229,10 +229,9 @@ class Vm:
                 f.arm(self.module)
             for p in self.spec.pauses:
                 p.arm(self.module)
-            if self.spec.serial:
-                self.module.control.set_timing(SERIAL)
-            elif self.spec.contend is not None:
-                self.module.control.set_timing(Explore(seed=self.spec.contend))
+            timing = requested(self.spec.serial, self.spec.contend)
+            if timing is not None:
+                self.module.control.set_timing(timing)
             return self.module
 
         self.machine = agent_machine_class()(

@@ -167,3 +167,13 @@ def make_timing(mode: str, *, seed: int = 0, slowdown: float = DEFAULT_SLOWDOWN)
     if mode == "explore":
         return Explore(slowdown, seed=seed)
     raise ValueError(f"unknown timing mode {mode!r} (one of {', '.join(MODES)})")
+
+
+def requested(serial: bool, contend: int | None) -> Timing | None:
+    """The timing a run's options ask for (``--serial``, ``--contend SEED`` or the pytest
+    marker's ``serial=``/``contend=``); None leaves the daemon's overlap default."""
+    if serial:
+        return SERIAL
+    if contend is not None:
+        return Explore(seed=contend)
+    return None

@@ -30,7 +30,7 @@ from vtdx.module import TdxModule
 from vtdx.module.control import POINTS
 from vtdx.module.engine.exits import exit_reason_name
 from vtdx.module.stats import CallStats
-from vtdx.module.timing import SERIAL, Explore
+from vtdx.module.timing import requested
 from vtdx.observe.console.format import table
 from vtdx.observe.inspect import summarise
 from vtdx.observe.qmp.commands import parse_status
@@ -445,10 +445,9 @@ class RunOptions:
             rule.arm(module)
         for pause in self.pauses:
             pause.arm(module)
-        if self.serial:
-            module.control.set_timing(SERIAL)
-        elif self.contend is not None:
-            module.control.set_timing(Explore(seed=self.contend))
+        timing = requested(self.serial, self.contend)
+        if timing is not None:
+            module.control.set_timing(timing)
 
     def cmdline(self) -> str:
         extra = self.append.strip()
