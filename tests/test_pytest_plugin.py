@@ -182,7 +182,7 @@ def test_agent_initramfs_appends_agent_and_payloads(tmp_path: Path) -> None:
     if not BUSYBOX.is_file():
         pytest.skip("needs /bin/busybox")
     out = agent_initramfs(tmp_path, PayloadSet({"hello": b"\x7fELF-not-really"}))
-    # Two gzip members: the kernel team's archive, then ours (the kernel unpacks both).
+    # Two gzip members: vtdx's initramfs, then the agent's (the kernel unpacks both).
     data, members = out.read_bytes(), []
     while data.strip(b"\0"):
         d = zlib.decompressobj(wbits=31)

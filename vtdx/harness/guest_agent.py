@@ -7,7 +7,7 @@ with base64 payloads, so binary output and kernel chatter cannot corrupt a reply
 
 ``GuestAgent`` speaks that protocol over any connected stream socket (QEMU's chardev socket
 in a machine; a pty or socketpair in the tests). ``agent_initramfs`` appends the agent and
-the in-guest payloads to the kernel team's busybox initramfs, and ``AgentMachine`` is the
+the in-guest payloads to vtdx's busybox initramfs, and ``AgentMachine`` is the
 ``Machine`` with the agent's serial port wired to a socket in its run directory.
 """
 

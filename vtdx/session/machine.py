@@ -243,7 +243,7 @@ class Machine:
         self._start_task: asyncio.Task[Any] | None = None
         #: Set by stop(): a start() still in progress (stop from another task) gives up.
         self._stopping = False
-        #: QMP inspection endpoint (vtdx.observe.qmp, issue 6) when the backend is a TDX module.
+        #: QMP inspection endpoint (vtdx.observe.qmp) when the backend is a TDX module.
         self.inspect: Any = None
 
     # ---------------------------------------------------------------- paths
