@@ -75,6 +75,8 @@ class FakeTd:
     done: dict[int, int] = field(default_factory=dict)
     fatal: dict[int, int] = field(default_factory=dict)
     vm_rd_override: dict[int, int] = field(default_factory=dict)
+    #: The image as the last vCPU left it (its data is private memory every vCPU shares).
+    image: bytearray | None = None
 
 
 def run_vcpu(td: FakeTd, image: bytes, vcpu: int) -> None:
@@ -82,10 +84,12 @@ def run_vcpu(td: FakeTd, image: bytes, vcpu: int) -> None:
     from unicorn import x86_const as X
 
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    img = bytearray(image)
-    img[:64] = config_block(td.nr_vcpus, td.max_vcpus, td.secret, td.cookie).ljust(64, b"\0")
+    if td.image is None:
+        td.image = bytearray(image)
+        td.image[:64] = config_block(td.nr_vcpus, td.max_vcpus, td.secret,
+                                     td.cookie).ljust(64, b"\0")
     uc.mem_map(IMAGE_GPA, TDGUEST_IMAGE_SIZE)
-    uc.mem_write(IMAGE_GPA, bytes(img))
+    uc.mem_write(IMAGE_GPA, bytes(td.image))
     uc.mem_map(0, 0x200000)                      # private RAM (pages become usable on ACCEPT)
     uc.mem_map(SHARED_BIT, 0x200000)             # the VMM's shared view of it
     for page in td.accepted:
@@ -182,6 +186,7 @@ def run_vcpu(td: FakeTd, image: bytes, vcpu: int) -> None:
     setreg("RDX", 0x806F8)
     setreg("RSI", vcpu)
     uc.emu_start(0xFFFFFFF0, 0, count=5_000_000)
+    td.image = bytearray(uc.mem_read(IMAGE_GPA, TDGUEST_IMAGE_SIZE))
     for page in list(td.accepted):
         td.memory[page] = bytearray(uc.mem_read(page, 4096))
 
@@ -198,7 +203,9 @@ def test_tdguest_image_layout(image: bytes) -> None:
 @pytest.mark.parametrize("nr_vcpus", [1, 2])
 def test_tdguest_runs_its_checks_from_the_reset_vector(image: bytes, nr_vcpus: int) -> None:
     td = FakeTd(nr_vcpus=nr_vcpus, max_vcpus=2)
-    for vcpu in range(nr_vcpus):
+    # One vCPU at a time, vCPU 1 first: vCPU 0 converts memory only once the others have
+    # accepted their pages (tdguest/main.c pages_done).
+    for vcpu in reversed(range(nr_vcpus)):
         run_vcpu(td, image, vcpu)
     assert td.fatal == {}, td.console
     assert td.done == {v: DONE_PASS for v in range(nr_vcpus)}, td.console
@@ -265,7 +272,7 @@ def _run_on_td_engine(image: bytes, nr_vcpus: int) -> dict:
         ept.unmap(shared_bit | SHARED_GPA, suppress_ve=True)
         shared: dict[int, int] = {}
         mmio = 0
-        for vcpu in range(nr_vcpus):
+        for vcpu in reversed(range(nr_vcpus)):  # vCPU 0 waits for the others' pages
             engine = TdVcpuEngine(ram, td, vcpu_index=vcpu, init_rcx=IMAGE_GPA)
             engine.shared_eptp = ept.eptp
             td.engines.add(engine)

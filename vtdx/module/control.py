@@ -180,7 +180,8 @@ class Controller:
         self.listeners: list[Listener] = []
         self._ids = itertools.count(1)
         self._inputs: dict[int, Regs] = {}
-        self._ordinals: dict[int, int] = {}
+        #: (LP, leaf) -> calls of that leaf the LP has begun: the key of a timing's draw.
+        self._ordinals: dict[tuple[int, int], int] = {}
         self._subscribed = False
         self._observing = False
         self._num_lps = 0
@@ -293,8 +294,8 @@ class Controller:
         if point == "entry":
             if ev.inp is not None:
                 self._inputs[lp] = ev.inp
-            n = self._ordinals.get(lp, 0)
-            self._ordinals[lp] = n + 1
+            n = self._ordinals.get((lp, leaf), 0)
+            self._ordinals[(lp, leaf)] = n + 1
             if timing.holds:
                 delay = timing.entry_delay(lp, leaf, n)
                 if delay > 0:
@@ -304,7 +305,7 @@ class Controller:
         if point == "locked":
             hold = self.residency_s
             if timing.holds:
-                hold = max(hold, timing.hold(lp, leaf, self._ordinals.get(lp, 1) - 1))
+                hold = max(hold, timing.hold(lp, leaf, self._ordinals.get((lp, leaf), 1) - 1))
             if hold > 0:
                 self._wait(hold)
 

@@ -18,9 +18,11 @@ other LPs' calls run meanwhile -- the time the module's work takes on hardware.
 * ``Explore``: contention exploration. On top of the overlap hold, a seeded draw per call
   holds some calls at ``locked`` far longer and delays some at ``entry`` (so a later call
   of another LP overtakes them): rare interleavings become common. The draw is a function
-  of (seed, LP, leaf, per-LP ordinal of the call), so the same seed gives the same hold
-  schedule; what the guest does with it (its own timing under TCG) is not replayed, so two
-  runs' contention reports are compared as sets.
+  of (seed, LP, leaf, n) where the call is the LP's n-th of that leaf, so the same seed gives
+  the same hold schedule, and a call keeps its draw when the number of other calls before it
+  varies (TD entries, whose count follows the guest's wall-clock time slices). What the
+  guest does with it (its own timing under TCG) is not replayed, so two runs' contention
+  reports are compared as sets.
 
 The figures are estimates (see docs/races.md): a SEAMCALL round trip costs on the order
 of a microsecond on current Xeons (published SEAMCALL/SEAMRET transition measurements put

@@ -1,6 +1,6 @@
 /* kvm-td: a minimal TDX VMM. Takes one TD through its whole life with KVM's real ioctls.
  *
- *   kvm-td [--vcpus 1|2] [--stop-after STAGE] [--timeout SECONDS]
+ *   kvm-td [--vcpus 1|2] [--stop-after STAGE] [--timeout SECONDS] [--no-pin]
  *
  * STAGE is one of: vm, init-vm, vcpus, memory, image, finalize, run (the default: all).
  * Each stage is one KTAP test; the stages after --stop-after are reported as SKIP and the
@@ -15,7 +15,14 @@
  *   finalize  KVM_TDX_FINALIZE_VM
  *   run       KVM_RUN on every vCPU (one thread each) until its guest says PASS, reports a
  *             fatal error or the TD shuts down; IO, MMIO, MapGPA (KVM_EXIT_HYPERCALL ->
- *             KVM_SET_MEMORY_ATTRIBUTES + guest_memfd punch-hole) and system events handled
+ *             KVM_SET_MEMORY_ATTRIBUTES + guest_memfd punch-hole) and system events handled.
+ *             A vCPU whose guest passed stays in KVM_RUN (its guest spins) until every vCPU
+ *             has ended, as a VMM keeps running a vCPU whose guest idles: KVM keeps
+ *             entering it while the others map and convert memory.
+ *
+ * vCPU thread N is pinned to CPU N (modulo the CPUs online) unless --no-pin: which CPU, and
+ * so which TDX LP, a vCPU enters from is then the same in every run, so a pause or a
+ * contention schedule keyed on the LP meets the same call each time.
  *
  * The TD guest (guest/tdguest/) is built with this program and linked into it
  * (tdguest_image.h, generated at build time). Every ioctl's outcome is a diagnostic line
@@ -74,7 +81,7 @@ static const char *const run_tests[] = { "td_console", "td_mmio", "td_map_gpa",
 static void usage(const char *argv0)
 {
 	fprintf(stderr, "usage: %s [--vcpus 1|2] [--stop-after vm|init-vm|vcpus|memory|image|"
-		"finalize|run] [--timeout SECONDS]\n", argv0);
+		"finalize|run] [--timeout SECONDS] [--no-pin]\n", argv0);
 	exit(2);
 }
 
@@ -95,11 +102,13 @@ struct vcpu {
 	int line_len;
 	int lines, io_exits, mmio_exits, map_gpa_exits, done;
 	int passed;		/* the guest wrote TDG_DONE_PASS */
+	int cpu;		/* the CPU the thread is pinned to, -1 if not */
 	char why[200];		/* how the run ended, when not in a pass */
 };
 
 static struct {
-	int kvm, vm, nr_vcpus, max_vcpus, stop_after, timeout;
+	int kvm, vm, nr_vcpus, max_vcpus, stop_after, timeout, pin;
+	int ended;		/* vCPU threads whose guest passed or whose run ended */
 	struct kvm_tdx_capabilities *caps;
 	struct kvm_tdx_init_vm *init;
 	struct vcpu vcpus[TDG_MAX_VCPUS];
@@ -111,7 +120,7 @@ static struct {
 	uint64_t mmio_value;
 	int mmio_writes, mmio_reads, to_shared, to_private, punched, mem_faults, report_ok;
 	char report_why[200];
-	volatile sig_atomic_t stop;
+	volatile sig_atomic_t stop, all_ended;
 } g = { .kvm = -1, .vm = -1, .lock = PTHREAD_MUTEX_INITIALIZER };
 
 /* ioctl with its outcome as a diagnostic; the KVM_MEMORY_ENCRYPT_OP variants add
@@ -523,9 +532,11 @@ static int handle_io(struct vcpu *v)
 		return 0;
 	case TDG_PORT_DONE:
 		v->passed = val == TDG_DONE_PASS;
-		if (!v->passed)
+		if (!v->passed) {
 			snprintf(v->why, sizeof(v->why), "guest done with %#x", val);
-		return 1;
+			return 1;
+		}
+		return 0; /* keep entering it: see vcpu_loop */
 	default:
 		if (run->io.direction == KVM_EXIT_IO_IN)
 			memset(data, 0xff, (size_t)run->io.size * run->io.count);
@@ -576,13 +587,45 @@ static int handle_hypercall(struct vcpu *v)
 	return 0;
 }
 
+/* One more vCPU thread has nothing left to wait for. Once all have, stage_run wakes the
+ * ones still in KVM_RUN (SIGUSR2 makes KVM_RUN return EINTR). */
+static void vcpu_ended(void)
+{
+	pthread_mutex_lock(&g.lock);
+	if (++g.ended == g.nr_vcpus)
+		g.all_ended = 1;
+	pthread_mutex_unlock(&g.lock);
+}
+
+static void pin_thread(struct vcpu *v)
+{
+	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+	cpu_set_t set;
+
+	v->cpu = -1;
+	if (!g.pin || cpus < 1)
+		return;
+	CPU_ZERO(&set);
+	CPU_SET(v->idx % (int)cpus, &set);
+	if (!pthread_setaffinity_np(pthread_self(), sizeof(set), &set))
+		v->cpu = v->idx % (int)cpus;
+}
+
 static void *vcpu_loop(void *arg)
 {
 	struct vcpu *v = arg;
 	struct kvm_run *run = v->run;
-	int runs = 0, end = 0;
+	int runs = 0, end = 0, counted = 0;
 
+	pin_thread(v);
+	diag("thread.%d: CPU %d", v->idx, v->cpu);
 	while (!end && !g.stop) {
+		if (v->passed && !counted) { /* stay in the TD until every vCPU has ended */
+			counted = 1;
+			vcpu_ended();
+		}
+		if (v->passed && g.all_ended)
+			break;
 		if (ioctl(v->fd, KVM_RUN, NULL) < 0) {
 			if (errno == EINTR || errno == EAGAIN)
 				continue;
@@ -643,6 +686,8 @@ static void *vcpu_loop(void *arg)
 		snprintf(v->why, sizeof(v->why), "timed out after %d exits", runs);
 	if (v->line_len)
 		console_char(v, '\n');
+	if (!counted)
+		vcpu_ended();
 	v->done = 1;
 	return NULL;
 }
@@ -653,13 +698,21 @@ static void on_alarm(int sig)
 	g.stop = 1;
 }
 
+static void on_wake(int sig)
+{
+	(void)sig;
+}
+
 static int stage_run(char *why, size_t n)
 {
 	struct sigaction sa = { .sa_handler = on_alarm };
 	struct timespec deadline;
 	int ok = 1;
 
+	struct sigaction wake = { .sa_handler = on_wake };
+
 	sigaction(SIGUSR1, &sa, NULL); /* no SA_RESTART: KVM_RUN returns EINTR */
+	sigaction(SIGUSR2, &wake, NULL);
 	for (int i = 0; i < g.nr_vcpus; i++)
 		if (pthread_create(&g.vcpus[i].thread, NULL, vcpu_loop, &g.vcpus[i])) {
 			snprintf(why, n, "pthread_create: %s", strerror(errno));
@@ -672,8 +725,29 @@ static int stage_run(char *why, size_t n)
 	deadline.tv_sec += g.timeout;
 	for (int i = 0; i < g.nr_vcpus; i++) {
 		struct vcpu *v = &g.vcpus[i];
+		struct timespec now, step;
+		int joined;
 
-		if (pthread_timedjoin_np(v->thread, NULL, &deadline)) {
+		/* Short waits: a vCPU that passed is woken (again: a wake-up that lands just
+		 * before its KVM_RUN is lost) once every vCPU has ended. */
+		do {
+			clock_gettime(CLOCK_REALTIME, &now);
+			step = now;
+			step.tv_nsec += 50 * 1000 * 1000;
+			if (step.tv_nsec >= 1000000000L) {
+				step.tv_sec++;
+				step.tv_nsec -= 1000000000L;
+			}
+			if (step.tv_sec > deadline.tv_sec ||
+			    (step.tv_sec == deadline.tv_sec && step.tv_nsec > deadline.tv_nsec))
+				step = deadline;
+			joined = !pthread_timedjoin_np(v->thread, NULL, &step);
+			if (!joined && g.all_ended)
+				pthread_kill(v->thread, SIGUSR2);
+		} while (!joined && (now.tv_sec < deadline.tv_sec ||
+				     (now.tv_sec == deadline.tv_sec &&
+				      now.tv_nsec < deadline.tv_nsec)));
+		if (!joined) {
 			g.stop = 1;
 			for (int j = i; j < g.nr_vcpus; j++)
 				pthread_kill(g.vcpus[j].thread, SIGUSR1);
@@ -741,6 +815,7 @@ int main(int argc, char **argv)
 	g.nr_vcpus = 1;
 	g.stop_after = ST_RUN;
 	g.timeout = 600;
+	g.pin = 1;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--vcpus") && i + 1 < argc) {
 			g.nr_vcpus = atoi(argv[++i]);
@@ -757,6 +832,8 @@ int main(int argc, char **argv)
 				usage(argv[0]);
 		} else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) {
 			g.timeout = atoi(argv[++i]);
+		} else if (!strcmp(argv[i], "--no-pin")) {
+			g.pin = 0;
 		} else {
 			usage(argv[0]);
 		}

@@ -51,6 +51,13 @@ enum {
 
 static volatile struct tdg_config *const cfg = (volatile struct tdg_config *)TDG_CONFIG_GPA;
 
+/* Set by each vCPU once its private pages are accepted (private memory of the image, seen by
+ * every vCPU). vCPU 0 converts pages only after the others are done with theirs: KVM's
+ * conversion holds mmu_lock for write, and a vCPU still faulting would wait on it instead
+ * of re-entering the TD, so the conversions meet a vCPU that is running, as the race
+ * scenarios of docs/races.md need. One byte per vCPU: no locked instruction needed. */
+static volatile uint8_t pages_done[TDG_MAX_VCPUS];
+
 static uint64_t vmcall(uint64_t fn, uint64_t a12, uint64_t a13, uint64_t a14, uint64_t a15,
 		       uint64_t *r11)
 {
@@ -239,6 +246,7 @@ void tdg_main(uint32_t vcpu, uint64_t init_rcx, uint64_t init_r8, uint32_t max_p
 	rep.checks |= 1u << CHECK_ACCEPT;
 	say(vcpu, "accepted and used private pages\n");
 
+	pages_done[vcpu] = 1;
 	if (vcpu != 0) {
 		say(vcpu, "PASS\n");
 		outl(TDG_PORT_DONE, TDG_DONE_PASS);
@@ -258,7 +266,16 @@ void tdg_main(uint32_t vcpu, uint64_t init_rcx, uint64_t init_r8, uint32_t max_p
 		fail(vcpu, CHECK_MMIO, st ? st : rep.mmio_read);
 	rep.checks |= 1u << CHECK_MMIO;
 
-	/* Private -> shared: the page the report goes through. */
+	/* Private -> shared: the page the report goes through; first the other vCPUs' pages
+	 * (bounded: a vCPU that failed has reported it, and the VMM ends the run). */
+	for (uint64_t spins = 0; spins < (TDG_U64(1) << 26); spins++) {
+		uint32_t done = 1;
+
+		for (uint32_t i = 1; i < cfg->nr_vcpus && i < TDG_MAX_VCPUS; i++)
+			done &= pages_done[i];
+		if (done)
+			break;
+	}
 	st = accept_page(TDG_SHARED_GPA);
 	if (st)
 		fail(vcpu, CHECK_MAP_SHARED, st);
