@@ -114,6 +114,8 @@ def test_track_held_vp_enter_gets_busy_td_epoch_and_kvm_reenters(vm) -> None:  #
     assert str(rec["lock"]).startswith("epoch")
     assert [(h["lp"], h["leaf"], h["point"]) for h in rec["holders"]] == [
         (track_lp, "TDH.MEM.TRACK", "locked")]
+    entries = [r for r in contention["busy"] if r["leaf"] == "TDH.VP.ENTER"]
+    assert all(r["next"]["action"] == "retried" for r in entries[:-1] if r["next"])
     # KVM's reaction: fastpath EXIT_HANDLED, then the same vCPU entered again on its LP,
     # until the TRACK was let go; then the entry succeeded.
     tdvpr = first["in"]["rcx"]

@@ -9,7 +9,7 @@ tdh_phymem_pamt_remove.c, BUSY | RCX). Whether they meet depends on the timing m
 
 from __future__ import annotations
 
-from test_dpamt_demote_race import DPAMT_A1, DPAMT_B1, GPA, PAMT_ADD_PFN, Scenario
+from test_dpamt_demote_race import BUSY_RCX, DPAMT_A1, DPAMT_B1, GPA, PAMT_ADD_PFN, Scenario
 
 from vtdx.abi.leaves import Leaf
 from vtdx.module.contention import ContentionLog
@@ -112,3 +112,31 @@ def test_requested_timing_of_a_runs_options() -> None:
     explore = requested(False, 7)
     assert isinstance(explore, Explore) and explore.seed == 7
     assert requested(False, None) is None
+
+
+def test_a_caller_retrying_into_the_held_lock_links_each_busy_to_the_next() -> None:
+    """A kernel that retries while the lock is still held gets BUSY again: each BUSY's
+    ``next`` is the retry that followed it (also BUSY), the last one's the retry that got
+    through (KVM re-entering a vCPU while TDH.MEM.TRACK holds the epoch does just this)."""
+    sc = Scenario()
+    module = sc.w.module
+    log = ContentionLog().attach(module)
+    pause = module.control.pause(lp=0, leaf=Leaf.TDH_MEM_PAGE_DEMOTE)
+    demote, out = sc.in_thread(0, sc.demote_regs())
+    try:
+        assert pause.wait_paused(10)
+        for _ in range(3):
+            assert module.seamcall(1, sc.pamt_add_regs()).rax == BUSY_RCX
+        pause.resume()
+        demote.join(10)
+        assert out[0].rax == 0
+        assert module.seamcall(1, sc.pamt_add_regs()).rax == 0
+    finally:
+        module.control.clear()
+        demote.join(10)
+        log.detach()
+    nexts = [r.next for r in log.records]
+    assert len(nexts) == 3 and all(n is not None for n in nexts)
+    assert [(n["action"], n["same-operands"], n["ok"]) for n in nexts if n] == [
+        ("retried", True, False), ("retried", True, False), ("retried", True, True)]
+    assert [n["call"] for n in nexts if n][:2] == [r.call for r in log.records[1:]]

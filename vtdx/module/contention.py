@@ -196,6 +196,11 @@ class ContentionLog:
             rec = BusyRecord(len(self.records), call_id, lp, leaf, status, inp, conflict,
                              holders)
             self.records.append(rec)
+            # A caller that retries into the same lock: this BUSY is the previous one's
+            # next call (its CallObserved comes after, when this record is the one waiting).
+            prev = self._waiting_next.get(lp)
+            if prev is not None and prev.call != call_id:
+                self._follow(prev, call_id, leaf, inp, status)
             self._waiting_next[lp] = rec
 
     def on_call(self, ev: CallObserved) -> None:
@@ -210,15 +215,20 @@ class ContentionLog:
             if rec is None or rec.call == ev.call_id:
                 return
             del self._waiting_next[ev.lp]
-            same_leaf = ev.leaf == rec.leaf
-            rec.next = {
-                "call": ev.call_id,
-                "leaf": leaf_name(ev.leaf),
-                "action": "retried" if same_leaf else "moved-on",
-                "same-operands": same_leaf and ev.inp.as_tuple()[1:] == rec.inp.as_tuple()[1:],
-                "status": st.decode(ev.out.rax),
-                "ok": not st.is_error(ev.out.rax),
-            }
+            self._follow(rec, ev.call_id, ev.leaf, ev.inp, ev.out.rax)
+
+    @staticmethod
+    def _follow(rec: BusyRecord, call_id: int, leaf: int, inp: Regs, status: int) -> None:
+        """Record what the caller of ``rec`` did next: the LP's next call."""
+        same_leaf = leaf == rec.leaf
+        rec.next = {
+            "call": call_id,
+            "leaf": leaf_name(leaf),
+            "action": "retried" if same_leaf else "moved-on",
+            "same-operands": same_leaf and inp.as_tuple()[1:] == rec.inp.as_tuple()[1:],
+            "status": st.decode(status),
+            "ok": not st.is_error(status),
+        }
 
     # -- answers
     def snapshot(self) -> list[BusyRecord]:
