@@ -39,6 +39,7 @@ ACCEPT_GPA = {0: 0x100000, 1: 0x120000}
 ACCEPT_PAGES = {0: 16, 1: 4}
 SHARED_GPA, SHARED_VA, MMIO_GPA = 0x180000, 0x200000, 0xFEB00000
 PORT_CONSOLE, PORT_DOORBELL, PORT_DONE, PORT_CONFIG = 0x3F8, 0x510, 0x511, 0x512
+PORT_BENCH = 0x513
 DONE_PASS = 0x600D
 TDX_PAGE_ALREADY_ACCEPTED = 0xC0000B0A00000000  # tdx-module src/include/tdx_api_defs.h
 
@@ -48,10 +49,11 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return build_tdguest(tmp_path_factory.mktemp("tdguest"))
 
 
-def config_block(nr_vcpus: int, max_vcpus: int, secret: int, cookie: int) -> bytes:
+def config_block(nr_vcpus: int, max_vcpus: int, secret: int, cookie: int,
+                 bench_exits: int = 0) -> bytes:
     """struct tdg_config."""
     return struct.pack("<QIIQQIIQQ", CONFIG_MAGIC, nr_vcpus, max_vcpus, ATTRIBUTES, XFAM, GPAW,
-                       0, secret, cookie)
+                       bench_exits, secret, cookie)
 
 
 REPORT = struct.Struct("<QII" + "Q" * 14)  # struct tdg_report
@@ -75,6 +77,8 @@ class FakeTd:
     done: dict[int, int] = field(default_factory=dict)
     fatal: dict[int, int] = field(default_factory=dict)
     vm_rd_override: dict[int, int] = field(default_factory=dict)
+    bench_exits: int = 0
+    bench_marks: list[int] = field(default_factory=list)
     #: The image as the last vCPU left it (its data is private memory every vCPU shares).
     image: bytearray | None = None
 
@@ -86,8 +90,8 @@ def run_vcpu(td: FakeTd, image: bytes, vcpu: int) -> None:
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     if td.image is None:
         td.image = bytearray(image)
-        td.image[:64] = config_block(td.nr_vcpus, td.max_vcpus, td.secret,
-                                     td.cookie).ljust(64, b"\0")
+        td.image[:64] = config_block(td.nr_vcpus, td.max_vcpus, td.secret, td.cookie,
+                                     td.bench_exits).ljust(64, b"\0")
     uc.mem_map(IMAGE_GPA, TDGUEST_IMAGE_SIZE)
     uc.mem_write(IMAGE_GPA, bytes(td.image))
     uc.mem_map(0, 0x200000)                      # private RAM (pages become usable on ACCEPT)
@@ -118,6 +122,12 @@ def run_vcpu(td: FakeTd, image: bytes, vcpu: int) -> None:
             elif r14 == PORT_DONE:
                 td.done[vcpu] = r15
                 uc.emu_stop()
+            elif r14 == PORT_BENCH:
+                td.bench_marks.append(r15)
+        elif fn == 10:  # Instruction.CPUID(R12 leaf, R13 subleaf) -> R12..R15
+            setreg("R12", 0x23 if r12 == 0 else 0)
+            for n in ("R13", "R14", "R15"):
+                setreg(n, 0)
         elif fn == 48:  # #VE.RequestMMIO: R12 size, R13 direction (1 = write), R14 GPA
             assert r14 == MMIO_GPA | SHARED_BIT and r12 == 8
             if r13:
@@ -229,6 +239,18 @@ def test_tdguest_runs_its_checks_from_the_reset_vector(image: bytes, nr_vcpus: i
             assert page in td.accepted and td.memory[page] != bytes(4096)
     assert SHARED_GPA in td.accepted and td.shared == set()
     assert td.calls[("vmcall", 0x10001)] == 2  # MapGPA: to shared and back
+
+
+def test_tdguest_times_td_exit_round_trips_when_asked(image: bytes) -> None:
+    # tdg_config.bench_exits: vCPU 0 makes that many TDVMCALL<CPUID> exits between two
+    # marks on the bench port, and still passes every check.
+    td = FakeTd(nr_vcpus=1, max_vcpus=2, bench_exits=50)
+    run_vcpu(td, image, 0)
+    assert td.fatal == {} and td.done == {0: DONE_PASS}, td.console
+    assert td.calls[("vmcall", 10)] == 50 and td.bench_marks == [1, 2]
+    plain = FakeTd(nr_vcpus=1, max_vcpus=2)
+    run_vcpu(plain, image, 0)
+    assert plain.calls[("vmcall", 10)] == 0 and plain.bench_marks == []
 
 
 def test_tdguest_reports_a_fatal_error_on_a_wrong_configuration(image: bytes) -> None:

@@ -64,6 +64,10 @@ def _hpa_operands(r: Regs) -> tuple[int, ...]:
     return (r.rcx, r.rdx, r.r8, r.r9, r.r12, r.r13)
 
 
+#: The end of a hold spent yielding rather than in a timed wait (see ``_wait``).
+SPIN_S = 60e-6
+
+
 @dataclass(eq=False)
 class PauseHandle:
     """One armed pause; the test waits for it to trigger and then resumes the call."""
@@ -310,9 +314,21 @@ class Controller:
                 self._wait(hold)
 
     def _wait(self, seconds: float) -> None:
+        """Wait ``seconds`` with the module mutex released, as exactly as a thread can: a
+        timed wait wakes tens of microseconds late (timer slack, thread wake-up), longer
+        than an overlap hold itself (75 us for most leaves), so the last ``SPIN_S`` is a
+        yield loop instead."""
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.cond.wait(left)
+        while (left := deadline - time.monotonic()) > SPIN_S:
+            self.cond.wait(left - SPIN_S)
+        if left <= 0:
+            return
+        self.cond.release()
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(0)  # releases the GIL: other LPs' calls run meanwhile
+        finally:
+            self.cond.acquire()
 
     def hit(self, lp: int, leaf: int, point: str, call_id: int = 0) -> None:
         """Called with the module mutex held; may wait (releasing it) until resumed."""

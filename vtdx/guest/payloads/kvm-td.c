@@ -1,6 +1,7 @@
 /* kvm-td: a minimal TDX VMM. Takes one TD through its whole life with KVM's real ioctls.
  *
  *   kvm-td [--vcpus 1|2] [--stop-after STAGE] [--timeout SECONDS] [--no-pin]
+ *          [--bench-exits N]
  *
  * STAGE is one of: vm, init-vm, vcpus, memory, image, finalize, run (the default: all).
  * Each stage is one KTAP test; the stages after --stop-after are reported as SKIP and the
@@ -19,6 +20,10 @@
  *             A vCPU whose guest passed stays in KVM_RUN (its guest spins) until every vCPU
  *             has ended, as a VMM keeps running a vCPU whose guest idles: KVM keeps
  *             entering it while the others map and convert memory.
+ *
+ * --bench-exits N: the guest's vCPU 0 makes N TDVMCALL<CPUID> exits in a row (KVM answers
+ * them in the kernel and enters again); the VMM times the loop between the guest's two
+ * marks and prints "# td_exit_round_trip: N exits in T us, R/s".
  *
  * vCPU thread N is pinned to CPU N (modulo the CPUs online) unless --no-pin: which CPU, and
  * so which TDX LP, a vCPU enters from is then the same in every run, so a pause or a
@@ -81,7 +86,7 @@ static const char *const run_tests[] = { "td_console", "td_mmio", "td_map_gpa",
 static void usage(const char *argv0)
 {
 	fprintf(stderr, "usage: %s [--vcpus 1|2] [--stop-after vm|init-vm|vcpus|memory|image|"
-		"finalize|run] [--timeout SECONDS] [--no-pin]\n", argv0);
+		"finalize|run] [--timeout SECONDS] [--no-pin] [--bench-exits N]\n", argv0);
 	exit(2);
 }
 
@@ -118,6 +123,7 @@ static struct {
 	pthread_mutex_t lock;
 	/* run findings */
 	uint64_t mmio_value;
+	struct timespec bench_start, bench_end;
 	int mmio_writes, mmio_reads, to_shared, to_private, punched, mem_faults, report_ok;
 	char report_why[200];
 	volatile sig_atomic_t stop, all_ended;
@@ -530,6 +536,9 @@ static int handle_io(struct vcpu *v)
 	case TDG_PORT_DOORBELL:
 		check_report(v);
 		return 0;
+	case TDG_PORT_BENCH:
+		clock_gettime(CLOCK_MONOTONIC, val == 1 ? &g.bench_start : &g.bench_end);
+		return 0;
 	case TDG_PORT_DONE:
 		v->passed = val == TDG_DONE_PASS;
 		if (!v->passed) {
@@ -809,7 +818,7 @@ int main(int argc, char **argv)
 		stage_vm, stage_init_vm, stage_vcpus, stage_memory, stage_image, stage_finalize,
 		stage_run,
 	};
-	int reached = -1, failed = -1;
+	int reached = -1, failed = -1, bench_exits = 0;
 	char why[256];
 
 	g.nr_vcpus = 1;
@@ -834,6 +843,10 @@ int main(int argc, char **argv)
 			g.timeout = atoi(argv[++i]);
 		} else if (!strcmp(argv[i], "--no-pin")) {
 			g.pin = 0;
+		} else if (!strcmp(argv[i], "--bench-exits") && i + 1 < argc) {
+			bench_exits = atoi(argv[++i]);
+			if (bench_exits < 0)
+				usage(argv[0]);
 		} else {
 			usage(argv[0]);
 		}
@@ -841,6 +854,7 @@ int main(int argc, char **argv)
 	srand((unsigned)time(NULL) ^ (unsigned)getpid());
 	g.cfg = (struct tdg_config){
 		.magic = TDG_CONFIG_MAGIC, .nr_vcpus = (uint32_t)g.nr_vcpus, .gpaw = 48,
+		.bench_exits = (uint32_t)bench_exits,
 		.secret = (uint64_t)rand() << 32 | (uint64_t)rand() | 1,
 		.cookie = (uint64_t)rand() << 33 | (uint64_t)rand() << 1,
 	};
@@ -906,6 +920,13 @@ int main(int argc, char **argv)
 		ktap_result(g.report_ok, "td_shared_report",
 			    g.report_why[0] ? g.report_why : "no report");
 		diag("memory_fault_exits: %d", g.mem_faults);
+		if (bench_exits && g.bench_end.tv_sec) {
+			double us = (double)(g.bench_end.tv_sec - g.bench_start.tv_sec) * 1e6 +
+				    (double)(g.bench_end.tv_nsec - g.bench_start.tv_nsec) / 1e3;
+
+			diag("td_exit_round_trip: %d exits in %.0f us, %.0f/s", bench_exits, us,
+			     us > 0 ? bench_exits / us * 1e6 : 0.0);
+		}
 	} else {
 		snprintf(why, sizeof(why), "the TD did not run");
 		for (unsigned int i = 0; i < NR_RUN_TESTS; i++)

@@ -28,6 +28,7 @@ extern uint64_t pd_low[512];
 #define TDG_VM_RD		7
 
 /* GHCI sub-functions (R11 of TDG.VP.VMCALL with R10 = 0). */
+#define VMCALL_CPUID		10
 #define VMCALL_IO		30
 #define VMCALL_MMIO		48
 #define VMCALL_MAP_GPA		0x10001
@@ -252,6 +253,23 @@ void tdg_main(uint32_t vcpu, uint64_t init_rcx, uint64_t init_r8, uint32_t max_p
 		outl(TDG_PORT_DONE, TDG_DONE_PASS);
 		for (;;)
 			;
+	}
+
+	/* TD exit round trips: TDVMCALL<Instruction.CPUID>, which KVM answers in the kernel
+	 * (arch/x86/kvm/vmx/tdx.c tdx_emulate_cpuid) and enters again, between two marks the
+	 * VMM times. */
+	if (cfg->bench_exits) {
+		outl(TDG_PORT_BENCH, 1);
+		for (uint32_t i = 0; i < cfg->bench_exits; i++) {
+			struct tdcall_regs r = {
+				.rax = TDG_VP_VMCALL, .rcx = VMCALL_REG_MASK, .r11 = VMCALL_CPUID,
+			};
+
+			tdcall(&r);
+			if (r.rax || r.r10)
+				fail(vcpu, CHECK_IO_IN, r.rax ? r.rax : r.r10);
+		}
+		outl(TDG_PORT_BENCH, 2);
 	}
 
 	/* Emulated IO and MMIO: the VMM answers in KVM_RUN's exit data. */

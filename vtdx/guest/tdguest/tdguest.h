@@ -43,6 +43,7 @@
 #define TDG_PORT_DOORBELL	0x510	/* out, 4 bytes: the report in the shared page is ready */
 #define TDG_PORT_DONE		0x511	/* out, 4 bytes: TDG_DONE_PASS or the failed check's id */
 #define TDG_PORT_CONFIG		0x512	/* in, 4 bytes: the VMM's TDG_CONFIG_MAGIC low half */
+#define TDG_PORT_BENCH		0x513	/* out, 4 bytes: 1 = exit loop starts, 2 = it ended */
 #define TDG_DONE_PASS		0x600D
 
 /* TDG.VM.RD field ids of the TD-scope fields the guest checks (TDX ABI metadata ids, the
@@ -63,7 +64,7 @@ struct tdg_config {
 	uint64_t attributes;	/* TD attributes the VMM asked for in KVM_TDX_INIT_VM */
 	uint64_t xfam;		/* XFAM it asked for (the module may add its fixed-1 bits) */
 	uint32_t gpaw;		/* guest physical address width: 48 or 52 */
-	uint32_t pad;
+	uint32_t bench_exits;	/* vCPU 0 makes this many TDVMCALL<CPUID> exits (0: none) */
 	uint64_t secret;	/* written into private memory: must never reach the VMM */
 	uint64_t cookie;	/* the guest echoes it in its report */
 };
