@@ -90,6 +90,25 @@ def test_kvm_td_payload_runs_its_td_to_pass(tdx_vm, nr_vcpus: int) -> None:
     assert vm.vtdx.tds() == []
 
 
+def test_td_exit_round_trips_timed_by_the_vmm(tdx_vm) -> None:
+    """``kvm-td --bench-exits N`` (what scripts/bench-td --stack runs): the guest's N
+    TDVMCALL<CPUID> exits are answered by KVM in the kernel (tdx_emulate_cpuid) and entered
+    again -- N TDCALL exits with no return to the VMM in between -- and the VMM prints the
+    rate of the loop it timed."""
+    vm = tdx_vm
+    mark = vm.trace.mark()
+    ktap = vm.payload("kvm-td", "--vcpus", "1", "--bench-exits", "300", timeout=600)
+    ktap.assert_ok()
+    m = re.fullmatch(r"300 exits in (\d+) us, (\d+)/s", ktap.diag["td_exit_round_trip"])
+    assert m and int(m[1]) > 0 and int(m[2]) > 0, ktap.diag
+    enters = [r for r in vm.trace.since(mark) if r["name"] == "TDH.VP.ENTER"]
+    tdcalls = [r for r in enters if r.get("exit-reason") == "TDCALL"]
+    assert len(tdcalls) >= 300
+    # The IO exits the guest makes reach the VMM (userspace); the CPUID ones do not.
+    io_exits = int(re.search(r"(\d+) IO", ktap.diag["vcpu0"])[1])  # type: ignore[index]
+    assert len(tdcalls) - io_exits >= 300, (len(tdcalls), io_exits)
+
+
 @pytest.mark.xfail(strict=True, reason="kernel with CONFIG_KVM_PROVE_MMU: tdp_mmu.c:44 "
                    "KVM_MMU_WARN_ON(tdp_mmu_pages) at VM destruction after a TD ran (3 pages "
                    "still accounted; not after a life that stops at FINALIZE): not explained yet")
