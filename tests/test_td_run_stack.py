@@ -88,6 +88,17 @@ def test_kvm_td_payload_runs_its_td_to_pass(tdx_vm, nr_vcpus: int) -> None:
     assert names["TDH.MEM.TRACK"] >= 1
     assert names["TDH.MNG.KEY.FREEID"] == 1
     assert vm.vtdx.tds() == []
+    # Teardown reclaimed every page: the live module's PAMT has no page but free (PT_NDA)
+    # and reserved ones, and the state invariants hold with no TDX lock left held.
+    from vtdx.module.pamt import PAGE_TYPE_NAMES, PT_NDA, PT_RSVD
+    from vtdx.testing.invariants import check_invariants
+
+    with vm.module.cond:
+        left = [(level, hex(i), PAGE_TYPE_NAMES.get(e.pt, e.pt))
+                for level in range(3) for i, e in vm.module.pamt.entries(level).items()
+                if e.pt not in (PT_NDA, PT_RSVD)]
+        problems = check_invariants(vm.module, expect_no_locks=True)
+    assert left == [] and problems == [], (left[:10], problems[:10])
 
 
 def test_td_exit_round_trips_timed_by_the_vmm(tdx_vm) -> None:
