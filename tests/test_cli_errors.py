@@ -51,7 +51,7 @@ def kernel_file(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("mem,needle", [
     ("100T", "--mem 100T: at most"),
-    ("3T", "--mem 3T: at most"),
+    ("64T", "--mem 64T: at most"),  # physical addresses end at the keyid bits, 2^46
     ("100", "--mem 100M: need at least 256M"),
     ("lots", "invalid memory size 'lots'"),
 ])

@@ -274,7 +274,7 @@ def test_pamt_add_remove_checks(dp: Env) -> None:
     dp.fail(Leaf.TDH_PHYMEM_PAMT_ADD, st.TDX_OPERAND_INVALID + st.OPERAND_ID_RDX,
             rcx=rng | 1, rdx=a + 1, r8=b)
     dp.fail(Leaf.TDH_PHYMEM_PAMT_ADD, st.TDX_OPERAND_INVALID + st.OPERAND_ID_R8,
-            rcx=rng | 1, rdx=a, r8=b | (1 << 45))
+            rcx=rng | 1, rdx=a, r8=b | (1 << dp.m.profile.hkid_start_bit))  # a keyid
     dp.fail(Leaf.TDH_PHYMEM_PAMT_ADD, st.TDX_HPA_RANGE_NOT_FREE + st.OPERAND_ID_RCX,
             rcx=(dp.td.tdr & ~0x1FFFFF) | 1, rdx=a, r8=b)
     pair_page = h.pamt_pairs[dp.td.tdr & ~0x1FFFFF][0]

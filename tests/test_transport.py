@@ -20,7 +20,7 @@ import pytest
 from vtdx.abi.regs import MASK64, Regs
 from vtdx.abi.status import TDX_OPERAND_INVALID
 from vtdx.platform.memory import GuestRam, PhysAddrError, SparseMemory
-from vtdx.platform.profile import GiB, MiB, Profile, q35_ram_layout
+from vtdx.platform.profile import PROFILES, GiB, MiB, Profile, q35_ram_layout
 from vtdx.resources import asset
 from vtdx.runtime import platform_rows as facade
 from vtdx.runtime import protocol
@@ -146,6 +146,52 @@ def test_facade_default_profile_has_what_linux_checks() -> None:
     assert _feature(rows, protocol.Feature.MOVDIR64B) == 1
     # Every MSR the facade provides is read-only (#GP on write), as on hardware.
     assert all(r.flags == protocol.MsrWrite.GP for r in rows if r.type == RowType.MSR)
+
+
+def _kvm_root_zap_reaches(maxphyaddr: int, gpa: int) -> bool:
+    """Whether KVM's VM-destruction zap of a 4-level TDP root visits the PML4 entry of ``gpa``.
+
+    tdp_mmu_zap_root (arch/x86/kvm/mmu/tdp_mmu.c) walks a root with
+    for_each_tdp_pte_min_level_all (mmu/tdp_iter.h): GFNs upward from 0 while below
+    tdp_mmu_max_gfn_exclusive() = kvm_mmu_max_gfn() + 1 = 2^(MAXPHYADDR - 12) (mmu.h), with
+    MAXPHYADDR the raw CPUID 0x80000008 EAX[7:0] (kvm_get_host_maxphyaddr, mmu/spte.c). A PML4
+    entry (512 GiB) is visited, and the page tables under it freed, if its first GFN is
+    below that bound.
+    """
+    first_gfn = (gpa >> 39) << (39 - 12)
+    return first_gfn < 1 << (maxphyaddr - 12)
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_facade_maxphyaddr_lets_kvm_free_a_tds_shared_ept(name: str) -> None:
+    """A GPAW-48 TD's shared GPAs carry bit 47 (TDX_SHARED_BIT_PWL_4, arch/x86/kvm/vmx/tdx.c),
+    so KVM maps them under PML4 entry 256 of the TD's direct root. With the CPUID MAXPHYADDR
+    below 48 KVM's root zap stops short of that entry, the shared EPT's page tables stay
+    counted and KVM_PROVE_MMU warns at kvm_mmu_uninit_tdp_mmu. TDX platforms report 52
+    (TME-MT, hence TDX, needs the CPU's full address width); Linux keeps 52 - keyid bits."""
+    p = Profile.named(name, 2, 2 * GiB)
+    rows = _rows(p)
+    (leaf,) = [r for r in rows if r.type == RowType.CPUID and r.a == 0x8000_0008
+               and r.c == protocol.CpuidReg.EAX]
+    assert leaf.e & 0xFF == 0xFF  # the row replaces MAXPHYADDR, whatever TCG's CPU says
+    maxpa = leaf.d & 0xFF
+    shared_bit = 1 << 47
+    assert _kvm_root_zap_reaches(maxpa, shared_bit), f"MAXPHYADDR {maxpa}"
+    assert maxpa == _feature(rows, protocol.Feature.PHYS_BITS) == 52
+    assert not _kvm_root_zap_reaches(47, shared_bit)  # the bound the old 46-bit platform missed
+    assert maxpa - p.keyid_bits == p.hkid_start_bit == 46
+
+
+def test_facade_cpu_is_not_l1tf_affected() -> None:
+    """Linux marks a CPU without IA32_ARCH_CAPABILITIES.RDCL_NO (or a whitelisted model) as
+    Meltdown and L1TF affected (cpu_set_bug_bits, arch/x86/kernel/cpu/common.c); kvm then
+    warns in kvm_mmu_reset_all_pte_masks (mmu/spte.c) for a 52-bit CPU. TDX-capable Xeons
+    report RDCL_NO, so the facade does: CPUID.7.0:EDX[29] and the read-only MSR."""
+    rows = _rows(Profile.from_vm(2, 2 * GiB))
+    (edx,) = [r for r in rows if r.type == RowType.CPUID and r.a == 7 and r.b == 0
+              and r.c == protocol.CpuidReg.EDX]
+    assert edx.d & facade.CPUID7_EDX_ARCH_CAPABILITIES and not edx.e
+    assert _msr(rows, facade.MSR_ARCH_CAPABILITIES) & facade.ARCH_CAP_RDCL_NO
 
 
 def test_facade_expresses_platforms_linux_must_refuse() -> None:

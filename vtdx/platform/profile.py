@@ -149,8 +149,15 @@ class Profile:
     mktme_keyids: int = 15
     tdx_keyids: int = 16
     #: Physical address bits CPUID reports; the top ``keyid_bits`` carry the keyid.
-    phys_bits: int = 46
-    keyid_bits: int = 5
+    #: TDX platforms report 52: the BIOS switch that limits the CPU to 46 address bits turns
+    #: TME-MT, and with it TDX, off. Linux then runs with 52 - keyid_bits = 46 bits. KVM
+    #: depends on it: it bounds the walk that frees a TD's page tables at VM destruction at
+    #: the raw CPUID MAXPHYADDR (tdp_mmu_max_gfn_exclusive in mmu/tdp_mmu.c, used by
+    #: for_each_tdp_pte_min_level_all in mmu/tdp_iter.h), while a TD's shared mappings sit
+    #: at GPA bit 47 (TDX_SHARED_BIT_PWL_4 in vmx/tdx.c); below 48 bits the shared EPT's
+    #: page tables are never freed and KVM_PROVE_MMU warns (tdp_mmu.c, tdp_mmu_pages).
+    phys_bits: int = 52
+    keyid_bits: int = 6
     #: CPU features the facade advertises (the kernel refuses TDX without them).
     movdir64b: bool = True
     #: Which public tdx-module tree the model follows where the trees differ: ``"1.5"``

@@ -22,16 +22,24 @@ CPUID1_ECX_XSAVE = 1 << 26
 CPUID1_EDX_SS = 1 << 27  # self-snoop
 CPUID7_ECX_TME = 1 << 13
 CPUID7_ECX_MOVDIR64B = 1 << 28
+CPUID7_EDX_ARCH_CAPABILITIES = 1 << 29
 
 # MSR indices
 MSR_FEAT_CTL = 0x3A
 MSR_MKTME_KEYID_PARTITIONING = 0x87
+MSR_ARCH_CAPABILITIES = 0x10A
 MSR_VMX_BASIC = 0x480
 MSR_TME_CAPABILITY = 0x981
 MSR_TME_ACTIVATE = 0x982
 
 FEAT_CTL_LOCKED = 1 << 0
 FEAT_CTL_VMX_OUTSIDE_SMX = 1 << 2
+
+#: IA32_ARCH_CAPABILITIES bit 0: not affected by rogue data cache load (Meltdown), hence by
+#: L1TF either. TDX-capable Xeons report it; without it Linux marks the CPU L1TF-affected
+#: and kvm's kvm_mmu_reset_all_pte_masks (mmu/spte.c) warns, since an L1TF-affected CPU
+#: with a MAXPHYADDR of 47 bits or more does not exist.
+ARCH_CAP_RDCL_NO = 1 << 0
 
 #: VMCS revision id the test guest and Linux put in the VMXON region (VMX_BASIC[30:0]).
 VMCS_REVISION = 1
@@ -63,7 +71,8 @@ VMX_CAPS: dict[int, int] = {
 
 
 def cpuid_rows(p: Profile) -> list[Row]:
-    """CPUID bits: VMX, XSAVE, SELFSNOOP, TME, MOVDIR64B (as the profile says), MAXPHYADDR."""
+    """CPUID bits: VMX, XSAVE, SELFSNOOP, TME, MOVDIR64B (as the profile says),
+    ARCH_CAPABILITIES, MAXPHYADDR."""
     def row(leaf: int, sub: int, reg: CpuidReg, set_: int = 0, clear: int = 0) -> Row:
         return Row(RowType.CPUID, leaf, sub, reg, set_, clear)
 
@@ -73,12 +82,14 @@ def cpuid_rows(p: Profile) -> list[Row]:
         row(1, ANY_SUBLEAF, CpuidReg.EDX, CPUID1_EDX_SS),
         row(7, 0, CpuidReg.ECX, CPUID7_ECX_TME | (md if p.movdir64b else 0),
             0 if p.movdir64b else md),
+        row(7, 0, CpuidReg.EDX, CPUID7_EDX_ARCH_CAPABILITIES),
         row(0x8000_0008, ANY_SUBLEAF, CpuidReg.EAX, p.phys_bits, 0xFF),
     ]
 
 
 def msr_rows(p: Profile) -> list[Row]:
-    """FEAT_CTL locked with VMX on; keyid partitioning and TME MSRs agreeing on keyid bits."""
+    """FEAT_CTL locked with VMX on; keyid partitioning and TME MSRs agreeing on keyid bits;
+    ARCH_CAPABILITIES with RDCL_NO."""
     def ro(index: int, value: int) -> Row:
         return Row(RowType.MSR, index, d=value, flags=MsrWrite.GP)
 
@@ -90,6 +101,7 @@ def msr_rows(p: Profile) -> list[Row]:
         ro(MSR_TME_CAPABILITY, 1 | (p.keyid_bits << 32) | (max_keys << 36)),
         # TME_ACTIVATE: locked (0), enabled (1), keyid bits 35:32, AES-XTS-128 allowed (48).
         ro(MSR_TME_ACTIVATE, 1 | 2 | (p.keyid_bits << 32) | (1 << 48)),
+        ro(MSR_ARCH_CAPABILITIES, ARCH_CAP_RDCL_NO),
         ro(MSR_VMX_BASIC, VMX_BASIC),
     ]
     rows += [ro(index, value) for index, value in VMX_CAPS.items()]
