@@ -66,14 +66,9 @@ def _in_background(vm: Vm, *args: str) -> tuple[threading.Thread, list[Any]]:
     return t, result
 
 
-#: The one WARN a TD's teardown prints on the default kernel (KVM_PROVE_MMU), not caused by
-#: the race: see README, "Run a TD".
-KNOWN_WARN = "tdp_mmu.c:44"
-
-
 def _no_warnings(vm: Vm) -> list[str]:
     return [ln for ln in vm.console_tail(400).splitlines()
-            if ("WARNING" in ln or "BUG" in ln or "Oops" in ln) and KNOWN_WARN not in ln]
+            if "WARNING" in ln or "BUG" in ln or "Oops" in ln]
 
 
 def test_track_held_vp_enter_gets_busy_td_epoch_and_kvm_reenters(vm) -> None:  # noqa: ANN001
