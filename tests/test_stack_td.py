@@ -546,7 +546,8 @@ def test_vp_enter_refused_through_the_whole_stack(vp_enter: VpEnterNegatives,
     is not VCPU_READY (never TDH.VP.INIT'ed) with TDX_VCPU_STATE_INCORRECT, bare in 1.5;
     associate_vcpu refuses a vCPU associated with another LP (TDH.VP.INIT and an entry on
     LP0, no TDH.VP.FLUSH) with TDX_VCPU_ASSOCIATED, bare. The recording, the test guest's
-    RAX and the daemon's module all say so; the failed entry returns RCX as it came."""
+    RAX and the daemon's module all say so. tdh_vp_enter.c's EXIT_FAILURE path writes no
+    output register, so RCX comes back as the host passed it."""
     seq = getattr(vp_enter, case)
     rec = vp_enter.script.records[seq]
     assert rec.regs_out.rax == want
