@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from linux_tdmr import LinuxHost, q35_memblocks
 
@@ -24,11 +25,12 @@ from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import TdxModule
-from vtdx.platform.memory import SparseMemory
+from vtdx.platform.memory import GuestRam, PhysMemory, SparseMemory
 from vtdx.platform.profile import Profile, Region
+from vtdx.testing import td_test_guest as tg
 from vtdx.testing.race_loop import lp0_steps, lp1_steps
-from vtdx.testing.seamscript import BARRIER, CONCURRENT, WAIT_GO, Recorder, Script
-from vtdx.testing.td_host import KvmHost, PageAllocator
+from vtdx.testing.seamscript import BARRIER, CONCURRENT, REENTER, WAIT_GO, Recorder, Script
+from vtdx.testing.td_host import KvmHost, PageAllocator, SharedEpt, Vcpu, td_params
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -71,6 +73,28 @@ class TrackedMemory(SparseMemory):
         self._touch(pa, size)
 
 
+class TrackedGuestRam(GuestRam):
+    """``TrackedMemory`` backed by a file as QEMU's RAM is, so the in-process module can
+    run TD guest code (its vCPU engine maps the file)."""
+
+    def __init__(self, path: Path, regions: tuple[Region, ...]) -> None:
+        with open(path, "wb") as f:
+            f.truncate(sum(r.size for r in regions))
+        super().__init__(path, regions)
+        self.touched: set[int] = set()
+
+    def _touch(self, pa: int, size: int) -> None:
+        self.touched.update(range(pa >> 12, ((pa + max(size, 1) - 1) >> 12) + 1))
+
+    def write(self, pa: int, data: bytes) -> None:
+        super().write(pa, data)
+        self._touch(pa, len(data))
+
+    def zero(self, pa: int, size: int) -> None:
+        super().zero(pa, size)
+        self._touch(pa, size)
+
+
 def stack_profile() -> Profile:
     """The platform both the recording and the whole-stack VM use."""
     return Profile.from_vm(SMP, MEM, dynamic_pamt=True, demote_nointerrupt=True)
@@ -79,9 +103,11 @@ def stack_profile() -> Profile:
 class ScenarioWorld:
     """A module brought up by Linux's sequence, every SEAMCALL through a Recorder."""
 
-    def __init__(self) -> None:
+    def __init__(self, ram_file: Path | None = None) -> None:
+        """``ram_file``: back RAM with this file (TDs can run guest code), else in memory."""
         p = self.profile = stack_profile()
-        self.memory = TrackedMemory(p.ram)
+        self.memory: PhysMemory = (TrackedMemory(p.ram) if ram_file is None
+                                   else TrackedGuestRam(ram_file, p.ram))
         self.module = TdxModule(p, self.memory)
         self.rec = Recorder(self.module.seamcall, self.module.memory)
 
@@ -242,3 +268,116 @@ def record_race_loop() -> RaceLoop:
     for regs in lp1_steps(PAMT_ADD_PA, add_pair):
         rec.add_loop(1, regs)
     return RaceLoop(rec.script(), td.tdr)
+
+
+#: TD statuses from intel/tdx-module (tdx_error_codes_defs.h), spelled out so a renamed or
+#: renumbered constant in vtdx.abi cannot make the tests agree with themselves.
+OP_STATE_INCORRECT = 0xC000060800000000      # check_state_map_tdcs_and_lock
+VCPU_STATE_INCORRECT = 0xC000070000000000    # check_and_associate_vcpu, 1.5: no operand
+VCPU_ASSOCIATED = 0x8000070100000000         # associate_vcpu: no operand
+#: The EPT-violation TD exit of a read of a PENDING page under SEPT_VE_DISABLE
+#: (td_ept_violation.c -> td_other_exits.c tdx_ept_violation_exit_to_vmm): RAX = TDX_SUCCESS
+#: | basic reason 48, RCX = the exit qualification with bits 12:7 cleared (a data read of a
+#: not-present entry: bit 0 only), RDX = extended qualification type 6
+#: (VMX_EEQ_PENDING_EPT_VIOLATION), R8 = the GPA with bits 11:0 cleared, R9 and the other
+#: GPRs 0 (td_exit.c async_tdexit_internal).
+PENDING_EXIT = {"rax": 48, "rcx": 0x1, "rdx": 6, "r8": tg.PENDING_GPA, "r9": 0}
+SHARED_BIT = 1 << 47                          # GPAW 48 (4-level EPT in td_params)
+
+
+@dataclass
+class VpEnterNegatives:
+    """TDH.VP.ENTER's refusals and a pending-page TD exit, each a record's sequence number.
+
+    ``not_runnable``: before TDH.MR.FINALIZE; ``uninitialised``: a vCPU created and given
+    its TDVPX pages but never TDH.VP.INIT'ed; ``pending``: the vCPU runs the test guest's
+    T_PENDING routine (read of an AUGed, never accepted page) on LP0; ``associated``: that
+    vCPU entered from LP1 without TDH.VP.FLUSH; ``after_flush``: from LP1 after LP0 flushed
+    it, the guest's read faults the same way again.
+    """
+
+    script: Script
+    module: TdxModule
+    tdr: int
+    tdvpr: int
+    raw_tdvpr: int
+    not_runnable: int
+    uninitialised: int
+    pending: int
+    associated: int
+    after_flush: int
+
+
+def record_vp_enter_negatives(ram_file: Path) -> VpEnterNegatives:
+    """One TD (SEPT_VE_DISABLE) with the engine's test guest added by TDH.MEM.PAGE.ADD
+    (reset vector page, page tables, 64-bit code), two vCPUs (one never initialised), and
+    the TDH.VP.ENTER cases in the order above, then KVM's teardown."""
+    w = ScenarioWorld(ram_file)
+    h, rec = w.host, w.rec
+    td = h.init_vm(w.hkid, td_params(max_vcpus=2))
+    v = h.init_vcpu(td, 0, 0, tg.T_PENDING)
+    raw = Vcpu(h.control_page(0), [], 0)
+    h.call(0, Leaf.TDH_VP_CREATE, rcx=raw.tdvpr, rdx=td.tdr)
+    for _ in range(h.tdvps_pages - 1):
+        pa = h.control_page(0)
+        h.call(0, Leaf.TDH_VP_ADDCX, rcx=pa, rdx=raw.tdvpr)
+        raw.tdvpx.append(pa)
+    td.vcpus.append(raw)
+    for gpa, data in tg.guest_pages(SHARED_BIT).items():
+        h.add_page(td, gpa, data, measure=False)
+    h.set_shared_eptp(v, SharedEpt(rec.memory, h.alloc).eptp)
+
+    def enter(lp: int, vcpu: Vcpu, flags: int = 0) -> int:
+        seq = len(rec)
+        rec.call(lp, Regs(rax=Leaf.TDH_VP_ENTER, rcx=vcpu.tdvpr), flags=flags)
+        return seq
+
+    not_runnable = enter(0, v)
+    h.finalize(td)
+    uninitialised = enter(0, raw)
+    h.aug(td, tg.PENDING_GPA)
+    pending = enter(0, v, REENTER)
+    associated = enter(1, v)
+    h.call(0, Leaf.TDH_VP_FLUSH, rcx=v.tdvpr)
+    after_flush = enter(1, v, REENTER)
+    v.lp = 1
+    h.teardown(td)
+    assert not h.pamt_refcount and not w.module.gd.tds
+    return VpEnterNegatives(rec.script(), w.module, td.tdr, v.tdvpr, raw.tdvpr, not_runnable,
+                            uninitialised, pending, associated, after_flush)
+
+
+@dataclass
+class SlicedEntry:
+    """One TDH.VP.ENTER (REENTER) of a vCPU computing for many time slices: ``enter`` is its
+    sequence number, ``slices`` how many time-slice exits the recording re-entered."""
+
+    script: Script
+    module: TdxModule
+    enter: int
+    slices: int
+
+
+def record_sliced_entry(ram_file: Path, iterations: int) -> SlicedEntry:
+    """The test guest's T_COMPUTE routine (``iterations`` rounds of six instructions, then
+    a TDG.VP.VMCALL report of its result in R12) on a runnable TD, entered once with
+    REENTER, then KVM's teardown."""
+    w = ScenarioWorld(ram_file)
+    h, rec = w.host, w.rec
+    td = h.init_vm(w.hkid, td_params(max_vcpus=1))
+    v = h.init_vcpu(td, 0, 0, tg.T_COMPUTE)
+    pages = tg.guest_pages(SHARED_BIT)
+    save = bytearray(pages[tg.SAVE])
+    save[64:72] = iterations.to_bytes(8, "little")
+    pages[tg.SAVE] = bytes(save)
+    for gpa, data in pages.items():
+        h.add_page(td, gpa, data, measure=False)
+    h.set_shared_eptp(v, SharedEpt(rec.memory, h.alloc).eptp)
+    h.finalize(td)
+    seq = len(rec)
+    rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=v.tdvpr), flags=REENTER)
+    slices = sum(n for (_, leaf, rax), n in w.module.stats.counts.items()
+                 if leaf == Leaf.TDH_VP_ENTER and rax == 6)
+    h.teardown(td)
+    assert not w.module.gd.tds
+    return SlicedEntry(rec.script(), w.module, seq, slices)

@@ -8,6 +8,7 @@ and that ordering flags and guards behave.
 
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -25,6 +26,7 @@ from vtdx.abi.regs import Regs
 from vtdx.errors import VtdxError
 from vtdx.module import TdxModule
 from vtdx.platform.memory import SparseMemory
+from vtdx.resources import asset
 from vtdx.testing.seamscript import (
     BARRIER,
     CONCURRENT,
@@ -32,8 +34,10 @@ from vtdx.testing.seamscript import (
     MAGIC,
     OFF_GO,
     OFF_PROGRESS,
+    REENTER,
     RESULT_SIZE,
     SCRIPT_PA,
+    TIME_SLICE_EXIT,
     WAIT_GO,
     Mailbox,
     MemWrite,
@@ -129,6 +133,30 @@ def test_recorder_guards() -> None:
     rec = Recorder(lambda lp, regs: regs, SparseMemory(stack_profile().ram))
     rec.call(1, Regs(rax=5), flags=WAIT_GO, go=3)
     assert len(rec) == 1 and rec.script().records[0].go == 3
+
+
+def test_reenter_keeps_the_first_output_that_is_not_a_time_slice() -> None:
+    """A REENTER record is issued again while it returns RAX = 6 (TDX_SUCCESS | OTHER_SMI),
+    when recorded and when replayed; other records, and other statuses, are not; main.c
+    uses the same flag bit and status."""
+    answers: list[int] = []
+
+    def module(lp: int, regs: Regs) -> Regs:
+        return Regs(rax=answers.pop(0), rcx=regs.rcx)
+
+    rec = Recorder(module, SparseMemory(stack_profile().ram))
+    answers[:] = [TIME_SLICE_EXIT, TIME_SLICE_EXIT, 48, TIME_SLICE_EXIT, 6 | 1 << 63]
+    assert rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=0x1000), flags=REENTER).rax == 48
+    assert rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=0x1000)).rax == TIME_SLICE_EXIT
+    assert rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=0x1000), flags=REENTER).rax == \
+        6 | 1 << 63
+    script = rec.script()
+    assert [r.regs_out.rax for r in script.records] == [48, TIME_SLICE_EXIT, 6 | 1 << 63]
+    answers[:] = [TIME_SLICE_EXIT, 48, TIME_SLICE_EXIT, 6 | 1 << 63]
+    assert replay(script, module, SparseMemory(stack_profile().ram)) == [] and not answers
+    main_c = asset("guest", "testguest", "main.c").read_text()
+    assert re.search(rf"#define SCRIPT_REENTER {REENTER}\b", main_c)
+    assert re.search(rf"#define TIME_SLICE_EXIT {TIME_SLICE_EXIT}UL\b", main_c)
 
 
 def test_mailbox_reads_what_the_guest_publishes() -> None:

@@ -13,12 +13,20 @@ module pauses one call at its "locked" control point (vtdx/module/control.py) wh
 vCPU sits inside SEAMCALL; the host sees the pause and sets the go flag the other vCPU's
 record waits for. Statuses from intel/tdx-module: tdh_phymem_pamt_add.c (BUSY | RCX,
 0x8000020000000001) and pamt_manager.c pamt_demote() (BUSY | R12, 0x800002000000000c).
+
+TDH.VP.ENTER's refusals (unmodified KVM never provokes them) and a TD guest's access to a
+PENDING page: the engine's test guest is TDH.MEM.PAGE.ADDed into a TD and run by the
+daemon's TD vCPU engine over QEMU's RAM (the memory-backend file), so the EPT-violation TD
+exit crosses the whole stack. Entries of a vCPU running guest code are REENTER records:
+time-slice exits are re-entered, as KVM does, and not compared (their number is the wall
+clock's); every other output register is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +40,21 @@ from stack_td_scenarios import (
     GUEST_2M_HPA,
     IMAGES,
     MEM,
+    OP_STATE_INCORRECT,
     PAMT_ADD_PA,
+    PENDING_EXIT,
     RACE_GPA,
     SMP,
+    VCPU_ASSOCIATED,
+    VCPU_STATE_INCORRECT,
     Lifecycle,
     Race,
     ScenarioWorld,
+    VpEnterNegatives,
     record_lifecycle,
     record_race,
+    record_sliced_entry,
+    record_vp_enter_negatives,
     stack_profile,
 )
 from test_td_support import expected_mrtd
@@ -58,7 +73,15 @@ from vtdx.platform.profile import Profile
 from vtdx.session.machine import Machine
 from vtdx.testing import testguest
 from vtdx.testing.invariants import check_invariants, fingerprint
-from vtdx.testing.seamscript import PHASE_TURN, Mailbox, Mismatch, Record, Script
+from vtdx.testing.seamscript import (
+    PHASE_TURN,
+    REENTER,
+    TIME_SLICE_EXIT,
+    Mailbox,
+    Mismatch,
+    Record,
+    Script,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -134,6 +157,19 @@ class StackRun:
 Host = Callable[[TdxModule, Mailbox, CallLog], object]
 
 
+def _answered(module: TdxModule) -> tuple[Counter[int], Counter[int]]:
+    """SEAMCALLs per leaf and per status, without TDH.VP.ENTER's time-slice exits: how many
+    slices a running vCPU takes depends on the wall clock (seamscript REENTER)."""
+    by_leaf: Counter[int] = Counter()
+    by_status: Counter[int] = Counter()
+    for (_, leaf, rax), n in module.stats.counts.items():
+        if leaf == Leaf.TDH_VP_ENTER and rax == TIME_SLICE_EXIT:
+            continue
+        by_leaf[leaf] += n
+        by_status[rax] += n
+    return by_leaf, by_status
+
+
 def divergence(stack: TdxModule, ram: GuestRam, ref: TdxModule) -> list[str]:
     """How the daemon's module (and guest RAM) differ from the in-process recording's."""
     out = []
@@ -141,10 +177,10 @@ def divergence(stack: TdxModule, ram: GuestRam, ref: TdxModule) -> list[str]:
     for name, a, b in zip(names, fingerprint(stack), fingerprint(ref), strict=True):
         if a != b:
             out.append(f"{name} differ")
-    for what in ("calls_by_leaf", "by_status"):
-        a, b = getattr(stack.stats, what)(), getattr(ref.stats, what)()
+    for what, a, b in zip(("calls by leaf", "calls by status"), _answered(stack),
+                          _answered(ref), strict=True):
         if a != b:
-            out.append(f"module.stats.{what}(): {a} != {b}")
+            out.append(f"module.stats {what}: {dict(a)} != {dict(b)}")
     for what in ("state", "global_keyid", "pkg_config"):
         if getattr(stack, what) != getattr(ref, what):
             out.append(f"module.{what}: {getattr(stack, what)} != {getattr(ref, what)}")
@@ -434,3 +470,139 @@ def test_seed_race_through_the_whole_stack(runtime: QemuRuntime, elf: Path,
         assert (seen["demote"], seen["pamt_add"]) == (0, 0)
     assert run.state == expected
     assert run.problems == []
+
+
+# --------------------------------------------------------------------------- (c) VP.ENTER
+
+@pytest.fixture(scope="module")
+def vp_enter(tmp_path_factory: pytest.TempPathFactory) -> VpEnterNegatives:
+    return record_vp_enter_negatives(tmp_path_factory.mktemp("vp-enter") / "ram")
+
+
+@pytest.fixture(scope="module")
+def vp_enter_run(runtime: QemuRuntime, elf: Path, vp_enter: VpEnterNegatives) -> StackRun:
+    """The script replayed once; what the guest's CPUs got per record is kept."""
+
+    def inspect(module: TdxModule, ram: GuestRam) -> dict[str, object]:
+        return {"outputs": vp_enter.script.outputs(ram), "tds": len(module.gd.tds),
+                "locks": len(module.locks)}
+
+    return replay(runtime, elf, vp_enter.script, inspect=inspect, reference=vp_enter.module,
+                  timeout=120)
+
+
+def _guest_got(run: StackRun, seq: int) -> Regs:
+    outputs = run.state["outputs"]
+    assert isinstance(outputs, list)
+    got = outputs[seq]
+    assert got is not None, f"record {seq} never ran"
+    return got[1]
+
+
+def _vp_enter_statuses(run: StackRun, lp: int) -> list[int]:
+    """TDH.VP.ENTER statuses the daemon's module gave ``lp``, time-slice exits left out."""
+    return [rax for c_lp, leaf, rax in run.log.calls
+            if (c_lp, leaf) == (lp, Leaf.TDH_VP_ENTER) and rax != TIME_SLICE_EXIT]
+
+
+def test_vp_enter_script_replays_cleanly(vp_enter: VpEnterNegatives,
+                                         vp_enter_run: StackRun) -> None:
+    """Every register of every call, TD guest code run by the daemon's engine over QEMU's
+    RAM included, equals the recording; the daemon's module ends where the recording did
+    (no TD, same PAMT, same stats but for time slices, same bytes in every page written)."""
+    script = vp_enter.script
+    run = vp_enter_run
+    run.assert_clean(script)
+    assert run.divergence == [] and run.problems == []
+    assert run.state["tds"] == 0 and run.state["locks"] == 0
+    assert [r.seq for r in script.records if r.flags & REENTER] == [vp_enter.pending,
+                                                                   vp_enter.after_flush]
+    # the guest re-entered exactly the time slices the daemon's module ended
+    lines = run.result.results("script")
+    slices = sum(1 for lp, leaf, rax in run.log.calls
+                 if leaf == Leaf.TDH_VP_ENTER and rax == TIME_SLICE_EXIT)
+    assert sum(ln.num("reenters") for ln in lines.values()) == slices
+    # each case's record was issued on the LP the scenario names
+    for name, lp in (("not_runnable", 0), ("uninitialised", 0), ("pending", 0),
+                     ("associated", 1), ("after_flush", 1)):
+        rec = script.records[getattr(vp_enter, name)]
+        assert (rec.lp, rec.leaf) == (lp, Leaf.TDH_VP_ENTER), name
+    assert script.records[vp_enter.uninitialised].regs_in.rcx == vp_enter.raw_tdvpr
+    assert script.records[vp_enter.not_runnable].regs_in.rcx == vp_enter.tdvpr
+
+
+@pytest.mark.parametrize("case, want", [
+    ("not_runnable", OP_STATE_INCORRECT),
+    ("uninitialised", VCPU_STATE_INCORRECT),
+    ("associated", VCPU_ASSOCIATED),
+])
+def test_vp_enter_refused_through_the_whole_stack(vp_enter: VpEnterNegatives,
+                                                  vp_enter_run: StackRun, case: str,
+                                                  want: int) -> None:
+    """intel/tdx-module 1.5 src/td_transitions/tdh_vp_enter.c, in its check order:
+    check_state_map_tdcs_and_lock (helpers.c) refuses a TD whose OP_STATE is not RUNNABLE
+    (before TDH.MR.FINALIZE) with TDX_OP_STATE_INCORRECT, no operand id; map_tdvps passes
+    (all TDVPX pages added), then check_and_associate_vcpu (helpers.c) refuses a vCPU that
+    is not VCPU_READY (never TDH.VP.INIT'ed) with TDX_VCPU_STATE_INCORRECT, bare in 1.5;
+    associate_vcpu refuses a vCPU associated with another LP (TDH.VP.INIT and an entry on
+    LP0, no TDH.VP.FLUSH) with TDX_VCPU_ASSOCIATED, bare. The recording, the test guest's
+    RAX and the daemon's module all say so. tdh_vp_enter.c's EXIT_FAILURE path writes no
+    output register, so RCX comes back as the host passed it."""
+    seq = getattr(vp_enter, case)
+    rec = vp_enter.script.records[seq]
+    assert rec.regs_out.rax == want
+    got = _guest_got(vp_enter_run, seq)
+    assert got.rax == want, f"{got.rax:#x} != {want:#x}"
+    assert got.rcx == rec.regs_in.rcx
+    assert want in _vp_enter_statuses(vp_enter_run, rec.lp)
+
+
+def test_pending_page_access_exits_through_the_whole_stack(vp_enter: VpEnterNegatives,
+                                                           vp_enter_run: StackRun) -> None:
+    """The test guest (PAGE.ADDed at the reset vector, run by the daemon's engine over
+    QEMU's RAM) reads a page TDH.MEM.PAGE.AUG mapped but it never accepted: under
+    SEPT_VE_DISABLE the module exits to the host (td_ept_violation.c ->
+    td_other_exits.c tdx_ept_violation_exit_to_vmm): reason 48, qualification 0x1 (data
+    read, bits 12:7 cleared), extended qualification type 6 PENDING_EPT_VIOLATION, R8 =
+    the GPA, every other GPR 0 (td_exit.c). From LP1 the same vCPU is first refused
+    (TDX_VCPU_ASSOCIATED) and, after TDH.VP.FLUSH on LP0, faults the same way again."""
+    want = Regs(**PENDING_EXIT)
+    for seq in (vp_enter.pending, vp_enter.after_flush):
+        assert vp_enter.script.records[seq].regs_out == want
+        got = _guest_got(vp_enter_run, seq)
+        assert got == want, f"{got} != {want}"
+    assert _vp_enter_statuses(vp_enter_run, 0) == [OP_STATE_INCORRECT, VCPU_STATE_INCORRECT,
+                                                   PENDING_EXIT["rax"]]
+    assert _vp_enter_statuses(vp_enter_run, 1) == [VCPU_ASSOCIATED, PENDING_EXIT["rax"]]
+
+
+def _compute(iterations: int) -> int:
+    """RBX after the test guest's T_COMPUTE loop (vtdx/testing/td_test_guest.py), here in
+    Python: add the counter, rotate right by 3, count down."""
+    mask = (1 << 64) - 1
+    rbx = 0
+    for rcx in range(iterations, 0, -1):
+        rbx = (rbx + rcx) & mask
+        rbx = (rbx >> 3 | rbx << 61) & mask
+    return rbx
+
+
+def test_time_slices_are_reentered_through_the_whole_stack(
+        runtime: QemuRuntime, elf: Path, tmp_path: Path) -> None:
+    """A vCPU that computes for many wall-clock slices: the module ends each with the
+    OTHER_SMI exit (RAX 6), the guest re-enters (seamscript REENTER, as KVM does) until the
+    TDG.VP.VMCALL report, whose registers equal the recording's and the loop's result
+    computed here. The guest counts exactly the slices the daemon's module ended."""
+    iterations = 2_000_000
+    sliced = record_sliced_entry(tmp_path / "ram", iterations)
+    assert sliced.slices > 0          # the recording itself needed re-entries
+    rec = sliced.script.records[sliced.enter]
+    want = Regs(rax=77, rcx=0xFC00, r11=0x1F0, r12=_compute(iterations))
+    assert rec.regs_out == want
+    run = replay(runtime, elf, sliced.script, reference=sliced.module, timeout=120)
+    run.assert_clean(sliced.script)
+    assert run.divergence == [] and run.problems == []
+    slices = sum(1 for lp, leaf, rax in run.log.calls
+                 if (lp, leaf, rax) == (0, Leaf.TDH_VP_ENTER, TIME_SLICE_EXIT))
+    assert slices > 0
+    assert run.result.results("script")[0].num("reenters") == slices

@@ -15,6 +15,12 @@ flag (``Mailbox.set_go``) and ``BARRIER`` for every earlier record to complete. 
 what makes races deterministic under QEMU: LP0's call is paused inside the daemon's module
 (a control point), the host sees the pause and only then lets LP1's call go.
 
+``REENTER`` is for TDH.VP.ENTER of a vCPU that runs guest code: the module ends a time
+slice on the wall clock with the OTHER_SMI exit (RAX = 6), so how many slices an entry
+takes differs between the recording and QEMU. Such a record is issued again, with the same
+inputs, while it returns exactly that exit, as KVM re-enters on OTHER_SMI; the recording
+keeps only the first other output, and the guest compares only that one.
+
 Layout in guest RAM (little endian, offsets from SCRIPT_PA)::
 
     0x000 magic "VTDXSCR1"      0x008 u32 version, u32 nrecords
@@ -68,6 +74,10 @@ BARRIER = 4
 #: LOOP records ``iters=`` times with no ordering between CPUs, retrying on BUSY and
 #: counting (``loop_calls``, ``loop_busy`` in its result line). Outputs are not compared.
 LOOP = 8
+#: Re-issue the call while it returns the time-slice exit (``TIME_SLICE_EXIT``).
+REENTER = 16
+#: TDH.VP.ENTER's RAX for the exit that ends a time slice: TDX_SUCCESS | OTHER_SMI (6).
+TIME_SLICE_EXIT = 6
 
 OFF_FRONTIER = 0x20
 OFF_COMPLETED = 0x28
@@ -361,6 +371,8 @@ class Recorder:
             self._next += 1
             writes, self._pending = self._pending, []
         out = self._seamcall(lp, regs)
+        while flags & REENTER and out.rax == TIME_SLICE_EXIT:
+            out = self._seamcall(lp, regs)
         rec = Record(seq, lp, regs.copy(), out.copy(), writes, flags, go, cmp_mask)
         with self._lock:
             self._records[seq] = rec
@@ -399,6 +411,8 @@ def replay(script: Script, seamcall: Callable[[int, Regs], Regs],
         for w in rec.writes:
             memory.write(w.pa, w.data)
         out = seamcall(rec.lp, rec.regs_in)
+        while rec.flags & REENTER and out.rax == TIME_SLICE_EXIT:
+            out = seamcall(rec.lp, rec.regs_in)
         for k, name in enumerate(REG_NAMES):
             got, want = getattr(out, name), getattr(rec.regs_out, name)
             if rec.cmp_mask >> k & 1 and got != want:

@@ -23,7 +23,8 @@ nomodule     SEAMCALL(0xE000) until one returns CF=1 (VMfailInvalid); ``ok`` = c
 script       replays the SEAMCALL script at ``script`` (default 64 MiB, vtdx.testing.seamscript):
              each CPU issues the records of its LP in sequence order, copying their memory
              images first; ``ok``/``fail`` count records whose 14 output registers (and
-             VMsucceed) match; the first mismatch adds ``seq= reg= got= want=``
+             VMsucceed) match; the first mismatch adds ``seq= reg= got= want=``; a CPU
+             that ran REENTER records adds ``reenters=`` (time-slice exits re-entered)
 ===========  ================================================================================
 
 Output on COM1, one line each::

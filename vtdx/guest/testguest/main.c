@@ -602,6 +602,8 @@ static void test_nomodule(void *arg)
 #define SCRIPT_WAIT_GO 2                  /* wait for the host's go[rec->go] */
 #define SCRIPT_BARRIER 4                  /* wait until every earlier record completed */
 #define SCRIPT_LOOP 8                     /* loop phase: see script_loop() */
+#define SCRIPT_REENTER 16                 /* again while it returns the time-slice exit */
+#define TIME_SLICE_EXIT 6UL               /* TDH.VP.ENTER RAX: TDX_SUCCESS | OTHER_SMI */
 #define TDX_OPERAND_BUSY_CLASS 0x80000200UL /* status bits 63:32 of TDX_OPERAND_BUSY */
 enum { PH_TURN = 1, PH_GO = 2, PH_CALL = 3, PH_DONE = 4 };
 
@@ -730,6 +732,8 @@ static void test_script(void *arg)
         p += rec->size;
     }
     p = (const u8 *)h + h->records_off;
+    u64 reenters = 0;
+    int reentering = 0;
     for (u32 i = 0; i < h->nrecords; i++, p += ((const struct script_rec *)p)->size) {
         const struct script_rec *rec = (const void *)p;
         if (rec->flags & SCRIPT_LOOP) {
@@ -757,6 +761,16 @@ static void test_script(void *arg)
         if (rec->flags & SCRIPT_CONCURRENT)
             store64(&h->frontier, rec->seq + 1);
         seamcall_regs(&s);
+        if (rec->flags & SCRIPT_REENTER) {
+            reentering = 1;
+            while (s.r[0] == TIME_SLICE_EXIT && !(s.rflags & RFLAGS_ARITH)) {
+                reenters++;
+                s = (struct sregs){ .rflags = RFLAGS_FIXED | RFLAGS_ARITH };
+                for (int k = 0; k < 14; k++)
+                    s.r[k] = rec->in[k];
+                seamcall_regs(&s);
+            }
+        }
         struct script_result *out = &res[i];
         out->rflags = s.rflags;
         for (int k = 0; k < 14; k++)
@@ -780,6 +794,8 @@ static void test_script(void *arg)
         if (!(rec->flags & SCRIPT_CONCURRENT))
             store64(&h->frontier, rec->seq + 1);
     }
+    if (reentering)
+        note(r, " reenters=%u", reenters);
     script_progress(h, cpu, h->nrecords, PH_DONE);
 }
 
