@@ -375,9 +375,12 @@ def test_sept_remove_vp_create_rd_wr_wbinvd_unblock_checks(env: Env) -> None:
              rcx=td.tdr, rdx=0x110000000000000B, r8=1, r9=1)
     env.fail(Leaf.TDH_PHYMEM_PAGE_WBINVD, st.TDX_PAGE_METADATA_INCORRECT + st.OPERAND_ID_RCX,
              rcx=td.tdcx[0])
-    # the CPUID field KVM_TDX_GET_CPUID reads: only configured leaves exist
+    # the CPUID field KVM_TDX_GET_CPUID reads (metadata_td.c 476-504): a leaf of the lookup
+    # table reads, leaf 9 (not in it) is FIELD_ID_INCORRECT, faulting leaf 6 NOT_READABLE
     out = env.m.seamcall(0, Regs(rax=Leaf.TDH_MNG_RD, rcx=td.tdr,
                                  rdx=0x9410000300000000 | (0x7 << 9) | (0 << 1)))
     assert out.rax == 0
     env.fail(Leaf.TDH_MNG_RD, st.TDX_METADATA_FIELD_ID_INCORRECT,
-             rcx=td.tdr, rdx=0x9410000300000000 | (0x5 << 9) | 0x1FE)
+             rcx=td.tdr, rdx=0x9410000300000000 | (0x9 << 9) | 0x1FE)
+    env.fail(Leaf.TDH_MNG_RD, st.TDX_METADATA_FIELD_NOT_READABLE,
+             rcx=td.tdr, rdx=0x9410000300000000 | (0x6 << 9) | 0x1FE)

@@ -75,11 +75,13 @@ DECLARED: tuple[Conformance, ...] = (
        "md_check_as_single_element_id; match on class + field code (size code ignored)",
        "next id keeps the caller's bits within an entry, else the next entry's table id",
        "CPUID_CONFIG slots past NUM_CPUID_CONFIG read ~0 / 0 (no FIELD_SKIP)",
+       "NUM_CPUID_CONFIG = MAX_NUM_CPUID_CONFIG (18, 1.5.06's cpuid_configurable); values "
+       "CONFIG_DIRECT | ALLOW_DIRECT & the platform's (vtdx.module.cpuid)",
        "1.5: NUM_CMRS = MAX_CMR (32), unused CMR slots read 0",
        "version, TDX_FEATURES0, TDCS/TDVPS sizes, MAX_VCPUS_PER_TD of the generation"),
       ("the global table is vtdx's list (vtdx.abi.fields), not the auto-generated one: "
        "handoff, migration, service-TD and L2 fields and MIN_VIRT_MAXPA are missing",
-       "NUM_CPUID_CONFIG is the profile's count (5), not MAX_NUM_CPUID_CONFIG (12)",
+       "the dpamt generation reports 1.5.06's CPUID tables (2.0.08's were not read)",
        "NUM_CMRS: MAX_CMR (32) in the 1.5 generation; the number of CMRs in the 2.0 "
        "generation (its metadata_sys.c was not read)",
        "2.0.08's TDX_FEATURES0 is taken as 1.5.06's value (its get_tdx_features_enum0 was "
@@ -121,8 +123,18 @@ DECLARED: tuple[Conformance, ...] = (
       ("no L2 VMs: the TDCS never grows past the base size",)),
     C(Leaf.TDH_MNG_INIT, BOTH, (API + "tdh_mng_init.c",),
       ("TD_PARAMS field checks with their operand ids, CPUID_CONFIG masks, TDCS page count "
-       "(TDCS_NOT_ALLOCATED)",),
-      ("CPUID virtualisation: the TD's CPUID is its configured values only",)),
+       "(TDCS_NOT_ALLOCATED)",
+       "read_and_set_cpuid_configurations of 1.5.06 on every cpuid_lookup slot: native "
+       "values (the host's CPUID, vtdx.platform.cpuid) with FIXED0/DYNAMIC/FIXED1, "
+       "CONFIG_DIRECT/ALLOW_DIRECT, F/M/S check, XFAM masks, per-leaf rules (5, 7, 0xA, "
+       "0xD, 0x14, 0x15, 0x19, 0x1A, 0x1C, 0x1D, 0x23, 0x80000008); CPUID(0x1F) check and "
+       "CPUID(0xB) derivation (TDX_CPUID_LEAF_1F_FORMAT_UNRECOGNIZED)"),
+      ("the host CPU (QEMU TCG max) has no leaf 0x1F: the module samples it as the host's "
+       "0xB (the real module refuses TDH.SYS.INIT without it)",
+       "ATTRIBUTES.MIGRATABLE and CONFIG_FLAGS.MAXPA_VIRT are never allowed, so "
+       "check_fms_config and the virtual MAXPA are not modelled; IA32_TSX_CTRL is not "
+       "checked for a TSX-enabled TD (the host has no TSX)",
+       "the dpamt generation uses 1.5.06's CPUID tables")),
     C(Leaf.TDH_MNG_RD, BOTH, (API + "tdh_mng_rd_wr.c", MD + "metadata_td.c",
                               MD + "metadata_generic.c", HELPERS),
       ("version 0/1 (>1 -> OPERAND_INVALID|RAX); R8 = 0 and v1 RDX = -1 at entry",
@@ -130,12 +142,12 @@ DECLARED: tuple[Conformance, ...] = (
        "v1 null id -> first readable TD field + FIRST_FIELD_ID_IN_CONTEXT; v1 RDX = next",
        "single-element id check, class + field code lookup in the tdr_tdcs table",
        "prod / debug read masks (FIELD_NOT_READABLE), bare statuses",
-       "CPUID_VALUES leaf/subleaf code with reserved bits"),
+       "CPUID_VALUES leaf/subleaf code with reserved bits",
+       "CPUID_VALUES follows 1.5.06's cpuid_lookup: FIELD_ID_INCORRECT outside it, "
+       "FIELD_NOT_READABLE for faulting slots and before TDH.MNG.INIT; NUM_CPUID_VALUES "
+       "73; iteration in slot order"),
       ("TD tables are 1.5.01's auto-generated ones (2.0.08's are not public in the index)",
-       "fields the model does not compute read their stored value (0 unless written)",
-       "CPUID_VALUES: only the TD's configured leaves exist (cpuid_lookup, cpuid_valid and "
-       "FIELD_NOT_READABLE for invalid leaves are not modelled); iteration order is the "
-       "TD's (leaf, subleaf) order"),
+       "fields the model does not compute read their stored value (0 unless written)"),
       ),
     C(Leaf.TDH_MNG_WR, BOTH, (API + "tdh_mng_rd_wr.c", MD + "metadata_td.c",
                               MD + "metadata_generic.c"),

@@ -38,6 +38,7 @@ from vtdx.abi.fields import FIELD_ID_NA as FIELD_ID_NA
 from vtdx.abi.fields import SINGLE_ELEMENT_MBZ
 from vtdx.abi.regs import Regs
 from vtdx.module.context import CallContext
+from vtdx.module.cpuid import LOOKUP, MAX_NUM_CPUID_LOOKUP, SLOTS, lookup_slot
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.helpers import check_gpa_validity
 from vtdx.module.state import TdState, VcpuState
@@ -257,11 +258,16 @@ def _td_value(td: TdState, e: MdEntry, fid: int) -> int:
     idx = (code - e.base) // e.stride
     name = e.name
     if name == "CPUID_VALUES":
+        # metadata_td.c 476-504: a leaf/subleaf cpuid_lookup does not have is
+        # FIELD_ID_INCORRECT; a faulting one, or one TDH.MNG.INIT has not set CPUID_VALID
+        # for, is FIELD_NOT_READABLE; else the values TDH.MNG.INIT stored.
         leaf, sub, half = _cpuid_key(code)
-        vals = td.cpuid.get((leaf, sub))
-        if vals is None:
-            # Not among the leaves the model knows for this TD (cpuid_lookup is not modelled).
+        slot = lookup_slot(leaf, sub)
+        if slot is None:
             raise TdxError(st.TDX_METADATA_FIELD_ID_INCORRECT)
+        vals = td.cpuid.get(slot)
+        if vals is None or LOOKUP[slot].faulting:
+            raise TdxError(st.TDX_METADATA_FIELD_NOT_READABLE)
         return vals[2] | (vals[3] << 32) if half else vals[0] | (vals[1] << 32)
     computed: dict[str, Callable[[], int]] = {
         "FATAL": lambda: int(td.fatal),
@@ -283,7 +289,7 @@ def _td_value(td: TdState, e: MdEntry, fid: int) -> int:
         "TSC_OFFSET": lambda: td.tsc_offset,
         "TSC_MULTIPLIER": lambda: td.tsc_multiplier,
         "TSC_FREQUENCY": lambda: td.tsc_frequency,
-        "NUM_CPUID_VALUES": lambda: len(td.cpuid),
+        "NUM_CPUID_VALUES": lambda: MAX_NUM_CPUID_LOOKUP,
         "CONFIG_FLAGS": lambda: td.config_flags,
         "TD_EPOCH": lambda: td.td_epoch,
         "REFCOUNT": lambda: td.refcount[idx],
@@ -351,11 +357,11 @@ def cpuid_field_code(leaf: int, sub: int, half: int) -> int:
 
 def td_next(td: TdState, fid: int) -> int:
     """The next readable TD element (TDH.MNG.RD version 1). CPUID_VALUES elements follow
-    the TD's CPUID leaves in (leaf, subleaf) order (the module follows cpuid_lookup's order,
-    which the model does not have)."""
+    cpuid_lookup's valid slots in slot order (md_get_next_cpuid_value_entry,
+    metadata_generic.c 269-310)."""
     readable = host_readable(bool(td.attributes & 1))
     cpuid = TD_TABLE.by_name("CPUID_VALUES")
-    codes = [cpuid_field_code(leaf, sub, h) for (leaf, sub) in sorted(td.cpuid)
+    codes = [cpuid_field_code(LOOKUP[i].leaf, LOOKUP[i].sub, h) for i in SLOTS
              for h in (0, 1)]
     if not is_null(fid) and class_code(fid) == CLASS_TD_CPUID_VALUES:
         code = field_code(fid)

@@ -138,7 +138,9 @@ class TdState:
     mr_config_id: bytes = bytes(48)
     mr_owner: bytes = bytes(48)
     mr_owner_config: bytes = bytes(48)
-    cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = field(default_factory=dict)
+    #: TDCS.CPUID_CONFIG_VALS by cpuid_lookup slot (vtdx.module.cpuid), set by TDH.MNG.INIT;
+    #: empty before it (every CPUID_VALID flag still 0).
+    cpuid: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     tsc_offset: int = 0
     tsc_multiplier: int = 0
     # measurement

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from vtdx.abi import status as st
 from vtdx.module import sept as S
+from vtdx.module.cpuid import XCR0_USER_BIT_MASK, platform_cpuid, td_lookup
 from vtdx.module.engine.engine import TdVcpuEngine
 from vtdx.module.engine.hostram import HostRam
 from vtdx.module.engine.interfaces import SeptWalk, TdConfig
@@ -35,12 +36,6 @@ FIELD_NUM_VCPUS = 0x1110000200000002
 FIELD_MAX_VCPUS = 0x1110000200000003
 #: TD_PARAMS.CONFIG_FLAGS.NO_RBP_MOD (bit 2; Linux arch/x86/include/asm/shared/tdx.h).
 CONFIG_FLAGS_NO_RBP_MOD = 1 << 2
-SUBLEAF_NA = 0xFFFF_FFFF
-#: The highest base and extended CPUID leaves a TD reports when its configuration does not
-#: name them (the native values of the default profile, Sapphire Rapids).
-LAST_BASE_LEAF = 0x23
-LAST_EXTENDED_LEAF = 0x8000_0008
-_GENUINE_INTEL = (0x756E_6547, 0x6C65_746E, 0x4965_6E69)   # EBX, ECX, EDX of CPUID(0)
 
 
 class ModuleTdView:
@@ -54,8 +49,10 @@ class ModuleTdView:
                                no_rbp_mod=bool(td.config_flags & CONFIG_FLAGS_NO_RBP_MOD),
                                cpuid1_eax=module.profile.cpu_fms,
                                ept_levels=td.sept_root_level + 1)
-        self.last_base_leaf = LAST_BASE_LEAF
-        self.last_extended_leaf = LAST_EXTENDED_LEAF
+        # cpuid_last_base_leaf / cpuid_last_extended_leaf of TDH.SYS.INIT
+        self._platform = platform_cpuid(module.profile)
+        self.last_base_leaf = self._platform.last_base_leaf
+        self.last_extended_leaf = self._platform.last_extended_leaf
 
     def num_vcpus(self) -> int:
         return self.td.num_vcpus
@@ -113,18 +110,22 @@ class ModuleTdView:
 
     # -- CpuidConfig -----------------------------------------------------------------------
     def cpuid_lookup(self, leaf: int, subleaf: int) -> tuple[int, int, int, int] | None:
-        """The configured values of TDH.MNG.INIT for the CPUID_CONFIG leaves, the maximum
-        leaves and vendor for leaves 0 and 0x80000000; every other leaf is a #VE (the model
-        keeps no native CPUID values for a TD)."""
-        cpuid = self.td.cpuid
-        vals = cpuid.get((leaf, subleaf), cpuid.get((leaf, SUBLEAF_NA)))
-        if vals is not None:
+        """td_cpuid.c: the values TDH.MNG.INIT stored for the lookup slot of (leaf, subleaf)
+        (the same values TDH.MNG.RD of CPUID_VALUES answers); None (a #VE) for a leaf the
+        lookup table does not have or marks faulting.
+
+        CPUID(0xD, 0 or 1).EBX is the CPU's live answer for the guest's XCR0 (and IA32_XSS);
+        the engine cannot see XCR0, so the model answers for the largest the TD may enable:
+        XFAM's user bits (sub-leaf 0) or all of XFAM, compacted (sub-leaf 1)."""
+        vals = td_lookup(self.td.cpuid, leaf, subleaf)
+        if vals is None or leaf != 0xD or subleaf > 1:
             return vals
-        if leaf == 0:
-            return (self.last_base_leaf, *_GENUINE_INTEL)
-        if leaf == 0x8000_0000:
-            return (self.last_extended_leaf, 0, 0, 0)
-        return None
+        xfam = self.td.xfam
+        if subleaf == 0:
+            ebx = self._platform.xsave_size(xfam & XCR0_USER_BIT_MASK)
+        else:
+            ebx = self._platform.xsave_size_compacted(xfam)
+        return vals[0], ebx, vals[2], vals[3]
 
 
 def sept_root_level(td: TdState) -> int:

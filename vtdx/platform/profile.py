@@ -187,16 +187,10 @@ class Profile:
     xfam_fixed0: int = 0x0006_1AE7
     xfam_fixed1: int = 0x3
     config_flags_fixed1: int = 0
-    #: CPUID family/model/stepping per package (CPUID.1.EAX); Sapphire Rapids by default.
-    cpu_fms: int = 0x000806F8
-    #: CPUID_CONFIG: ((leaf, subleaf or 0xFFFFFFFF), (eax, ebx, ecx, edx) configurable bits).
-    cpuid_config: tuple[tuple[tuple[int, int], tuple[int, int, int, int]], ...] = (
-        ((0x1, 0xFFFFFFFF), (0, 0, 0x31044D88, 0xB8400000)),
-        ((0x7, 0x0), (0, 0xDC2EE7B, 0x18427F65, 0x1A0C0410)),
-        ((0xD, 0x0), (0x60200, 0, 0, 0)),
-        ((0xD, 0x1), (0x1E, 0, 0x1800, 0)),
-        ((0x80000008, 0xFFFFFFFF), (0xFF00FF, 0, 0, 0)),
-    )
+    #: CPUID family/model/stepping per package (CPUID.1.EAX), the module's platform F/M/S.
+    #: The host sees the same (vtdx.platform.cpuid adjusts CPUID(1).EAX to it): the default is
+    #: what QEMU TCG's "max" CPU reports, so the host kernel runs no model-specific code.
+    cpu_fms: int = 0x00000663
 
     @classmethod
     def from_vm(cls, smp: int, mem_bytes: int, **overrides: Any) -> Profile:

@@ -13,16 +13,23 @@ partitioning, MOVDIR64B) and arch/x86/kernel/cpu/feat_ctl.c (IA32_FEAT_CTL).
 
 from __future__ import annotations
 
+# CPUID bits: their rows come from vtdx.platform.cpuid, which the module's native CPUID reads.
+from vtdx.platform.cpuid import (
+    CPUID1_ECX_VMX,
+    CPUID1_ECX_XSAVE,
+    CPUID1_EDX_SS,
+    CPUID7_ECX_MOVDIR64B,
+    CPUID7_ECX_TME,
+    CPUID7_EDX_ARCH_CAPABILITIES,
+    adjustments,
+)
 from vtdx.platform.profile import Profile
-from vtdx.runtime.protocol import ANY_SUBLEAF, CpuidReg, Feature, MsrWrite, Row, RowType
+from vtdx.runtime.protocol import CpuidReg, Feature, MsrWrite, Row, RowType
 
-# CPUID bits
-CPUID1_ECX_VMX = 1 << 5
-CPUID1_ECX_XSAVE = 1 << 26
-CPUID1_EDX_SS = 1 << 27  # self-snoop
-CPUID7_ECX_TME = 1 << 13
-CPUID7_ECX_MOVDIR64B = 1 << 28
-CPUID7_EDX_ARCH_CAPABILITIES = 1 << 29
+#: The CPUID bits stay importable from here (tests and tools name them as the facade's).
+__all__ = ["CPUID1_ECX_VMX", "CPUID1_ECX_XSAVE", "CPUID1_EDX_SS", "CPUID7_ECX_MOVDIR64B",
+           "CPUID7_ECX_TME", "CPUID7_EDX_ARCH_CAPABILITIES", "cpuid_rows", "feature_rows",
+           "msr_rows", "platform_rows"]
 
 # MSR indices
 MSR_FEAT_CTL = 0x3A
@@ -72,19 +79,10 @@ VMX_CAPS: dict[int, int] = {
 
 def cpuid_rows(p: Profile) -> list[Row]:
     """CPUID bits: VMX, XSAVE, SELFSNOOP, TME, MOVDIR64B (as the profile says),
-    ARCH_CAPABILITIES, MAXPHYADDR."""
-    def row(leaf: int, sub: int, reg: CpuidReg, set_: int = 0, clear: int = 0) -> Row:
-        return Row(RowType.CPUID, leaf, sub, reg, set_, clear)
-
-    md = CPUID7_ECX_MOVDIR64B
-    return [
-        row(1, ANY_SUBLEAF, CpuidReg.ECX, CPUID1_ECX_VMX | CPUID1_ECX_XSAVE),
-        row(1, ANY_SUBLEAF, CpuidReg.EDX, CPUID1_EDX_SS),
-        row(7, 0, CpuidReg.ECX, CPUID7_ECX_TME | (md if p.movdir64b else 0),
-            0 if p.movdir64b else md),
-        row(7, 0, CpuidReg.EDX, CPUID7_EDX_ARCH_CAPABILITIES),
-        row(0x8000_0008, ANY_SUBLEAF, CpuidReg.EAX, p.phys_bits, 0xFF),
-    ]
+    ARCH_CAPABILITIES, MAXPHYADDR;
+    the same adjustments the module's native CPUID applies (vtdx.platform.cpuid)."""
+    return [Row(RowType.CPUID, leaf, sub, CpuidReg(reg), set_, clear)
+            for leaf, sub, reg, set_, clear in adjustments(p)]
 
 
 def msr_rows(p: Profile) -> list[Row]:

@@ -27,7 +27,7 @@ from vtdx.testing.td_sandbox import SandboxTd, SharedEpt
 # Routine numbers (TDH.VP.INIT RCX).
 T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
 T_HLT, T_TRIPLE, T_CPUID, T_PENDING, T_VM_RD_WR, T_BAD_TDCALLS, T_EXIT_LOOP = range(8, 15)
-T_COMPUTE, T_INFO_LOOP, T_PAGE_FAULT, T_LOCK_LOOP = 15, 16, 17, 18
+T_COMPUTE, T_INFO_LOOP, T_PAGE_FAULT, T_LOCK_LOOP, T_CPUID_LEAVES = 15, 16, 17, 18, 19
 
 SAVE = 0x20000            # guest data page: initial registers, SAVE+64 = loop count
 SCRATCH = 0x22000         # guest scratch slots; SCRATCH+0x100 the lock counter
@@ -226,6 +226,23 @@ t_cpuid:
         REPORT  0x1A1, SCRATCH + 32, SCRATCH, SCRATCH + 8, SCRATCH + 24
         jmp     done
 
+/* 19: CPUID(0), CPUID(0x80000000) and CPUID(0x80000008), no #VE gate: a #VE would end in
+   a triple fault */
+t_cpuid_leaves:
+        xor     %eax, %eax
+        xor     %ecx, %ecx
+        cpuid
+        REPORT  0x1A2, %rax, %rbx, %rcx, %rdx
+        mov     $0x80000000, %eax
+        xor     %ecx, %ecx
+        cpuid
+        REPORT  0x1A3, %rax, %rbx, %rcx, %rdx
+        mov     $0x80000008, %eax
+        xor     %ecx, %ecx
+        cpuid
+        REPORT  0x1A4, %rax, %rbx, %rcx, %rdx
+        jmp     done
+
 /* 11: read of a PENDING page */
 t_pend: mov     0x32000, %rax
         REPORT  0x1B0, %rax, $0, $0, $0
@@ -385,7 +402,7 @@ ve_handler:                     /* TDG.VP.VEINFO.GET, record, skip the instructi
         .balign 8
 table:  .quad   t_boot, t_info, t_ept, t_acc4k, t_acc2m, t_accmis, t_shared, t_loop
         .quad   t_hlt, t_triple, t_cpuid, t_pend, t_vm, t_bad, t_exits, t_compute
-        .quad   t_info_loop, t_pf, t_lock
+        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves
         .set    ntests, (. - table) / 8
 idt_desc:
         .word   256 * 16 - 1

@@ -244,8 +244,10 @@ CPUID_MAX_EXTENDED_VAL_LEAF = 0x8000_0000
 
 
 def cpuid_values(eng: TdVcpuEngine, leaf: int, sub: int) -> tuple[int, int, int, int] | None:
-    """td_cpuid.c td_cpuid_exit: the TD's configured values with the dynamic bits, or None
-    for a #VE (leaf not configured or faulting, or CPUID #VE enabled for this CPL)."""
+    """td_cpuid.c td_cpuid_exit: the TD's values with the dynamic bits, or None for a #VE
+    (leaf not in the lookup table or faulting, CPUID #VE enabled for this CPL, leaf 2 without
+    TD_CTLS.VIRT_CPUID2, leaves 0xB/0x1F without TD_CTLS.ENUM_TOPOLOGY: the model keeps
+    TD_CTLS at its initial 0)."""
     td = eng.td
     if not CPUID_RESERVED_START <= leaf <= CPUID_RESERVED_END and (
             leaf > td.last_extended_leaf
@@ -256,6 +258,8 @@ def cpuid_values(eng: TdVcpuEngine, leaf: int, sub: int) -> tuple[int, int, int,
         return None
     cpl = eng.cpl()
     if (cpl == 0 and eng.cpuid_supervisor_ve) or (cpl > 0 and eng.cpuid_user_ve):
+        return None
+    if leaf in (0x2, 0xB, 0x1F):
         return None
     eax, ebx, ecx, edx = vals
     if leaf == 1:

@@ -20,6 +20,7 @@ from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import Regs
 from vtdx.module import metadata as md
 from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module.cpuid import CONFIGURABLE, platform_cpuid
 from vtdx.module.errors import TdxError, fail
 
 if TYPE_CHECKING:
@@ -32,10 +33,14 @@ def global_values(m: TdxModule) -> dict[str, list[int]]:
     """Every global field's elements as the module would report them now."""
     p = m.profile
     major, minor, update = p.module_version
+    # NUM_CPUID_CONFIG is MAX_NUM_CPUID_CONFIG; each entry's values are its CONFIG_DIRECT
+    # bits and the ALLOW_DIRECT bits the platform has (metadata_sys.c of 1.5.06).
+    pc = platform_cpuid(p)
     cpuid_leaves = []
     cpuid_values = []
-    for (leaf, sub), (eax, ebx, ecx, edx) in p.cpuid_config:
-        cpuid_leaves.append(leaf | (sub << 32))
+    for i, c in enumerate(CONFIGURABLE):
+        eax, ebx, ecx, edx = pc.config_values(i)
+        cpuid_leaves.append(c.leaf | (c.sub << 32))
         cpuid_values += [eax | (ebx << 32), ecx | (edx << 32)]
     num_cpuid_config = len(cpuid_leaves)
     # Slots past NUM_CPUID_CONFIG read as leaf ~0 and values 0 (metadata_sys.c 262-285 of the

@@ -14,6 +14,7 @@ from vtdx.abi.regs import Regs
 from vtdx.module import metadata as md
 from vtdx.module import sept as S
 from vtdx.module.context import CallContext, LeafSpec
+from vtdx.module.cpuid import CONFIGURABLE, platform_cpuid, td_cpuid
 from vtdx.module.errors import TdxError, fail
 from vtdx.module.helpers import (
     EX,
@@ -105,11 +106,6 @@ def tdh_mng_addcx(ctx: CallContext, inp: Regs, out: Regs) -> None:
     pamt.inc_page_count(tdcx_pa)
 
 
-def _cpuid_configs(ctx: CallContext) -> list[tuple[int, int, tuple[int, int, int, int]]]:
-    """(leaf, subleaf, configurable-bit masks) the module enumerates (CPUID_CONFIG_*)."""
-    return [(leaf, sub, masks) for (leaf, sub), masks in ctx.module.profile.cpuid_config]
-
-
 def tdh_mng_init(ctx: CallContext, inp: Regs, out: Regs) -> None:
     """TDH.MNG.INIT(RCX = TDR PA, RDX = TD_PARAMS PA): validate TD_PARAMS and configure."""
     tdr_pa, params_pa = inp.rcx, inp.rdx
@@ -147,16 +143,13 @@ def tdh_mng_init(ctx: CallContext, inp: Regs, out: Regs) -> None:
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_TSC_FREQUENCY)
     if any(p[42:80]) or (msr_ctls & 0xFE) or any(p[232:256]):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
-    configs = _cpuid_configs(ctx)
-    cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-    for i, (leaf, sub, allowed) in enumerate(configs):
-        vals = struct.unpack_from("<IIII", p, CPUID_CONFIG_OFFSET + 16 * i)
-        if any(v & ~a for v, a in zip(vals, allowed, strict=True)):
-            # the module also reports the offending leaf/subleaf in RCX
-            raise TdxError(st.TDX_OPERAND_INVALID + st.OPERAND_ID_CPUID_CONFIG,
-                           rcx=leaf | (sub << 32))
-        cpuid[(leaf, sub)] = vals
-    end = CPUID_CONFIG_OFFSET + 16 * len(configs)
+    # read_and_set_cpuid_configurations (tdh_mng_init.c of 1.5.06): TD_PARAMS.CPUID_CONFIG
+    # by configurable index; a refused entry names its leaf/subleaf in RCX.
+    configs = [struct.unpack_from("<IIII", p, CPUID_CONFIG_OFFSET + 16 * i)
+               for i in range(len(CONFIGURABLE))]
+    cpuid = td_cpuid(platform_cpuid(prof), attributes=attributes, xfam=xfam, gpaw=gpaw,
+                     tsc_frequency=tsc_frequency, configs=configs)
+    end = CPUID_CONFIG_OFFSET + 16 * len(CONFIGURABLE)
     if any(p[end:TD_PARAMS_SIZE]):
         raise fail(st.TDX_OPERAND_INVALID, st.OPERAND_ID_RDX)
     ctx.checkpoint("locked")
