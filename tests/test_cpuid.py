@@ -194,3 +194,40 @@ def test_cpuid_leaf_0_inside_a_td(tmp_path: Path) -> None:
     assert reports[0x1A3] == rd_cpuid(fx, 0x8000_0000) == (0x8000_0008, 0, 0, 0)
     assert reports[0x1A4] == rd_cpuid(fx, 0x8000_0008)
     h.teardown(td)
+
+
+@pytest.mark.kernel
+@pytest.mark.stack
+def test_the_hosts_cpuid_is_the_native_table_the_module_samples() -> None:
+    """For every (leaf, subleaf) of the module's CPUID lookup table -- what TDH.SYS.INIT
+    samples (tdh_sys_init.c check_cpuid_configurations) -- the default kernel's CPU 0, on
+    QEMU with the plugin's rows, answers exactly vtdx.platform.cpuid.native_cpuid: the
+    module derives every TD's CPUID from that table, so a QEMU whose CPU model moved would
+    otherwise go unnoticed until a TD's CPUID or TDH.MNG.INIT disagreed."""
+    import re
+
+    from vtdx.harness.vm import BootSpec, Vm
+    from vtdx.host import kernel as kernel_build
+
+    art = kernel_build.default_kernel(None)
+    if art is None:
+        pytest.skip("no default kernel (vtdx build-kernel)")
+    spec = BootSpec(kernel=art.bzimage, vmlinux=art.vmlinux, smp=2)
+    profile = spec.platform()
+    vm = Vm(spec).start()
+    try:
+        ktap = vm.payload("cpuid-dump")
+    finally:
+        vm.stop()
+    ktap.assert_ok()
+    seen: dict[tuple[int, int], tuple[int, ...]] = {}
+    for line in ktap.text.splitlines():
+        if m := re.match(r"# cpuid\.(0x[0-9a-f]+|0)\.(0x[0-9a-f]+|0): (.*)$", line):
+            seen[(int(m[1], 0), int(m[2], 0))] = tuple(int(v, 0) for v in m[3].split())
+    assert len(seen) == int(ktap.diag["leaves"]) and seen, ktap.describe()
+    sampled = {(e.leaf, 0 if e.sub == NA else e.sub) for e in LOOKUP.values()}
+    wrong = {f"{leaf:#x}.{sub:#x}": ([f"{v:#x}" for v in seen.get((leaf, sub), (0,) * 4)],
+                                     [f"{v:#x}" for v in native_cpuid(profile, leaf, sub)])
+             for leaf, sub in sorted(sampled)
+             if seen.get((leaf, sub), (0, 0, 0, 0)) != native_cpuid(profile, leaf, sub)}
+    assert wrong == {}, wrong

@@ -7,7 +7,10 @@ same native CPUID at TDH.SYS.INIT and derives every TD's virtual CPUID from it
 the profile's adjustments applied by ``native_cpuid``. The table was measured inside the
 default kernel on QEMU 11.1 (vCPU 0 of two, default profile rows applied; the adjustments
 only set or clear bits, so applying another profile's adjustments again gives that
-profile's view). Leaves or subleaves the table leaves out read as all-zero.
+profile's view). It holds what the module samples (the leaves of its CPUID lookup table,
+checked against a booted kernel by tests/test_cpuid.py); the host answers a few more
+(0x8000000A, 0x8000001D, 0x80000021, 0xB beyond subleaf 2) that ``native_cpuid`` reads as
+all-zero.
 """
 
 from __future__ import annotations
