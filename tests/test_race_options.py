@@ -121,3 +121,26 @@ def test_summary_says_timing_features_and_tabulates_contention(tmp_path: Path) -
     assert row.split()[:4] == ["TDH.PHYMEM.PAMT.ADD", "TDX_OPERAND_BUSY(RCX)", "pamt",
                                "TDH.MEM.PAGE.DEMOTE"]
     assert row.split()[4:7] == ["1", "1", "0"] and "tdx_pamt_get+0x10/0x80" in row
+
+
+@pytest.mark.kernel
+@pytest.mark.stack
+def test_dpamt_profile_boots_the_default_kernel_on_static_pamt() -> None:
+    """`vtdx run --profile dpamt` with the default 7.3 kernel, which has no Dynamic PAMT: the
+    module offers it (TDX_FEATURES0), the kernel does not take it (TDH.SYS.CONFIG without
+    bit 16 in R8), and TDX comes up on static PAMT exactly as with the default profile."""
+    import subprocess
+    import sys
+
+    from vtdx.host import kernel as kernel_build
+
+    if kernel_build.default_kernel(None) is None:
+        pytest.skip("no default kernel (vtdx build-kernel)")
+    r = subprocess.run([sys.executable, "-m", "vtdx", "run", "--profile", "dpamt",
+                        "--checks", "tdx"], capture_output=True, text=True, timeout=600,
+                       check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "profile dpamt" in out and "+dynamic-pamt" in out, out
+    assert "tdx_initialized=1" in out and "pamt_kb=8212" in out, out
+    assert "TDH.PHYMEM.PAMT.ADD" not in out, out
