@@ -55,7 +55,9 @@ WORK_ENTRIES: dict[int, int] = {
     Leaf.TDH_MEM_RANGE_BLOCK: 1,
     Leaf.TDH_MEM_RANGE_UNBLOCK: 1,
     Leaf.TDH_MR_EXTEND: 100,            # SHA-384 of 256 bytes
-    Leaf.TDH_SYS_TDMR_INIT: 2048,       # one chunk of PAMT initialised
+    # 1024 4K PAMT entries and their 2 2M entries per call (TDMR_4K_PAMT_INIT_COUNT in
+    # intel/tdx-module tdh_sys_tdmr_init.c): 512 calls for 2 GiB, as Linux makes them.
+    Leaf.TDH_SYS_TDMR_INIT: 1026,
     Leaf.TDH_PHYMEM_PAGE_RECLAIM: 1,
 }
 
