@@ -53,27 +53,33 @@ BUSY_R12 = 0x800002000000000C                   # pamt_manager.c pamt_demote(): 
 IMAGES = {0x1000: b"\x90" * 4096, 0x2000: bytes(range(256)) * 16}
 
 
-class TrackedMemory(SparseMemory):
-    """In-process RAM that remembers which pages were written (by the module or the host),
-    so the whole-stack run's guest RAM can be compared page by page."""
+class _TracksWrites:
+    """Remembers which pages were written (by the module or the host), so the whole-stack
+    run's guest RAM can be compared page by page. Mixed in before a memory class."""
 
-    def __init__(self, regions: tuple[Region, ...]) -> None:
-        super().__init__(regions)
-        self.touched: set[int] = set()
+    touched: set[int]
 
     def _touch(self, pa: int, size: int) -> None:
         self.touched.update(range(pa >> 12, ((pa + max(size, 1) - 1) >> 12) + 1))
 
     def write(self, pa: int, data: bytes) -> None:
-        super().write(pa, data)
+        super().write(pa, data)  # type: ignore[misc]
         self._touch(pa, len(data))
 
     def zero(self, pa: int, size: int) -> None:
-        super().zero(pa, size)
+        super().zero(pa, size)  # type: ignore[misc]
         self._touch(pa, size)
 
 
-class TrackedGuestRam(GuestRam):
+class TrackedMemory(_TracksWrites, SparseMemory):
+    """In-process RAM that remembers which pages were written."""
+
+    def __init__(self, regions: tuple[Region, ...]) -> None:
+        super().__init__(regions)
+        self.touched = set()
+
+
+class TrackedGuestRam(_TracksWrites, GuestRam):
     """``TrackedMemory`` backed by a file as QEMU's RAM is, so the in-process module can
     run TD guest code (its vCPU engine maps the file)."""
 
@@ -81,18 +87,7 @@ class TrackedGuestRam(GuestRam):
         with open(path, "wb") as f:
             f.truncate(sum(r.size for r in regions))
         super().__init__(path, regions)
-        self.touched: set[int] = set()
-
-    def _touch(self, pa: int, size: int) -> None:
-        self.touched.update(range(pa >> 12, ((pa + max(size, 1) - 1) >> 12) + 1))
-
-    def write(self, pa: int, data: bytes) -> None:
-        super().write(pa, data)
-        self._touch(pa, len(data))
-
-    def zero(self, pa: int, size: int) -> None:
-        super().zero(pa, size)
-        self._touch(pa, size)
+        self.touched = set()
 
 
 def stack_profile() -> Profile:
@@ -316,13 +311,7 @@ def record_vp_enter_negatives(ram_file: Path) -> VpEnterNegatives:
     h, rec = w.host, w.rec
     td = h.init_vm(w.hkid, td_params(max_vcpus=2))
     v = h.init_vcpu(td, 0, 0, tg.T_PENDING)
-    raw = Vcpu(h.control_page(0), [], 0)
-    h.call(0, Leaf.TDH_VP_CREATE, rcx=raw.tdvpr, rdx=td.tdr)
-    for _ in range(h.tdvps_pages - 1):
-        pa = h.control_page(0)
-        h.call(0, Leaf.TDH_VP_ADDCX, rcx=pa, rdx=raw.tdvpr)
-        raw.tdvpx.append(pa)
-    td.vcpus.append(raw)
+    raw = h.create_vcpu(td, 0)
     for gpa, data in tg.guest_pages(SHARED_BIT).items():
         h.add_page(td, gpa, data, measure=False)
     h.set_shared_eptp(v, SharedEpt(rec.memory, h.alloc).eptp)

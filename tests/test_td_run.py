@@ -260,13 +260,7 @@ def test_vp_enter_on_an_uninitialised_vcpu(world: World) -> None:
     w = world
     h = w.host
     td, _ = _test_guest_td(w, tg.T_BOOT, finalize=False)
-    raw = Vcpu(h.control_page(0), [], 0)
-    h.call(0, Leaf.TDH_VP_CREATE, rcx=raw.tdvpr, rdx=td.tdr)
-    for _ in range(h.tdvps_pages - 1):
-        pa = h.control_page(0)
-        h.call(0, Leaf.TDH_VP_ADDCX, rcx=pa, rdx=raw.tdvpr)
-        raw.tdvpx.append(pa)
-    td.vcpus.append(raw)
+    raw = h.create_vcpu(td, 0)
     h.finalize(td)
     assert h.vp_enter(raw).rax == st.TDX_VCPU_STATE_INCORRECT
     _teardown_clean(w, td)

@@ -222,16 +222,22 @@ class KvmHost:
         return td
 
     # -- KVM_TDX_INIT_VCPU ----------------------------------------------------------------------
-    def init_vcpu(self, td: Td, lp: int, x2apic_id: int, init_rcx: int = 0) -> Vcpu:
+    def create_vcpu(self, td: Td, lp: int) -> Vcpu:
+        """TDH.VP.CREATE and the TDH.VP.ADDCXs of one vCPU (tdx_td_vcpu_init before its
+        TDH.VP.INIT): a vCPU that exists but was never initialised."""
         v = Vcpu(self.control_page(lp), [], lp)
         self.call(lp, Leaf.TDH_VP_CREATE, rcx=v.tdvpr, rdx=td.tdr)
         for _ in range(self.tdvps_pages - 1):
             pa = self.control_page(lp)
             self.call(lp, Leaf.TDH_VP_ADDCX, rcx=pa, rdx=v.tdvpr)
             v.tdvpx.append(pa)
+        td.vcpus.append(v)
+        return v
+
+    def init_vcpu(self, td: Td, lp: int, x2apic_id: int, init_rcx: int = 0) -> Vcpu:
+        v = self.create_vcpu(td, lp)
         self.call(lp, Leaf.TDH_VP_INIT, 1, rcx=v.tdvpr, rdx=init_rcx, r8=x2apic_id)
         self.call(lp, Leaf.TDH_VP_WR, rcx=v.tdvpr, rdx=0x2, r8=0xF2, r9=(1 << 64) - 1)
-        td.vcpus.append(v)
         return v
 
     def set_shared_eptp(self, v: Vcpu, eptp: int) -> None:
