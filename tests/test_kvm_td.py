@@ -122,7 +122,8 @@ def run_vcpu(td: FakeTd, image: bytes, vcpu: int) -> None:
                 uc.mem_write(ack_at, struct.pack("<Q", ~td.cookie & (1 << 64) - 1))
             elif r14 == PORT_DONE:
                 td.done[vcpu] = r15
-                uc.emu_stop()
+                if vcpu == 0:  # the others go on to say so to vCPU 0, then spin
+                    uc.emu_stop()
             elif r14 == PORT_BENCH:
                 td.bench_marks.append(r15)
         elif fn == 10:  # Instruction.CPUID(R12 leaf, R13 subleaf) -> R12..R15
@@ -304,6 +305,8 @@ def _run_on_td_engine(image: bytes, nr_vcpus: int) -> dict:
                 ex, regs = engine.enter(regs)
                 out["exits"][ex.reason] += 1
                 if ex.reason == EXIT_TIME_SLICE:
+                    if vcpu in out["done"]:  # past its DONE: it has told vCPU 0, and spins
+                        break
                     continue
                 if ex.reason == EXIT_EPT_VIOLATION:
                     if ex.gpa & shared_bit:
@@ -326,7 +329,8 @@ def _run_on_td_engine(image: bytes, nr_vcpus: int) -> dict:
                     ram.write_u64(hpa + REPORT.size - 8, ~cookie & (1 << 64) - 1)
                 elif g["r11"] == 30 and g["r14"] == PORT_DONE:
                     out["done"][vcpu] = g["r15"]
-                    break
+                    if vcpu == 0:
+                        break
                 elif g["r11"] == 48:
                     if g["r13"]:
                         mmio = g["r15"]

@@ -134,7 +134,9 @@ class Vmm:
             mem.write(hpa + REPORT.size - 8, (~COOKIE & (1 << 64) - 1).to_bytes(8, "little"))
         elif fn == 30 and port == PORT_DONE:
             self.done[idx] = out.r15
-            return None
+            if idx == 0:
+                return None
+            # kvm-td.c keeps entering the others (their guests tell vCPU 0, then spin).
         elif fn == 48:
             if out.r13:
                 self.mmio = out.r15
@@ -174,8 +176,10 @@ def _run_all(w: World, td: Td, vcpus: list[Vcpu], vmm: Vmm) -> list[dict[int, in
 
     def one(i: int, v: Vcpu) -> None:
         try:
-            r = w.host.run(td, v, vmm.tdvmcall, shared_fault=vmm.shared_fault)
-            assert r.stop == "vmm", (r.stop, r.out, list(w.module.internal_errors)[-1:])
+            r = w.host.run(td, v, vmm.tdvmcall, shared_fault=vmm.shared_fault,
+                           until=lambda: len(vmm.done) == len(vcpus))
+            assert r.stop in ("vmm", "until"), (r.stop, r.out,
+                                                list(w.module.internal_errors)[-1:])
             results[i] = r.exits
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)

@@ -369,9 +369,10 @@ class KvmHost:
 
     def run(self, td: Td, v: Vcpu, tdvmcall: TdvmcallHandler, *,
             shared_fault: SharedFaultHandler | None = None, shared_bit: int = 1 << 47,
-            max_exits: int = 100_000) -> RunResult:
+            max_exits: int = 100_000, until: Callable[[], bool] | None = None) -> RunResult:
         """KVM_RUN's loop over TDH.VP.ENTER (tdx_vcpu_run + __tdx_handle_exit):
-        - OTHER_SMI: re-enter (nothing to do, tdx.c returns 1 for it);
+        - OTHER_SMI: re-enter (nothing to do, tdx.c returns 1 for it), unless ``until()``
+          says the VMM is done with this vCPU (stop "until": a guest that only spins);
         - EPT violation on a private GPA: SEPT.ADD + PAGE.AUG at the guest's ACCEPT level (4 KB
           otherwise); an ACCEPT level below an existing mapping splits it (BLOCK, TRACK,
           DEMOTE); a PENDING-page access (EEQ type 6) stops the run as KVM kills the VM
@@ -395,6 +396,9 @@ class KvmHost:
             reason = status & 0xFFFF
             res.exits[reason] = res.exits.get(reason, 0) + 1
             if reason == EXIT_OTHER_SMI:
+                if until is not None and until():
+                    res.stop = "until"
+                    return res
                 continue
             if reason == EXIT_TRIPLE_FAULT:
                 res.stop = "triple_fault"

@@ -52,11 +52,13 @@ enum {
 
 static volatile struct tdg_config *const cfg = (volatile struct tdg_config *)TDG_CONFIG_GPA;
 
-/* Set by each vCPU once its private pages are accepted (private memory of the image, seen by
- * every vCPU). vCPU 0 converts pages only after the others are done with theirs: KVM's
- * conversion holds mmu_lock for write, and a vCPU still faulting would wait on it instead
- * of re-entering the TD, so the conversions meet a vCPU that is running, as the race
- * scenarios of docs/races.md need. One byte per vCPU: no locked instruction needed. */
+/* Set by each other vCPU once it has passed and made its last exit to the VMM (private
+ * memory of the image, seen by every vCPU). vCPU 0 converts pages only after that: KVM's
+ * conversion holds mmu_lock for write, so a vCPU still faulting would wait on it, and a
+ * vCPU whose VMM thread still runs may wait on vCPU 0's CPU (a TLB shootdown IPI while a
+ * call there is held) instead of re-entering the TD. So the conversions meet a vCPU that
+ * only spins and re-enters, as the race scenarios of docs/races.md need. One byte per
+ * vCPU: no locked instruction needed. */
 static volatile uint8_t pages_done[TDG_MAX_VCPUS];
 
 static uint64_t vmcall(uint64_t fn, uint64_t a12, uint64_t a13, uint64_t a14, uint64_t a15,
@@ -247,10 +249,10 @@ void tdg_main(uint32_t vcpu, uint64_t init_rcx, uint64_t init_r8, uint32_t max_p
 	rep.checks |= 1u << CHECK_ACCEPT;
 	say(vcpu, "accepted and used private pages\n");
 
-	pages_done[vcpu] = 1;
 	if (vcpu != 0) {
 		say(vcpu, "PASS\n");
 		outl(TDG_PORT_DONE, TDG_DONE_PASS);
+		pages_done[vcpu] = 1; /* its last exit to the VMM is behind it */
 		for (;;)
 			;
 	}
