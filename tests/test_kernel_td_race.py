@@ -94,8 +94,8 @@ def test_track_held_vp_enter_gets_busy_td_epoch_and_kvm_reenters(vm) -> None:  #
         contention = vm.vtdx.contention()
         assert vm.vtdx.resume(pause["id"]) == 1
     finally:
+        vm.vtdx.pause_clear()  # a failed assertion above must not leave the TRACK held
         runner.join(300)
-        vm.vtdx.pause_clear()
     (ktap,) = result
     ktap.assert_ok()
     recs = vm.trace.since(mark)
