@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ctrl_c import sigint_default
 
 from vtdx.session.machine import OWNER_FILE, RUN_PREFIX, remove_stale_runs
 from vtdx.testing import testguest
@@ -170,7 +171,7 @@ def _start_pytest(tmp: Path) -> subprocess.Popen[str]:
          "-p", "no:cacheprovider", "-s", "-q", "--vtdx-kernel=default",
          str(tmp / "suite" / "test_hold.py")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp),
-        cwd=tmp, start_new_session=True)
+        cwd=tmp, start_new_session=True, preexec_fn=sigint_default)
 
 
 @pytest.mark.stack

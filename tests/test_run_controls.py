@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ctrl_c import sigint_default
 from tmux_util import Tmux
 
 from vtdx.host import kernel as kernel_build
@@ -135,7 +136,7 @@ def test_keep_stays_up_until_stopped_and_gdb_stub_answers(tmp_path: Path) -> Non
     proc = subprocess.Popen([sys.executable, "-m", "vtdx", "run", "--keep", "--gdb", str(port),
                              "--quiet", "--save-trace", str(saved)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "TMPDIR": str(tmp_path)})
+                            env={**ENV, "TMPDIR": str(tmp_path)}, preexec_fn=sigint_default)
     follow = None
     try:
         assert proc.stdout is not None
