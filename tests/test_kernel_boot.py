@@ -180,7 +180,7 @@ def test_timeout_kills_qemu_and_cleans_up() -> None:
 
     assert ART is not None
     seen: list[object] = []
-    opts = RunOptions(kernel=ART.bzimage, smp=1, mem=1 * GiB, stream=False, timeout=20,
+    opts = RunOptions(kernel=ART.bzimage, smp=1, mem=1 * GiB, stream=False, timeout=8,
                       append="rdinit=/bin/cat")
     res = asyncio.run(run_async(opts, None, _tracking_factory(seen)))
     assert res.exit_code == EXIT_FAILED

@@ -818,12 +818,13 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
                     current = asyncio.current_task()
                     if current is not None:
                         current.uncancel()
-            elif not exited.done() and not opts.own_initrd:
+            elif seen.done() and not exited.done() and not opts.own_initrd:
                 # Done/panic seen: give the guest a moment to power off or finish its trace.
                 grace = 1.0 if console.panic else 10.0
                 await asyncio.wait({exited}, timeout=grace)
-            elif not exited.done():
+            elif seen.done() and not exited.done():
                 await asyncio.sleep(1.0)  # the kernel's TDX lines decided: let the trace settle
+            # (timed out: neither; the machine is stopped now, --timeout is the whole wait)
             timed_out = not (exited.done() or seen.done())
         finally:
             seen.cancel()
