@@ -202,7 +202,8 @@ DECLARED: tuple[Conformance, ...] = (
     C(Leaf.TDH_VP_FLUSH, BOTH, (API + "tdh_vp_flush.c",),
       ("TDVPR exclusive, page count, VCPU_NOT_ASSOCIATED unless on the associated LP",)),
     C(Leaf.TDH_VP_ENTER, (T15,), ("src/td_transitions/tdh_vp_enter.c", HELPERS,
-                                  "src/td_transitions/td_exit.c"),
+                                  "src/td_transitions/td_exit.c",
+                                  "src/td_transitions/td_exit_stepping.c"),
       ("vcpu_and_flags_t reserved bits 11:0, 63:54 -> OPERAND_INVALID|RCX",
        "TDVPR shared (check_and_lock_explicit_4k_private_hpa, operand RCX); TDR implicit "
        "shared (BUSY|TDR); TDCS + OP_STATE shared, RUNNABLE only (OP_STATE_INCORRECT)",
@@ -216,9 +217,15 @@ DECLARED: tuple[Conformance, ...] = (
        "TD exits: TDCALL 77 (TDG.VP.VMCALL GPRs by the guest's mask), EPT violation 48 "
        "(unmapped, blocked, PENDING access with EEQ type 6, ACCEPT level in the EEQ), "
        "triple fault 2 (NON_RECOVERABLE_VCPU, vCPU DISABLED), OTHER_SMI 6 for the end of a "
-       "time slice or a TRACK kick; re-entry loads KVM's TDVMCALL replies"),
+       "time slice or a TRACK kick; re-entry loads KVM's TDVMCALL replies",
+       "0-step mitigation: private-GPA EPT-violation exits at one RIP counted to "
+       "STEPPING_EPF_THRESHOLD 6, then their GPAs logged (EPF_GPA_LIST_SIZE 32); a RIP "
+       "change resets; with GPAs logged VP.ENTER takes the S-EPT tree lock exclusive "
+       "(BUSY|SEPT_TREE, refcount reverted) and a GPA that would still fault ends the call "
+       "with an emulated EPT-violation exit, the guest not entered"),
       ("LP MSR checks (LIMIT_CPUID_MAXVAL, IA32_TSC_ADJUST, MONITOR_FSM), TSC rollback, the "
-       "0-step stepping filter and L2 VMs are not modelled",
+       "interrupt/MTF single-step filter, the NOTIFY_ENABLES #VE of a suspected 0-step "
+       "attack and L2 VMs are not modelled",
        "guest code runs on the stock-unicorn TD vCPU engine: no interrupt injection, "
        "events delivered CPL0 -> CPL0 in 64-bit mode only, LOCK not atomic across vCPUs "
        "(vtdx/module/engine/INTEGRATION.md); what the engine cannot model ends the entry "

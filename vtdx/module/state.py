@@ -97,6 +97,12 @@ class VcpuState:
     vcpu_epoch: int = 0
     #: TDVPS.MANAGEMENT.LAST_TD_EXIT (td_exit.c): async_fault, async_trap or tdvmcall.
     last_td_exit: str = "async_fault"
+    #: TDVPS.MANAGEMENT.POSSIBLY_EPF_STEPPING: EPT-violation exits at one guest RIP with no
+    #: forward progress, counted up to STEPPING_EPF_THRESHOLD (td_exit_stepping.c).
+    possibly_epf_stepping: int = 0
+    #: TDVPS.LAST_EPF_GPA_LIST (LAST_EPF_GPA_LIST_IDX is its length): private GPAs of the
+    #: EPT violations past the threshold; non-empty puts TDH.VP.ENTER in 0-step mode.
+    last_epf_gpa_list: list[int] = field(default_factory=list)
     #: The TD vCPU engine made at TDH.VP.INIT (None when host RAM cannot be mapped).
     engine: TdVcpuEngine | None = None
 

@@ -546,8 +546,11 @@ class TdVcpuEngine:
 
     def _ept_exit(self, e: _EptExit) -> TdExit:
         # tdx_ept_violation_exit_to_vmm: qualification bits 12:7 and GPA bits 11:0 cleared.
+        # td_ept_violation.c: a private GPA's violation is logged for 0-step tracking.
+        private = not e.gpa & self.cfg.shared_bit
         return TdExit(EXIT_EPT_VIOLATION, qualification=e.qual & ~0x1F80,
-                      ext_qualification=e.eeq, gpa=e.gpa & ~0xFFF)
+                      ext_qualification=e.eeq, gpa=e.gpa & ~0xFFF,
+                      epf_gpa=e.gpa if private else None)
 
     def triple_fault(self) -> TdExit:
         """td_dispatcher: a triple fault is an async exit with TDX_NON_RECOVERABLE_VCPU."""

@@ -101,8 +101,13 @@ class TdExit:
     control: int = 0
     gprs: dict[str, int] = field(default_factory=dict)
     last_exit: str = LAST_EXIT_ASYNC_FAULT
-    #: Guest RIP after the exit (the next instruction for trap-like exits): inspection only.
+    #: Guest RIP after the exit (the next instruction for trap-like exits): the 0-step
+    #: filter of TDH.VP.ENTER compares it with the RIP the vCPU was entered at.
     rip: int = 0
+    #: An EPT-violation exit on a private GPA that reaches the host (td_ept_violation.c
+    #: calls td_exit_epf_stepping_log for it): the GPA to log for 0-step tracking. None for
+    #: shared GPAs, #VE-converted violations and TDG.MEM.PAGE.ACCEPT's violation exits.
+    epf_gpa: int | None = None
 
     @property
     def gpr_select(self) -> int:
