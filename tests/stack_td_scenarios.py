@@ -370,3 +370,72 @@ def record_sliced_entry(ram_file: Path, iterations: int) -> SlicedEntry:
     h.teardown(td)
     assert not w.module.gd.tds
     return SlicedEntry(rec.script(), w.module, seq, slices)
+
+
+#: The 0-step mitigation's emulated exit (tdh_vp_enter.c emulate_ept_violation_td_exit,
+#: td_exit_stepping.c td_entry_stepping_filter): TDX_SUCCESS | EPT_VIOLATION (48), RCX =
+#: the exit qualification of a data write (bit 1), R8 = the listed GPA, every other GPR 0.
+ZERO_STEP_EXIT = {"rax": 48, "rcx": 0x2, "rdx": 0, "r8": tg.SCRATCH, "r9": 0}
+ZERO_STEP_ITERATIONS = 10
+
+
+@dataclass
+class ZeroStep:
+    """A vCPU entered again and again while its guest faults at one RIP on a blocked page.
+
+    ``faulting``: the entries that ran the guest into the EPT violation (the first
+    ``threshold`` only count, the last one logs the GPA); ``emulated``: the entries after
+    it, answered without running the guest; ``unblock``: TDH.MEM.RANGE.UNBLOCK of the page;
+    ``resumed``: the entry after it, which runs the guest to its report (that progress
+    resets the tracking). ``vcpu_log`` is, per entry of
+    ``faulting + emulated + [resumed]``, the in-process module's (POSSIBLY_EPF_STEPPING,
+    LAST_EPF_GPA_LIST, guest exits the engine counted) right after it returned.
+    """
+
+    script: Script
+    module: TdxModule
+    tdvpr: int
+    faulting: list[int]
+    emulated: list[int]
+    unblock: int
+    resumed: int
+    vcpu_log: list[tuple[int, list[int], int]]
+
+
+def record_zero_step(ram_file: Path, threshold: int, emulated: int = 2) -> ZeroStep:
+    """The test guest's T_LOCK_LOOP (``lock incl`` on SCRATCH, ZERO_STEP_ITERATIONS times,
+    then a TDG.VP.VMCALL report) on a 1-vCPU TD whose SCRATCH page the host BLOCKs and
+    TRACKs before the first entry: ``threshold + 1`` entries fault on it, ``emulated`` more
+    are answered by the 0-step filter, then UNBLOCK and an entry that runs to the report,
+    then KVM's teardown. Every entry is a REENTER record."""
+    w = ScenarioWorld(ram_file)
+    h, rec = w.host, w.rec
+    td = h.init_vm(w.hkid, td_params(max_vcpus=1))
+    v = h.init_vcpu(td, 0, 0, tg.T_LOCK_LOOP)
+    pages = tg.guest_pages(SHARED_BIT)
+    save = bytearray(pages[tg.SAVE])
+    save[64:72] = ZERO_STEP_ITERATIONS.to_bytes(8, "little")
+    pages[tg.SAVE] = bytes(save)
+    for gpa, data in pages.items():
+        h.add_page(td, gpa, data, measure=False)
+    h.set_shared_eptp(v, SharedEpt(rec.memory, h.alloc).eptp)
+    h.finalize(td)
+    h.block_track(td, tg.SCRATCH, 0)
+    vs = w.module.gd.vcpus[v.tdvpr]
+    log: list[tuple[int, list[int], int]] = []
+
+    def enter() -> int:
+        seq = len(rec)
+        rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=v.tdvpr), flags=REENTER)
+        ran = sum(vs.engine.exit_counts.values()) if vs.engine is not None else -1
+        log.append((vs.possibly_epf_stepping, list(vs.last_epf_gpa_list), ran))
+        return seq
+
+    faulting = [enter() for _ in range(threshold + 1)]
+    fake = [enter() for _ in range(emulated)]
+    unblock = len(rec)
+    h.call(0, Leaf.TDH_MEM_RANGE_UNBLOCK, rcx=tg.SCRATCH, rdx=td.tdr)
+    resumed = enter()
+    h.teardown(td)
+    assert not h.pamt_refcount and not w.module.gd.tds
+    return ZeroStep(rec.script(), w.module, v.tdvpr, faulting, fake, unblock, resumed, log)

@@ -47,6 +47,7 @@ from stack_td_scenarios import (
     SMP,
     VCPU_ASSOCIATED,
     VCPU_STATE_INCORRECT,
+    ZERO_STEP_EXIT,
     Lifecycle,
     Race,
     ScenarioWorld,
@@ -55,22 +56,25 @@ from stack_td_scenarios import (
     record_race,
     record_sliced_entry,
     record_vp_enter_negatives,
+    record_zero_step,
     stack_profile,
 )
 from test_td_support import expected_mrtd
 
 from vtdx.abi.leaves import Leaf
-from vtdx.abi.regs import Regs
+from vtdx.abi.regs import REG_NAMES, Regs
 from vtdx.errors import VtdxError
 from vtdx.host.qemu import QemuRuntime
 from vtdx.module import TdxModule
 from vtdx.module import sept as S
 from vtdx.module.control import PauseHandle
 from vtdx.module.events import CallObserved
+from vtdx.module.leaves.td_vp_enter import STEPPING_EPF_THRESHOLD
 from vtdx.module.pamt import PT_EPT, PT_NDA, PT_PAMT, PT_REG, PT_RSVD
 from vtdx.platform.memory import GuestRam
 from vtdx.platform.profile import Profile
 from vtdx.session.machine import Machine
+from vtdx.testing import td_test_guest as tg
 from vtdx.testing import testguest
 from vtdx.testing.invariants import check_invariants, fingerprint
 from vtdx.testing.seamscript import (
@@ -606,3 +610,81 @@ def test_time_slices_are_reentered_through_the_whole_stack(
                  if (lp, leaf, rax) == (0, Leaf.TDH_VP_ENTER, TIME_SLICE_EXIT))
     assert slices > 0
     assert run.result.results("script")[0].num("reenters") == slices
+
+
+# --------------------------------------------------------------------------- (d) 0-step
+
+#: The EPT-violation exit of the guest's ``lock incl`` on its BLOCKed SCRATCH page, as the
+#: guest really ran into it (td_ept_violation.c -> tdx_ept_violation_exit_to_vmm): reason
+#: 48, qualification 0x1 (the locked read-modify-write faults on its read; entry not
+#: present), no extended qualification (not a PENDING page), R8 = the GPA.
+BLOCKED_EXIT = {"rax": 48, "rcx": 0x1, "rdx": 0, "r8": tg.SCRATCH, "r9": 0}
+
+
+def _guest_ran(log: list[tuple[int, list[int], int]]) -> list[bool]:
+    """Per entry of a (stepping, GPA list, guest exits counted) log: did the guest run,
+    i.e. did the vCPU engine count an exit during that entry."""
+    counts = [n for _, _, n in log]
+    return [b > a for a, b in zip([0, *counts], counts, strict=False)]
+
+
+def test_zero_step_mitigation_through_the_whole_stack(runtime: QemuRuntime, elf: Path,
+                                                       tmp_path: Path) -> None:
+    """intel/tdx-module 1.5.06 (commit 1e636985) 0-step mitigation, as tests/test_zero_step.py
+    follows it (line numbers of the public tdx_1.5 branch): the host BLOCKs and TRACKs the
+    page the guest's next instruction writes, and enters again and again. Each entry runs
+    the guest into the same EPT violation at one RIP; td_exit_stepping.c
+    td_exit_epf_stepping_log counts the first STEPPING_EPF_THRESHOLD (6) of them and logs
+    the GPA on the next (380-396). From then on tdh_vp_enter.c handle_stepping_filter /
+    td_exit_stepping.c td_entry_stepping_filter (316-360) finds the logged GPA still
+    faulting and answers with emulate_ept_violation_td_exit (tdh_vp_enter.c 126-162,
+    776-787) without entering the guest: RCX is the write qualification 0x2 where the real
+    exits had 0x1, every other GPR 0. After TDH.MEM.RANGE.UNBLOCK the entry runs the guest
+    to its TDG.VP.VMCALL report, and that progress (an exit at another RIP) empties the list
+    (td_exit_stepping.c 189-194). Every output register of every call, through QEMU, the
+    plugin and the daemon, equals the recording; the daemon's vCPU went through the same
+    tracking states, and its guest did not run on the emulated entries."""
+    zs = record_zero_step(tmp_path / "ram", STEPPING_EPF_THRESHOLD)
+    recs = zs.script.records
+    assert len(zs.faulting) == STEPPING_EPF_THRESHOLD + 1 and len(zs.emulated) == 2
+    # the recording is what the module source says
+    for seq in zs.faulting:
+        assert recs[seq].regs_out == Regs(**BLOCKED_EXIT), recs[seq].regs_out
+    for seq in zs.emulated:
+        assert recs[seq].regs_out == Regs(**ZERO_STEP_EXIT), recs[seq].regs_out
+    assert recs[zs.unblock].leaf == Leaf.TDH_MEM_RANGE_UNBLOCK
+    assert recs[zs.unblock].regs_out.rax == 0
+    # the guest's report (td_test_guest.py ``done``): TDG.VP.VMCALL, R11 = 0x1FF
+    assert recs[zs.resumed].regs_out == Regs(rax=77, rcx=0xFC00, r11=0x1FF)
+    # before/after the threshold: the real exit and the emulated one differ only in RCX
+    before, after = recs[zs.faulting[-1]].regs_out, recs[zs.emulated[0]].regs_out
+    assert [n for n in REG_NAMES if getattr(before, n) != getattr(after, n)] \
+        == ["rcx"]
+    # in-process tracking: counted to the threshold, then the GPA logged; the guest ran on
+    # every faulting entry and on the resumed one, never on the emulated ones
+    steps = [(n, gpas) for n, gpas, _ in zs.vcpu_log]
+    assert steps == [(n, []) for n in range(1, STEPPING_EPF_THRESHOLD + 1)] + \
+        [(STEPPING_EPF_THRESHOLD, [tg.SCRATCH])] * 3 + [(0, [])]
+    ran = _guest_ran(zs.vcpu_log)
+    assert ran == [True] * (STEPPING_EPF_THRESHOLD + 1) + [False, False, True]
+
+    entries = set(zs.faulting + zs.emulated + [zs.resumed])
+    seen: list[tuple[int, list[int], int]] = []
+
+    def arm(module: TdxModule) -> None:
+        def on_enter(ev: CallObserved) -> None:
+            if ev.leaf != Leaf.TDH_VP_ENTER or ev.out.rax == TIME_SLICE_EXIT:
+                return
+            with module.cond:
+                vs = module.gd.vcpus[zs.tdvpr]
+                ran = sum(vs.engine.exit_counts.values()) if vs.engine is not None else -1
+                seen.append((vs.possibly_epf_stepping, list(vs.last_epf_gpa_list), ran))
+        module.events.subscribe(CallObserved, on_enter)
+
+    run = replay(runtime, elf, zs.script, arm=arm, reference=zs.module, timeout=120)
+    run.assert_clean(zs.script)
+    assert run.divergence == [] and run.problems == []
+    assert [r.seq for r in recs if r.flags & REENTER] == sorted(entries)
+    assert _vp_enter_statuses(run, 0) == [48] * (STEPPING_EPF_THRESHOLD + 3) + [77]
+    assert [(n, gpas) for n, gpas, _ in seen] == steps
+    assert _guest_ran(seen) == ran
