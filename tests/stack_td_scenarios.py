@@ -377,6 +377,9 @@ def record_sliced_entry(ram_file: Path, iterations: int) -> SlicedEntry:
 #: the exit qualification of a data write (bit 1), R8 = the listed GPA, every other GPR 0.
 ZERO_STEP_EXIT = {"rax": 48, "rcx": 0x2, "rdx": 0, "r8": tg.SCRATCH, "r9": 0}
 ZERO_STEP_ITERATIONS = 10
+#: tdh_vp_enter.c (after revert_tlb_tracking_state): TDX_OPERAND_BUSY | OPERAND_ID_SEPT_TREE
+#: (146, tdx_error_codes_defs.h) when the S-EPT tree lock cannot be taken EXCLUSIVE.
+BUSY_SEPT_TREE = 0x8000020000000092
 
 
 @dataclass
@@ -387,7 +390,10 @@ class ZeroStep:
     ``threshold`` only count, the last one logs the GPA); ``emulated``: the entries after
     it, answered without running the guest; ``unblock``: TDH.MEM.RANGE.UNBLOCK of the page;
     ``resumed``: the entry after it, which runs the guest to its report (that progress
-    resets the tracking). ``vcpu_log`` is, per entry of
+    resets the tracking). With contention, ``aug`` is a TDH.MEM.PAGE.AUG on LP1 held at
+    its "locked" point (the S-EPT tree lock SHARED) while ``busy``, an entry on LP0, fails
+    to take that lock EXCLUSIVE; the last ``emulated`` entry follows once the AUG is done.
+    ``vcpu_log`` is, per entry of
     ``faulting + emulated + [resumed]``, the in-process module's (POSSIBLY_EPF_STEPPING,
     LAST_EPF_GPA_LIST, guest exits the engine counted) right after it returned.
     """
@@ -400,14 +406,19 @@ class ZeroStep:
     unblock: int
     resumed: int
     vcpu_log: list[tuple[int, list[int], int]]
+    aug: int | None = None
+    busy: int | None = None
 
 
-def record_zero_step(ram_file: Path, threshold: int, emulated: int = 2) -> ZeroStep:
+def record_zero_step(ram_file: Path, threshold: int, emulated: int = 2,
+                     contend: bool = False) -> ZeroStep:
     """The test guest's T_LOCK_LOOP (``lock incl`` on SCRATCH, ZERO_STEP_ITERATIONS times,
     then a TDG.VP.VMCALL report) on a 1-vCPU TD whose SCRATCH page the host BLOCKs and
     TRACKs before the first entry: ``threshold + 1`` entries fault on it, ``emulated`` more
     are answered by the 0-step filter, then UNBLOCK and an entry that runs to the report,
-    then KVM's teardown. Every entry is a REENTER record."""
+    then KVM's teardown. Every entry is a REENTER record. ``contend``: after those, the
+    AUG on LP1 (CONCURRENT, paused in-process) against an entry on LP0 (WAIT_GO go 0), and
+    one more entry (BARRIER: after the AUG completed)."""
     w = ScenarioWorld(ram_file)
     h, rec = w.host, w.rec
     td = h.init_vm(w.hkid, td_params(max_vcpus=1))
@@ -424,18 +435,42 @@ def record_zero_step(ram_file: Path, threshold: int, emulated: int = 2) -> ZeroS
     vs = w.module.gd.vcpus[v.tdvpr]
     log: list[tuple[int, list[int], int]] = []
 
-    def enter() -> int:
+    def enter(flags: int = 0) -> int:
         seq = len(rec)
-        rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=v.tdvpr), flags=REENTER)
+        rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=v.tdvpr), flags=REENTER | flags)
         ran = sum(vs.engine.exit_counts.values()) if vs.engine is not None else -1
         log.append((vs.possibly_epf_stepping, list(vs.last_epf_gpa_list), ran))
         return seq
 
     faulting = [enter() for _ in range(threshold + 1)]
     fake = [enter() for _ in range(emulated)]
+    aug = busy = None
+    if contend:
+        h.ensure_sept(td, tg.PENDING_GPA, 0, lp=1)
+        hpa = h.alloc.page()
+        h.pamt_get(hpa, 1)
+        aug_regs = Regs(rax=Leaf.TDH_MEM_PAGE_AUG, rcx=tg.PENDING_GPA, rdx=td.tdr, r8=hpa)
+        pause = w.module.control.pause(lp=1, leaf=Leaf.TDH_MEM_PAGE_AUG, point="locked")
+        held: list[Regs] = []
+        aug = len(rec)
+        t = threading.Thread(target=lambda: held.append(rec.call(1, aug_regs,
+                                                                 flags=CONCURRENT)))
+        t.start()
+        try:
+            assert pause.wait_paused(10)
+            busy = len(rec)
+            out = rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=v.tdvpr), flags=WAIT_GO, go=0)
+            assert out.rax == BUSY_SEPT_TREE, hex(out.rax)
+        finally:
+            pause.resume()
+            t.join(10)
+        assert held[0].rax == 0, hex(held[0].rax)
+        td.private[tg.PENDING_GPA] = (hpa, 0)
+        fake.append(enter(BARRIER))
     unblock = len(rec)
     h.call(0, Leaf.TDH_MEM_RANGE_UNBLOCK, rcx=tg.SCRATCH, rdx=td.tdr)
     resumed = enter()
     h.teardown(td)
     assert not h.pamt_refcount and not w.module.gd.tds
-    return ZeroStep(rec.script(), w.module, v.tdvpr, faulting, fake, unblock, resumed, log)
+    return ZeroStep(rec.script(), w.module, v.tdvpr, faulting, fake, unblock, resumed, log,
+                    aug, busy)

@@ -35,6 +35,7 @@ import pytest
 from stack_td_scenarios import (
     BUSY_R12,
     BUSY_RCX,
+    BUSY_SEPT_TREE,
     DPAMT_A1,
     DPAMT_B1,
     GUEST_2M_HPA,
@@ -52,6 +53,7 @@ from stack_td_scenarios import (
     Race,
     ScenarioWorld,
     VpEnterNegatives,
+    ZeroStep,
     record_lifecycle,
     record_race,
     record_sliced_entry,
@@ -61,6 +63,7 @@ from stack_td_scenarios import (
 )
 from test_td_support import expected_mrtd
 
+from vtdx.abi import status as st
 from vtdx.abi.leaves import Leaf
 from vtdx.abi.regs import REG_NAMES, Regs
 from vtdx.errors import VtdxError
@@ -78,9 +81,12 @@ from vtdx.testing import td_test_guest as tg
 from vtdx.testing import testguest
 from vtdx.testing.invariants import check_invariants, fingerprint
 from vtdx.testing.seamscript import (
+    BARRIER,
+    CONCURRENT,
     PHASE_TURN,
     REENTER,
     TIME_SLICE_EXIT,
+    WAIT_GO,
     Mailbox,
     Mismatch,
     Record,
@@ -628,8 +634,30 @@ def _guest_ran(log: list[tuple[int, list[int], int]]) -> list[bool]:
     return [b > a for a, b in zip([0, *counts], counts, strict=False)]
 
 
+def _contend_host(zs: ZeroStep, pauses: list[PauseHandle]) -> Host:
+    """LP1's AUG sits at its pause point (S-EPT tree lock SHARED); only then LP0's entry may
+    go; once LP0 got its answer the AUG is let go."""
+
+    def run(module: TdxModule, box: Mailbox, log: CallLog) -> object:
+        (pause,) = pauses
+        assert pause.wait_paused(60), f"AUG never paused; {box.describe()}"
+        seen: dict[str, object] = {"paused": (pause.paused_lp, pause.paused_leaf)}
+        box.set_go(0)
+        with log.cond:
+            assert log.cond.wait_for(lambda: any(
+                (lp, leaf, rax) == (0, Leaf.TDH_VP_ENTER, BUSY_SEPT_TREE)
+                for lp, leaf, rax in log.calls), 60), box.describe()
+            seen["aug_done_before_busy"] = log.count(Leaf.TDH_MEM_PAGE_AUG, 1)
+        pause.resume()
+        seen["aug"] = log.wait_for(1, Leaf.TDH_MEM_PAGE_AUG)
+        return seen
+
+    return run
+
+
+@pytest.mark.parametrize("contend", [False, True], ids=["alone", "aug-on-lp1"])
 def test_zero_step_mitigation_through_the_whole_stack(runtime: QemuRuntime, elf: Path,
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, contend: bool) -> None:
     """intel/tdx-module 1.5.06 (commit 1e636985) 0-step mitigation, as tests/test_zero_step.py
     follows it (line numbers of the public tdx_1.5 branch): the host BLOCKs and TRACKs the
     page the guest's next instruction writes, and enters again and again. Each entry runs
@@ -643,10 +671,17 @@ def test_zero_step_mitigation_through_the_whole_stack(runtime: QemuRuntime, elf:
     to its TDG.VP.VMCALL report, and that progress (an exit at another RIP) empties the list
     (td_exit_stepping.c 189-194). Every output register of every call, through QEMU, the
     plugin and the daemon, equals the recording; the daemon's vCPU went through the same
-    tracking states, and its guest did not run on the emulated entries."""
-    zs = record_zero_step(tmp_path / "ram", STEPPING_EPF_THRESHOLD)
+    tracking states, and its guest did not run on the emulated entries.
+
+    ``aug-on-lp1``: in 0-step mode the entry takes the S-EPT tree lock EXCLUSIVE
+    (td_exit_stepping.c 331); with a TDH.MEM.PAGE.AUG on LP1 held at its "locked" point
+    (the tree lock SHARED) the entry fails with TDX_OPERAND_BUSY | SEPT_TREE, the epoch
+    refcount given back (tdh_vp_enter.c 350-367), and once the AUG completed the next entry
+    is the emulated exit again (the AUGed page is not the logged GPA)."""
+    zs = record_zero_step(tmp_path / "ram", STEPPING_EPF_THRESHOLD, contend=contend)
     recs = zs.script.records
-    assert len(zs.faulting) == STEPPING_EPF_THRESHOLD + 1 and len(zs.emulated) == 2
+    n_fake = 3 if contend else 2
+    assert len(zs.faulting) == STEPPING_EPF_THRESHOLD + 1 and len(zs.emulated) == n_fake
     # the recording is what the module source says
     for seq in zs.faulting:
         assert recs[seq].regs_out == Regs(**BLOCKED_EXIT), recs[seq].regs_out
@@ -664,27 +699,50 @@ def test_zero_step_mitigation_through_the_whole_stack(runtime: QemuRuntime, elf:
     # every faulting entry and on the resumed one, never on the emulated ones
     steps = [(n, gpas) for n, gpas, _ in zs.vcpu_log]
     assert steps == [(n, []) for n in range(1, STEPPING_EPF_THRESHOLD + 1)] + \
-        [(STEPPING_EPF_THRESHOLD, [tg.SCRATCH])] * 3 + [(0, [])]
+        [(STEPPING_EPF_THRESHOLD, [tg.SCRATCH])] * (n_fake + 1) + [(0, [])]
     ran = _guest_ran(zs.vcpu_log)
-    assert ran == [True] * (STEPPING_EPF_THRESHOLD + 1) + [False, False, True]
+    assert ran == [True] * (STEPPING_EPF_THRESHOLD + 1) + [False] * n_fake + [True]
+    pauses: list[PauseHandle] = []
+    host: Host | None = None
+    if contend:
+        assert zs.aug is not None and zs.busy is not None
+        aug, busy = recs[zs.aug], recs[zs.busy]
+        assert (aug.lp, aug.leaf, aug.regs_out.rax, aug.flags) == \
+            (1, Leaf.TDH_MEM_PAGE_AUG, 0, CONCURRENT)
+        assert (busy.lp, busy.leaf, busy.flags) == (0, Leaf.TDH_VP_ENTER, WAIT_GO)
+        # the failure path writes no output register: RCX comes back as passed
+        assert busy.regs_out == busy.regs_in.copy(rax=BUSY_SEPT_TREE)
+        assert BUSY_SEPT_TREE == st.TDX_OPERAND_BUSY | st.OPERAND_ID_SEPT_TREE
+        assert recs[zs.emulated[-1]].flags == REENTER | BARRIER
+        host = _contend_host(zs, pauses)
 
     entries = set(zs.faulting + zs.emulated + [zs.resumed])
     seen: list[tuple[int, list[int], int]] = []
 
     def arm(module: TdxModule) -> None:
         def on_enter(ev: CallObserved) -> None:
-            if ev.leaf != Leaf.TDH_VP_ENTER or ev.out.rax == TIME_SLICE_EXIT:
+            if ev.leaf != Leaf.TDH_VP_ENTER or ev.out.rax in (TIME_SLICE_EXIT,
+                                                              BUSY_SEPT_TREE):
                 return
             with module.cond:
                 vs = module.gd.vcpus[zs.tdvpr]
                 ran = sum(vs.engine.exit_counts.values()) if vs.engine is not None else -1
                 seen.append((vs.possibly_epf_stepping, list(vs.last_epf_gpa_list), ran))
         module.events.subscribe(CallObserved, on_enter)
+        if contend:
+            pauses.append(module.control.pause(lp=1, leaf=Leaf.TDH_MEM_PAGE_AUG,
+                                               point="locked"))
 
-    run = replay(runtime, elf, zs.script, arm=arm, reference=zs.module, timeout=120)
+    run = replay(runtime, elf, zs.script, arm=arm, host=host, reference=zs.module,
+                 timeout=120)
     run.assert_clean(zs.script)
     assert run.divergence == [] and run.problems == []
     assert [r.seq for r in recs if r.flags & REENTER] == sorted(entries)
-    assert _vp_enter_statuses(run, 0) == [48] * (STEPPING_EPF_THRESHOLD + 3) + [77]
+    statuses = [48] * (STEPPING_EPF_THRESHOLD + 3)
+    if contend:
+        statuses += [BUSY_SEPT_TREE, 48]
+        assert run.host_result == {"paused": (1, Leaf.TDH_MEM_PAGE_AUG),
+                                   "aug_done_before_busy": 0, "aug": 0}
+    assert _vp_enter_statuses(run, 0) == statuses + [77]
     assert [(n, gpas) for n, gpas, _ in seen] == steps
     assert _guest_ran(seen) == ran
