@@ -355,10 +355,7 @@ def record_sliced_entry(ram_file: Path, iterations: int) -> SlicedEntry:
     h, rec = w.host, w.rec
     td = h.init_vm(w.hkid, td_params(max_vcpus=1))
     v = h.init_vcpu(td, 0, 0, tg.T_COMPUTE)
-    pages = tg.guest_pages(SHARED_BIT)
-    save = bytearray(pages[tg.SAVE])
-    save[64:72] = iterations.to_bytes(8, "little")
-    pages[tg.SAVE] = bytes(save)
+    pages = tg.guest_pages(SHARED_BIT, loop_count=iterations)
     for gpa, data in pages.items():
         h.add_page(td, gpa, data, measure=False)
     h.set_shared_eptp(v, SharedEpt(rec.memory, h.alloc).eptp)
@@ -423,10 +420,7 @@ def record_zero_step(ram_file: Path, threshold: int, emulated: int = 2,
     h, rec = w.host, w.rec
     td = h.init_vm(w.hkid, td_params(max_vcpus=1))
     v = h.init_vcpu(td, 0, 0, tg.T_LOCK_LOOP)
-    pages = tg.guest_pages(SHARED_BIT)
-    save = bytearray(pages[tg.SAVE])
-    save[64:72] = ZERO_STEP_ITERATIONS.to_bytes(8, "little")
-    pages[tg.SAVE] = bytes(save)
+    pages = tg.guest_pages(SHARED_BIT, loop_count=ZERO_STEP_ITERATIONS)
     for gpa, data in pages.items():
         h.add_page(td, gpa, data, measure=False)
     h.set_shared_eptp(v, SharedEpt(rec.memory, h.alloc).eptp)

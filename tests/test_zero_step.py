@@ -61,10 +61,7 @@ def _blocked_scratch_td(w: World) -> tuple[Td, Vcpu]:
     td = h.init_vm(w.module.profile.tdx_keyid_start + 1,
                    td_params(max_vcpus=1, attributes=ATTRIBUTES, xfam=XFAM))
     v = h.init_vcpu(td, 0, 0, tg.T_LOCK_LOOP)
-    pages = tg.guest_pages(SHARED_BIT)
-    save = bytearray(pages[tg.SAVE])
-    save[64:72] = ITERATIONS.to_bytes(8, "little")
-    pages[tg.SAVE] = bytes(save)
+    pages = tg.guest_pages(SHARED_BIT, loop_count=ITERATIONS)
     for gpa, data in pages.items():
         h.add_page(td, gpa, data, measure=False)
     h.finalize(td)

@@ -446,11 +446,12 @@ LINKER_SCRIPT = """SECTIONS {
 """
 
 
-def guest_pages(shared_bit: int) -> dict[int, bytes]:
+def guest_pages(shared_bit: int, loop_count: int = 0) -> dict[int, bytes]:
     """Every private page of the test guest by GPA (what TDH.MEM.PAGE.ADD loads). Page
     tables (guest-physical): PML4 0x1000 -> PDPT 0x2000; 0-2 MB through PT 0x4000 (4 KB,
     identity), 2-4 MB and 4-6 MB as 2 MB pages (identity), VA 1 GB -> the shared GPA
-    0x400000, and the reset page at 4 GB - 4 KB; code at 0x10000, data from SAVE."""
+    0x400000, and the reset page at 4 GB - 4 KB; code at 0x10000, data from SAVE, whose
+    quadword at +64 is the loop routines' ``loop_count``."""
     text, reset = build_guest()
     pt: dict[int, bytearray] = {g: bytearray(4096) for g in range(0x1000, 0x9000, 4096)}
 
@@ -476,6 +477,7 @@ def guest_pages(shared_bit: int) -> dict[int, bytes]:
     pages[0xFFFFF000] = reset.ljust(4096, b"\0")
     for g in range(SAVE, SAVE + 0x10000, 4096):
         pages[g] = bytes(4096)
+    pages[SAVE] = bytes(64) + loop_count.to_bytes(8, "little") + bytes(4096 - 72)
     return pages
 
 
