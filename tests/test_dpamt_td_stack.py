@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kvm_tolerated import tolerated_by_kvm
 
 pytestmark = [pytest.mark.kernel, pytest.mark.stack]
 
 ENV = "VTDX_DPAMT_KERNEL"
-CPUID_FIELDS = 0x9410000300000000
-TDX_VCPU_NOT_ASSOCIATED = 0x8000070200000000
 TROUBLE = re.compile(r"WARNING:|BUG:|Oops|Call Trace:|Kernel panic")
 RANGE_2M = ~((2 << 20) - 1)
 #: Leaves that hand the module a page it tracks at 4KB: the register holding the page
@@ -104,14 +103,6 @@ def dpamt_vm():  # noqa: ANN201 (a started Vm)
         vm.stop()
 
 
-def _allowed_failure(r: dict[str, Any]) -> bool:
-    """The two failures KVM provokes and tolerates (tests/test_td_run_stack.py)."""
-    stack = " ".join(r.get("stack") or [])
-    if r["name"] == "TDH.MNG.RD" and int(r["in"]["rdx"], 16) & ~0x1FFFF == CPUID_FIELDS:
-        return "tdx_read_cpuid" in stack
-    return r["name"] == "TDH.VP.FLUSH" and int(r["status"], 16) == TDX_VCPU_NOT_ASSOCIATED
-
-
 def _stack(r: dict[str, Any]) -> str:
     return " ".join(s.split("+")[0] for s in r.get("stack") or [])
 
@@ -164,7 +155,7 @@ def test_td_life_with_dynamic_pamt(dpamt_vm, nr_vcpus: int) -> None:
         assert not ktap.case(case).skipped, ktap.describe()
     for v in range(nr_vcpus):
         assert f"vcpu{v}: PASS" in ktap.text, ktap.text
-    bad = [r for r in recs if not r["ok"] and not _allowed_failure(r)]
+    bad = [r for r in recs if not r["ok"] and not tolerated_by_kvm(r)]
     assert bad == [], vm.trace.format(bad)
     names = collections.Counter(r["name"] for r in recs)
     assert names["TDH.VP.CREATE"] == nr_vcpus and names["TDH.MNG.KEY.FREEID"] == 1

@@ -19,11 +19,10 @@ import re
 from pathlib import Path
 
 import pytest
-from kvm_cpuid import is_cpuid_probe_miss
+from kvm_tolerated import tolerated_by_kvm
 
 pytestmark = [pytest.mark.kernel, pytest.mark.stack]
 
-TDX_VCPU_NOT_ASSOCIATED = 0x8000070200000000
 TROUBLE = re.compile(r"WARNING:|BUG:|Oops|Call Trace:|Kernel panic")
 
 
@@ -44,12 +43,6 @@ def tdx_vm():  # noqa: ANN201 (a started Vm)
         vm.stop()
 
 
-def _allowed_failure(r: dict) -> bool:
-    if is_cpuid_probe_miss(r):
-        return True
-    return r["name"] == "TDH.VP.FLUSH" and int(r["status"], 16) == TDX_VCPU_NOT_ASSOCIATED
-
-
 def _callers(recs: list[dict], leaf: str) -> list[str]:
     return [" ".join(s.split("+")[0] for s in r.get("stack") or [])
             for r in recs if r["name"] == leaf]
@@ -67,7 +60,7 @@ def test_kvm_td_payload_runs_its_td_to_pass(tdx_vm, nr_vcpus: int) -> None:
         assert not ktap.case(case).skipped, ktap.describe()
     for v in range(nr_vcpus):
         assert f"vcpu{v}: PASS" in ktap.text, ktap.text
-    bad = [r for r in recs if not r["ok"] and not _allowed_failure(r)]
+    bad = [r for r in recs if not r["ok"] and not tolerated_by_kvm(r)]
     assert bad == [], vm.trace.format(bad)
     names = collections.Counter(r["name"] for r in recs)
     enters = [r for r in recs if r["name"] == "TDH.VP.ENTER"]

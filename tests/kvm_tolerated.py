@@ -1,0 +1,27 @@
+"""The SEAMCALL failures unmodified Linux 7.3 KVM provokes and tolerates, for the whole-stack
+tests that assert every other call succeeded.
+
+- KVM_TDX_GET_CPUID's probes past the module's CPUID lookup table (tests/kvm_cpuid.py: only
+  the exact status the table gives).
+- TDH.VP.FLUSH -> TDX_VCPU_NOT_ASSOCIATED: KVM flushes a vCPU on the CPU it last ran on,
+  and one that was associated elsewhere (a VMM thread that moved between KVM_TDX_INIT_VCPU
+  and the flush) is not associated there; tdx_flush_vp (arch/x86/kvm/vmx/tdx.c, the
+  `err != TDX_VCPU_NOT_ASSOCIATED` test) accepts that. Whether it happens depends on where
+  the scheduler ran the VMM's threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvm_cpuid import is_cpuid_probe_miss
+
+#: tdx-module tdx_error_codes_defs.h.
+TDX_VCPU_NOT_ASSOCIATED = 0x8000070200000000
+
+
+def tolerated_by_kvm(r: dict[str, Any]) -> bool:
+    """A failed trace record KVM expects and copes with (see the module docstring)."""
+    if is_cpuid_probe_miss(r):
+        return True
+    return r["name"] == "TDH.VP.FLUSH" and int(r["status"], 16) == TDX_VCPU_NOT_ASSOCIATED
