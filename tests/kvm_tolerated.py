@@ -1,5 +1,5 @@
 """The SEAMCALL failures unmodified Linux 7.3 KVM provokes and tolerates, for the whole-stack
-tests that assert every other call succeeded.
+tests that assert every other call succeeded (and the TD life those tests share).
 
 - KVM_TDX_GET_CPUID's probes past the module's CPUID lookup table (tests/kvm_cpuid.py: only
   the exact status the table gives).
@@ -25,3 +25,21 @@ def tolerated_by_kvm(r: dict[str, Any]) -> bool:
     if is_cpuid_probe_miss(r):
         return True
     return r["name"] == "TDH.VP.FLUSH" and int(r["status"], 16) == TDX_VCPU_NOT_ASSOCIATED
+
+
+def passing_td_life(vm: Any, nr_vcpus: int, cases: tuple[str, ...],
+                    timeout: float) -> tuple[Any, list[dict[str, Any]]]:
+    """Run the kvm-td payload's whole TD life with ``nr_vcpus`` on the machine ``vm`` and
+    assert it passed: every KTAP case in ``cases`` ran, every vCPU's guest said PASS, and no
+    SEAMCALL failed but those KVM tolerates. Its KTAP result and trace records."""
+    mark = vm.trace.mark()
+    ktap = vm.payload("kvm-td", "--vcpus", str(nr_vcpus), timeout=timeout)
+    recs = vm.trace.since(mark)
+    ktap.assert_ok()
+    for case in cases:
+        assert not ktap.case(case).skipped, ktap.describe()
+    for v in range(nr_vcpus):
+        assert f"vcpu{v}: PASS" in ktap.text, ktap.text
+    bad = [r for r in recs if not r["ok"] and not tolerated_by_kvm(r)]
+    assert bad == [], vm.trace.format(bad)
+    return ktap, recs

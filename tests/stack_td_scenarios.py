@@ -30,7 +30,7 @@ from vtdx.platform.profile import Profile, Region
 from vtdx.testing import td_test_guest as tg
 from vtdx.testing.race_loop import lp0_steps, lp1_steps
 from vtdx.testing.seamscript import BARRIER, CONCURRENT, REENTER, WAIT_GO, Recorder, Script
-from vtdx.testing.td_host import KvmHost, PageAllocator, SharedEpt, Vcpu, td_params
+from vtdx.testing.td_host import KvmHost, PageAllocator, SharedEpt, Td, Vcpu, td_params
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -347,19 +347,27 @@ class SlicedEntry:
     slices: int
 
 
+def _runnable_test_guest_td(w: ScenarioWorld, routine: int,
+                            loop_count: int) -> tuple[Td, Vcpu]:
+    """A finalized 1-vCPU TD whose vCPU runs the test guest's ``routine`` (its pages added
+    with TDH.MEM.PAGE.ADD, ``loop_count`` in SAVE), KVM's shared EPT pointer set."""
+    h = w.host
+    td = h.init_vm(w.hkid, td_params(max_vcpus=1))
+    v = h.init_vcpu(td, 0, 0, routine)
+    for gpa, data in tg.guest_pages(SHARED_BIT, loop_count=loop_count).items():
+        h.add_page(td, gpa, data, measure=False)
+    h.set_shared_eptp(v, SharedEpt(w.rec.memory, h.alloc).eptp)
+    h.finalize(td)
+    return td, v
+
+
 def record_sliced_entry(ram_file: Path, iterations: int) -> SlicedEntry:
     """The test guest's T_COMPUTE routine (``iterations`` rounds of six instructions, then
     a TDG.VP.VMCALL report of its result in R12) on a runnable TD, entered once with
     REENTER, then KVM's teardown."""
     w = ScenarioWorld(ram_file)
     h, rec = w.host, w.rec
-    td = h.init_vm(w.hkid, td_params(max_vcpus=1))
-    v = h.init_vcpu(td, 0, 0, tg.T_COMPUTE)
-    pages = tg.guest_pages(SHARED_BIT, loop_count=iterations)
-    for gpa, data in pages.items():
-        h.add_page(td, gpa, data, measure=False)
-    h.set_shared_eptp(v, SharedEpt(rec.memory, h.alloc).eptp)
-    h.finalize(td)
+    td, v = _runnable_test_guest_td(w, tg.T_COMPUTE, iterations)
     seq = len(rec)
     rec.call(0, Regs(rax=Leaf.TDH_VP_ENTER, rcx=v.tdvpr), flags=REENTER)
     slices = sum(n for (_, leaf, rax), n in w.module.stats.counts.items()
@@ -418,13 +426,7 @@ def record_zero_step(ram_file: Path, threshold: int, emulated: int = 2,
     one more entry (BARRIER: after the AUG completed)."""
     w = ScenarioWorld(ram_file)
     h, rec = w.host, w.rec
-    td = h.init_vm(w.hkid, td_params(max_vcpus=1))
-    v = h.init_vcpu(td, 0, 0, tg.T_LOCK_LOOP)
-    pages = tg.guest_pages(SHARED_BIT, loop_count=ZERO_STEP_ITERATIONS)
-    for gpa, data in pages.items():
-        h.add_page(td, gpa, data, measure=False)
-    h.set_shared_eptp(v, SharedEpt(rec.memory, h.alloc).eptp)
-    h.finalize(td)
+    td, v = _runnable_test_guest_td(w, tg.T_LOCK_LOOP, ZERO_STEP_ITERATIONS)
     h.block_track(td, tg.SCRATCH, 0)
     vs = w.module.gd.vcpus[v.tdvpr]
     log: list[tuple[int, list[int], int]] = []

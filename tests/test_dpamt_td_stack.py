@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kvm_tolerated import tolerated_by_kvm
+from kvm_tolerated import passing_td_life
 
 pytestmark = [pytest.mark.kernel, pytest.mark.stack]
 
@@ -147,16 +147,7 @@ def test_kernel_enables_dynamic_pamt(dpamt_vm) -> None:
 @pytest.mark.parametrize("nr_vcpus", [1, 2])
 def test_td_life_with_dynamic_pamt(dpamt_vm, nr_vcpus: int) -> None:
     vm = dpamt_vm
-    mark = vm.trace.mark()
-    ktap = vm.payload("kvm-td", "--vcpus", str(nr_vcpus), timeout=900)
-    recs = vm.trace.since(mark)
-    ktap.assert_ok()
-    for case in ("td_run", "td_map_gpa", "teardown"):
-        assert not ktap.case(case).skipped, ktap.describe()
-    for v in range(nr_vcpus):
-        assert f"vcpu{v}: PASS" in ktap.text, ktap.text
-    bad = [r for r in recs if not r["ok"] and not tolerated_by_kvm(r)]
-    assert bad == [], vm.trace.format(bad)
+    _, recs = passing_td_life(vm, nr_vcpus, ("td_run", "td_map_gpa", "teardown"), timeout=900)
     names = collections.Counter(r["name"] for r in recs)
     assert names["TDH.VP.CREATE"] == nr_vcpus and names["TDH.MNG.KEY.FREEID"] == 1
 
@@ -206,19 +197,16 @@ def test_td_life_with_dynamic_pamt(dpamt_vm, nr_vcpus: int) -> None:
 
     # Teardown: no TD, every PAMT entry free (PT_NDA) or reserved, no DPAMT pair or bitmap
     # bit left, the invariants hold and no TDX lock is held.
-    from vtdx.module.pamt import PAGE_TYPE_NAMES, PT_NDA, PT_RSVD
-    from vtdx.testing.invariants import check_invariants
+    from vtdx.testing.invariants import check_invariants, pamt_owned
 
     assert vm.vtdx.tds() == []
     with vm.module.cond:
         pamt = vm.module.gd.pamt
-        left = [(level, hex(i), PAGE_TYPE_NAMES.get(e.pt, e.pt))
-                for level in range(3) for i, e in vm.module.pamt.entries(level).items()
-                if e.pt not in (PT_NDA, PT_RSVD)]
+        left = pamt_owned(vm.module)
         nodes, bits = dict(pamt.nodes), set(pamt.bitmap)
         problems = check_invariants(vm.module, expect_no_locks=True)
-    assert left == [] and nodes == {} and bits == set() and problems == [], \
-        (left[:10], list(nodes)[:10], sorted(bits)[:10], problems[:10])
+    assert left == {} and nodes == {} and bits == set() and problems == [], \
+        (list(left.items())[:10], list(nodes)[:10], sorted(bits)[:10], problems[:10])
 
 
 def test_kernel_log_clean_after_dpamt_td_runs(dpamt_vm) -> None:

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 import pytest
-from kvm_tolerated import tolerated_by_kvm
+from kvm_tolerated import passing_td_life
 
 pytestmark = [pytest.mark.kernel, pytest.mark.stack]
 
@@ -51,17 +51,8 @@ def _callers(recs: list[dict], leaf: str) -> list[str]:
 @pytest.mark.parametrize("nr_vcpus", [1, 2])
 def test_kvm_td_payload_runs_its_td_to_pass(tdx_vm, nr_vcpus: int) -> None:
     vm = tdx_vm
-    mark = vm.trace.mark()
-    ktap = vm.payload("kvm-td", "--vcpus", str(nr_vcpus), timeout=600)
-    recs = vm.trace.since(mark)
-    ktap.assert_ok()
-    for case in ("td_run", "td_console", "td_mmio", "td_map_gpa", "td_shared_report",
-                 "teardown"):
-        assert not ktap.case(case).skipped, ktap.describe()
-    for v in range(nr_vcpus):
-        assert f"vcpu{v}: PASS" in ktap.text, ktap.text
-    bad = [r for r in recs if not r["ok"] and not tolerated_by_kvm(r)]
-    assert bad == [], vm.trace.format(bad)
+    _, recs = passing_td_life(vm, nr_vcpus, ("td_run", "td_console", "td_mmio", "td_map_gpa",
+                                             "td_shared_report", "teardown"), timeout=600)
     names = collections.Counter(r["name"] for r in recs)
     enters = [r for r in recs if r["name"] == "TDH.VP.ENTER"]
     assert enters and all("kvm_arch_vcpu_ioctl_run" in c
@@ -83,15 +74,12 @@ def test_kvm_td_payload_runs_its_td_to_pass(tdx_vm, nr_vcpus: int) -> None:
     assert vm.vtdx.tds() == []
     # Teardown reclaimed every page: the live module's PAMT has no page but free (PT_NDA)
     # and reserved ones, and the state invariants hold with no TDX lock left held.
-    from vtdx.module.pamt import PAGE_TYPE_NAMES, PT_NDA, PT_RSVD
-    from vtdx.testing.invariants import check_invariants
+    from vtdx.testing.invariants import check_invariants, pamt_owned
 
     with vm.module.cond:
-        left = [(level, hex(i), PAGE_TYPE_NAMES.get(e.pt, e.pt))
-                for level in range(3) for i, e in vm.module.pamt.entries(level).items()
-                if e.pt not in (PT_NDA, PT_RSVD)]
+        left = pamt_owned(vm.module)
         problems = check_invariants(vm.module, expect_no_locks=True)
-    assert left == [] and problems == [], (left[:10], problems[:10])
+    assert left == {} and problems == [], (list(left.items())[:10], problems[:10])
 
 
 def test_td_exit_round_trips_timed_by_the_vmm(tdx_vm) -> None:

@@ -28,8 +28,9 @@ from vtdx.module.state import TD_BLOCKED, TD_TEARDOWN
 #: Page type names as the messages print them ("TDR", not "PT_TDR").
 PT_NAMES = {pt: name.removeprefix("PT_") for pt, name in PAGE_TYPE_NAMES.items()}
 
-def _pamt_owned(module: TdxModule) -> dict[tuple[int, int], tuple[int, int]]:
-    """(level, pa) -> (pt, owner) for every materialised PAMT entry that is not free."""
+def pamt_owned(module: TdxModule) -> dict[tuple[int, int], tuple[int, int]]:
+    """(level, pa) -> (pt, owner) for every materialised PAMT entry that is neither free
+    (PT_NDA) nor reserved: after every TD is gone, what a teardown failed to reclaim."""
     out: dict[tuple[int, int], tuple[int, int]] = {}
     for level in (0, 1, 2):
         for idx, e in module.pamt.entries(level).items():
@@ -43,7 +44,7 @@ def check_invariants(module: TdxModule, *, expect_no_locks: bool = False) -> lis
     gd = module.gd
     problems: list[str] = []
     bad = problems.append
-    owned = _pamt_owned(module)
+    owned = pamt_owned(module)
     claimed: dict[tuple[int, int], str] = {}
 
     def claim(level: int, pa: int, pt: int, owner: int, what: str) -> None:
