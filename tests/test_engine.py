@@ -55,6 +55,7 @@ from vtdx.testing.td_test_guest import (
     T_PAGE_FAULT,
     T_PENDING,
     T_SHARED,
+    T_SMC_ALIAS,
     T_TRIPLE,
     T_VM_RD_WR,
     UNMAPPED_GPA,
@@ -246,7 +247,7 @@ def test_time_slice_exit_of_endless_loop(ram) -> None:
     watchdog and an external kick each end the slice with OTHER_SMI (6), which Linux 7.3
     tdx.c __tdx_handle_exit re-enters on without a host interrupt handler (lines
     2130-2150); RAX = 6, RCX = R9 = 0. The loop resumes where it was."""
-    rig = GuestRig(ram, T_LOOP, slice_seconds=0.02)
+    rig = GuestRig(ram, T_LOOP, slice_seconds=0.02, precise_stops=True)
     ex = rig.enter(budget=100_000)
     assert ex.reason == EXIT_TIME_SLICE
     assert vp_enter_outputs(ex) == Regs(rax=6)
@@ -260,17 +261,74 @@ def test_time_slice_exit_of_endless_loop(ram) -> None:
 
 
 def test_without_precise_stops(ram) -> None:
-    """Without count mode the watchdog still ends the slice (same exit), a budget is
-    refused, and so is the CPUID #VE stock unicorn could not stop precisely for."""
-    rig = GuestRig(ram, T_LOOP, precise_stops=False, slice_seconds=0.01)
+    """Without count mode (the default) the watchdog still ends the slice (same exit) and a
+    budget is refused."""
+    rig = GuestRig(ram, T_LOOP, slice_seconds=0.01)
+    assert not rig.engine.precise_stops
     assert rig.enter().reason == EXIT_TIME_SLICE
     with pytest.raises(ValueError):
         rig.enter(budget=1000)
-    rig = GuestRig(ram, T_CPUID, precise_stops=False)
-    rig.td.cpuid[(1, -1)] = (0x806F8, 0, 0, 0)
-    assert rig.next_report().code == 0x1A0
-    with pytest.raises(EngineUnsupported, match="CPUID #VE"):
-        rig.next_report()
+
+
+# mov $2, %eax; cpuid; inc %rdi; jmp . -- CPUID(2) is always a #VE (td_cpuid.c).
+_CPUID_VE_THEN_INC = bytes.fromhex("b802000000" "0fa2" "48ffc7" "ebfe")
+
+
+def _patch_unexecuted_code(ram: HostRam, rig: GuestRig) -> int:
+    """Run the loop once (its code page is then scanned and translated), write
+    _CPUID_VE_THEN_INC on a part of that page never executed, and point RIP at it."""
+    assert rig.enter().reason == EXIT_TIME_SLICE
+    eng = rig.engine
+    page = eng.rip & ~0xFFF
+    at = page + (0x800 if eng.rip & 0xFFF < 0x800 else 0x100)
+    hpa, _ = eng.translate(at, 4)
+    ram.write(hpa + (at & 0xFFF), _CPUID_VE_THEN_INC)
+    eng.rip = at
+    eng.set("rdi", 0)
+    return at
+
+
+def test_cpuid_ve_stops_right_after_the_cpuid_without_count_mode(ram) -> None:
+    """A CPUID #VE is fault-like: RIP stays on the CPUID and nothing after it runs. Without
+    count mode the stop site the engine hooks after each CPUID of a scanned page makes
+    that so (here the #VE meets no IDT, so RIP is reported with the triple fault); code
+    whose page changed after the scan gets a new scan once memory_written() says so."""
+    rig = GuestRig(ram, T_LOOP, slice_seconds=0.01)
+    at = _patch_unexecuted_code(ram, rig)
+    rig.td.engines.memory_written()
+    ex = rig.enter()
+    assert ex.reason == EXIT_TRIPLE_FAULT
+    assert ex.rip == at + 5 and rig.engine.get("rdi") == 0
+
+
+def test_cpuid_ve_written_after_the_scan_is_refused(ram) -> None:
+    """A CPUID that appeared after its page was scanned has no stop site: stock unicorn
+    would run the next instruction before the #VE, so the engine refuses it."""
+    rig = GuestRig(ram, T_LOOP, slice_seconds=0.01)
+    _patch_unexecuted_code(ram, rig)
+    with pytest.raises(EngineUnsupported, match="written after its page was scanned"):
+        rig.enter()
+    assert rig.engine.get("rdi") == 1         # the block ran on: why it cannot be a #VE
+
+
+def test_cpuid_ve_in_count_mode(ram) -> None:
+    """Count mode checks for a stop before every instruction, so the same CPUID #VE needs
+    no stop site there."""
+    rig = GuestRig(ram, T_LOOP, slice_seconds=0.01, precise_stops=True)
+    at = _patch_unexecuted_code(ram, rig)
+    ex = rig.enter()
+    assert ex.reason == EXIT_TRIPLE_FAULT
+    assert ex.rip == at + 5 and rig.engine.get("rdi") == 0
+
+
+def test_self_modifying_code_through_an_alias(ram) -> None:
+    """Data TLB entries carry no execute permission (fast stores), so a store through a
+    data-only alias skips unicorn's self-modifying-code check once the entry is dirty. The
+    engine therefore flushes the TLB when a page it saw data fills for becomes code: the
+    guest's second write through the alias must reach the code it then calls again."""
+    rig = GuestRig(ram, T_SMC_ALIAS)
+    r = rig.next_report()
+    assert r.code == 0x200 and r.values[:2] == (1, 2)
 
 
 def test_hlt_is_a_ve_with_veinfo(ram) -> None:
@@ -383,7 +441,7 @@ def test_host_write_to_code_needs_invalidate_code(ram) -> None:
     page) bypass unicorn's translated-code cache; TdEngines.memory_written() drops it, so
     the next entry runs the new bytes: here a ud2 over the loop's jmp, which with no IDT
     ends in a triple fault."""
-    rig = GuestRig(ram, T_LOOP)
+    rig = GuestRig(ram, T_LOOP, precise_stops=True)
     ex = rig.enter(budget=10_000)
     assert ex.reason == EXIT_TIME_SLICE
     hpa, _ = rig.engine.translate(ex.rip, 4)
@@ -425,7 +483,7 @@ def test_event_delivery_hitting_ept_violation_is_redelivered(ram) -> None:
     delivery takes an EPT-violation TD exit (GPA of the stack page) and the event is
     delivered again on the next entry, as the module re-injects it from the IDT-vectoring
     information; the guest's handler then sees the HLT's VE_INFO."""
-    rig = GuestRig(ram, T_HLT)
+    rig = GuestRig(ram, T_HLT, precise_stops=True)
     eng = rig.engine
     for _ in range(10_000):                      # step to the HLT
         rig.enter(budget=1)

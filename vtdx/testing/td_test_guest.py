@@ -28,6 +28,7 @@ from vtdx.testing.td_sandbox import SandboxTd, SharedEpt
 T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
 T_HLT, T_TRIPLE, T_CPUID, T_PENDING, T_VM_RD_WR, T_BAD_TDCALLS, T_EXIT_LOOP = range(8, 15)
 T_COMPUTE, T_INFO_LOOP, T_PAGE_FAULT, T_LOCK_LOOP, T_CPUID_LEAVES = 15, 16, 17, 18, 19
+T_SMC_ALIAS = 20
 
 SAVE = 0x20000            # guest data page: initial registers, SAVE+64 = loop count
 SCRATCH = 0x22000         # guest scratch slots; SCRATCH+0x100 the lock counter
@@ -318,6 +319,22 @@ t_compute:
         REPORT  0x1F0, %rbx, $0, $0, $0
         jmp     done
 
+/* 20: self-modifying code through a second mapping: PT slot 0x1F0 maps VA 0x1F0000 to the
+   SCRATCH page; `mov $1, %eax; ret` is written at SCRATCH+0x800 through that alias, called
+   at its own address, its immediate rewritten to 2 through the alias, and called again */
+t_smc:
+        movq    $(SCRATCH | 3), 0x4000 + 0x1F0 * 8
+        invlpg  0x1F0800
+        movl    $0x000001B8, 0x1F0800
+        movw    $0xC300, 0x1F0804
+        mov     $(SCRATCH + 0x800), %rbx
+        call    *%rbx
+        mov     %rax, SCRATCH + 64
+        movb    $2, 0x1F0801
+        call    *%rbx
+        REPORT  0x200, SCRATCH + 64, %rax, $0, $0
+        jmp     done
+
 /* 16: in-TD TDCALL loop (benchmark): SAVE+64 TDG.VP.INFO calls */
 t_info_loop:
         mov     SAVE + 64, %rbx
@@ -402,7 +419,7 @@ ve_handler:                     /* TDG.VP.VEINFO.GET, record, skip the instructi
         .balign 8
 table:  .quad   t_boot, t_info, t_ept, t_acc4k, t_acc2m, t_accmis, t_shared, t_loop
         .quad   t_hlt, t_triple, t_cpuid, t_pend, t_vm, t_bad, t_exits, t_compute
-        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves
+        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves, t_smc
         .set    ntests, (. - table) / 8
 idt_desc:
         .word   256 * 16 - 1

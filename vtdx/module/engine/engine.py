@@ -11,9 +11,15 @@ Design (see the package docstring for the why):
 - TDCALL (66 0F 01 CC) is #UD to unicorn and arrives in the invalid-instruction hook; the
   TDG.* leaves of ``guest_leaves`` answer inside the hook and emulation goes on; only
   TDG.VP.VMCALL and an ACCEPT that needs the host end the slice.
-- Time slices are instruction counts (emu_start(count=)), with one shared watchdog thread
-  that calls uc_emu_stop() on an engine whose wall-clock slice ran out. The slice ends with
-  the OTHER_SMI exit (see exits.EXIT_TIME_SLICE for why that reason).
+- Time slices are wall-clock: one shared watchdog thread calls uc_emu_stop() on an engine
+  whose slice ran out. The slice ends with the OTHER_SMI exit (see exits.EXIT_TIME_SLICE
+  for why that reason). Count mode (``precise_stops``) adds instruction budgets for
+  deterministic stepping at the price of a stop check before every instruction.
+- Data TLB entries never carry execute permission unless the page holds translated code.
+  Unicorn does no dirty tracking: a store through an entry that also allows execution stays
+  on QEMU's self-modifying-code path (about 35 ns a store, accel/tcg/cputlb.c
+  notdirty_write), while a data-only entry is cleaned after its first store. That is the
+  difference between ~150 and ~1,100 MIPS on a loop with one store.
 - Guest exceptions (stock unicorn never uses the guest IDT) are delivered here through the
   guest's 64-bit IDT, CPL0 to CPL0 only; #VE (HLT, CPUID, pending pages) the same way.
 """
@@ -28,6 +34,7 @@ from typing import Any
 
 from unicorn import (
     UC_ARCH_X86,
+    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -163,28 +170,36 @@ class TdVcpuEngine:
     transport thread, so the QEMU vCPU blocks as the LP would). Not re-entrant: one caller
     at a time, which the module's vCPU association already guarantees.
 
-    Slices end on the wall clock (``slice_seconds``, one shared watchdog thread) or on an
-    explicit instruction budget passed to ``run``/``enter``. With ``precise_stops`` (the
-    default) unicorn runs in count mode, which puts a stop check before every instruction:
-    that is what lets a CPUID #VE stop right after the CPUID. Its count is unbounded unless
-    a budget is given, because stock unicorn returns from emu_start the same way after HLT
-    as after the count ran out: an exhausted count could only be told from HLT by the byte
-    before RIP, which misreads any instruction ending in 0xF4 (``mov %esi,%esp`` is 89 F4).
-    So budgets are for callers that want determinism (tests, benchmarks, replay) and accept
-    that; the module's slices are wall-clock. ``precise_stops=False`` drops the
-    per-instruction check (2-3x faster guest code) and refuses a CPUID that must become a
-    #VE with ``EngineUnsupported``, as stock unicorn would run the rest of the block first.
+    Slices end on the wall clock (``slice_seconds``, one shared watchdog thread) or, with
+    ``precise_stops``, on an explicit instruction budget passed to ``run``/``enter``.
+    ``precise_stops`` runs unicorn in count mode, which puts a stop check before every
+    instruction (about 10x slower guest code). Its count is unbounded unless a budget is
+    given, because stock unicorn returns from emu_start the same way after HLT as after the
+    count ran out: an exhausted count could only be told from HLT by the byte before RIP,
+    which misreads any instruction ending in 0xF4 (``mov %esi,%esp`` is 89 F4). So budgets
+    are for callers that want determinism (tests, replay) and accept that.
+
+    Without count mode (the default) a CPUID that must become a #VE still stops right after
+    the CPUID: the first executable fill of a code page scans it for CPUID (0F A2) and puts
+    a bounded UC_HOOK_CODE on the byte after each one, and unicorn emits a stop check after
+    every hooked instruction (qemu/target/i386/translate.c, check_exit_request). A CPUID
+    written after its page was scanned has no such stop and is refused with
+    ``EngineUnsupported`` rather than run past.
     """
 
+    #: The module's time slice: short enough that a guest never holds the host vCPU for
+    #: long, long enough that the slice exits stay a small part of the run.
+    SLICE_SECONDS = 0.005
+
     def __init__(self, ram: HostRam, td: TdView, vcpu_index: int, init_rcx: int, *,
-                 precise_stops: bool = True, slice_seconds: float = 0.005,
+                 precise_stops: bool = False, slice_seconds: float | None = None,
                  watchdog: Watchdog | None = None) -> None:
         self.ram = ram
         self.td = td
         self.cfg = td.config
         self.vcpu_index = vcpu_index
         self.precise_stops = precise_stops
-        self.slice_seconds = slice_seconds
+        self.slice_seconds = self.SLICE_SECONDS if slice_seconds is None else slice_seconds
         self.watchdog = watchdog or _DEFAULT_WATCHDOG
         #: KVM's shared EPTP (TDH.VP.WR of TD VMCS field 0x203C).
         self.shared_eptp = 0
@@ -217,6 +232,15 @@ class TdVcpuEngine:
         self._trap_rip_advance = 0
         self._gcache: dict[int, tuple[int, int]] = {}   # GPA page -> (HPA page, EPT perms)
         self._code_cache: dict[int, int] = {}       # VA page -> HPA page, from fetch fills
+        # HPA pages fetched from since the last TB flush: their data entries keep execute
+        # permission, so stores to them stay on the self-modifying-code path.
+        self._code_pages: set[int] = set()
+        # HPA pages with data-only entries since the last TLB flush (such an entry skips
+        # the self-modifying-code check once it has been written through).
+        self._data_pages: set[int] = set()
+        self._resync = False            # a data page became code: flush the TLB, go on
+        self._scanned: set[int] = set()  # VA pages scanned for CPUID since the last TB flush
+        self._stop_sites: set[int] = set()   # addresses right after a CPUID, hooked
         self._flush_tlb = False
         self._flush_tb = False
         self._fault_gla = 0
@@ -420,8 +444,11 @@ class TdVcpuEngine:
             self._mode_cache.clear()
             self._gcache.clear()
             self._code_cache.clear()
+            self._data_pages.clear()
             uclib.uc_ctl(self._uch, UC_CTL_TLB_FLUSH | (1 << 30))
         if tb:
+            self._code_pages.clear()
+            self._scanned.clear()
             self.uc.ctl_flush_tb()
 
     # ---------------------------------------------------------------- entry
@@ -511,6 +538,9 @@ class TdVcpuEngine:
                 raise EngineUnsupported(f"unicorn stopped at {start:#x}..{self.rip:#x}: {err}")
             if self._stop_reason == "slice":
                 return TdExit(EXIT_TIME_SLICE)
+            if self._resync:
+                self._resync = False
+                continue
             if self._ended_on_hlt():
                 # HLT in a TD is a #VE (the module's td_generic_ve_exit for HLT exits),
                 # fault-like: RIP on the HLT, instruction length 1 for the guest handler.
@@ -529,6 +559,7 @@ class TdVcpuEngine:
         self._exit = None
         self._event = None
         self._trap_rip_advance = 0
+        self._resync = False
 
     def _ended_on_hlt(self) -> bool:
         """Stock unicorn returns from emu_start after HLT without saying so. Without a
@@ -731,9 +762,15 @@ class TdVcpuEngine:
         self.stats["tlb_fills"] += 1
         try:
             hpa, perms = self.translate(vaddr, _ACCESS_QUAL.get(access, QUAL_READ))
-            entry.paddr, entry.perms = hpa, perms
             if access == UC_MEM_FETCH:
                 self._code_cache[vaddr >> 12] = hpa
+                self._note_code_page(hpa)
+            elif hpa not in self._code_pages:
+                perms &= ~UC_PROT_EXEC          # module docstring: fast stores
+                self._data_pages.add(hpa)
+            if perms & UC_PROT_EXEC and not self.precise_stops:
+                self._scan_stop_sites(vaddr & ~0xFFF, hpa)
+            entry.paddr, entry.perms = hpa, perms
             return True
         except _EptExit as e:
             self._set_exit(self._ept_exit(e))
@@ -743,6 +780,42 @@ class TdVcpuEngine:
         except EngineUnsupported as e:
             self._fatal = e
         return False
+
+    def _note_code_page(self, hpa: int) -> None:
+        """``hpa`` now holds translated code. Data-only entries of it from before may
+        already skip the self-modifying-code check, so end the emulation here and flush
+        the TLB before going on (the run loop's resync); it happens once per such page."""
+        if hpa in self._code_pages:
+            return
+        self._code_pages.add(hpa)
+        if hpa in self._data_pages:
+            with self._lock:
+                self._flush_tlb = True
+            self._resync = True
+            uclib.uc_emu_stop(self._uch)
+
+    def _scan_stop_sites(self, va_page: int, hpa: int) -> None:
+        """Hook the byte after every CPUID on this code page (class docstring). A match
+        inside another instruction costs a hook nobody reaches; a CPUID straddling a page
+        boundary is caught from either side."""
+        if va_page in self._scanned:
+            return
+        self._scanned.add(va_page)
+        o = self.ram.offset(hpa)
+        code = bytes(self.ram.mm[o:o + PAGE])
+        sites = []
+        i = code.find(b"\x0f\xa2")
+        while i >= 0:
+            sites.append(va_page + i + 2)
+            i = code.find(b"\x0f\xa2", i + 1)
+        if code[0] == 0xA2:
+            sites.append(va_page + 1)
+        if code[-1] == 0x0F:
+            sites.append(va_page + PAGE + 1)
+        for a in sites:
+            if a not in self._stop_sites:
+                self._stop_sites.add(a)
+                self._hooks.append(self.uc.hook_add(UC_HOOK_CODE, _stop_site, None, a, a))
 
     def _on_invalid(self, uc: Uc, _ud: Any) -> bool:
         rip = self.rd(X.UC_X86_REG_RIP)
@@ -789,17 +862,18 @@ class TdVcpuEngine:
         if vals is None:
             if not self.in_64bit_mode():
                 self._fatal = EngineUnsupported("CPUID #VE outside 64-bit mode is not modelled")
-            elif not self.precise_stops:
-                self._fatal = EngineUnsupported("CPUID #VE needs count-based slices on stock "
-                                                "unicorn")
+            elif not self.precise_stops and rip + 2 not in self._stop_sites:
+                self._fatal = EngineUnsupported(
+                    f"CPUID #VE at {rip:#x}: the CPUID was written after its page was "
+                    "scanned, so nothing stops the emulation right after it")
             if self._fatal is not None:
                 uclib.uc_emu_stop(self._uch)
                 return 1
             self._event = _GuestFault(VEC_VE, ve={
                 "exit_reason": VE_REASON_CPUID, "exit_qualification": 0, "gla": 0, "gpa": 0,
                 "length": 2, "info": 0, "rip": rip})
-            # emu_start(count=) puts an exit check before every instruction, so the stop
-            # lands right after this CPUID; the #VE is then delivered with RIP on it.
+            # Count mode, or the stop site after this CPUID, checks for the stop before the
+            # next instruction; the #VE is then delivered with RIP on the CPUID.
             uclib.uc_emu_stop(self._uch)
             return 1
         for reg, v in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX,
@@ -890,6 +964,10 @@ class TdVcpuEngine:
     def close(self) -> None:
         self.watchdog.disarm(self)
         self.uc = None
+
+
+def _stop_site(_uc: Uc, _address: int, _size: int, _ud: Any) -> None:
+    """The code hook after a CPUID: its presence makes unicorn check for a stop there."""
 
 
 class _Undeliverable(Exception):
