@@ -126,6 +126,7 @@ def test_trace_and_stats_match_the_calls(booted):
 
     qmp_session(ep, body)
     # The JSON lines file holds the same calls, in order.
+    ep.recorder.flush()
     recs = list(read_trace(ep.recorder.path))
     assert [r["seq"] for r in recs] == list(range(1, len(boot.calls) + 1))
     assert [r["leaf"] for r in recs] == [c.leaf for c in boot.calls]

@@ -153,6 +153,7 @@ def test_queries_match_the_booted_kernel(kernel):
 
         # The trace: every call, symbolised, in the file and over QMP.
         stats = await qmp.execute("query-vtdx-stats")
+        m.inspect.recorder.flush()
         recs = list(read_trace(m.inspect.recorder.path))
         assert len(recs) == stats["calls"] > 0
         lp_init = [r for r in recs if r["name"] == "TDH.SYS.LP.INIT"]

@@ -149,7 +149,10 @@ def test_caller_from_guest_stack(kernel_elf: Path, guest):
     mem.write(stack_pa + 0x800, b"".join(w.to_bytes(8, "little") for w in words))
     rip = syms.lookup("__seamcall_ret").addr + 4 + SLIDE
     res = CallerResolver(syms, GuestVirt(mem))
-    info = res.describe(rip, rsp, pt.cr3)
+    describe = res.capture(rip, rsp, pt.cr3)
+    # The stack is read at capture (the vCPU still waits); the guest may reuse it after.
+    mem.write(stack_pa + 0x800, bytes(8 * len(words)))
+    info = describe()
     assert info["kaslr"] == hex(SLIDE)
     assert info["site"].startswith("__seamcall_ret+0x4/")
     assert info["caller"].startswith("init_tdx_module+0x")
@@ -160,7 +163,7 @@ def test_unmapped_stack_is_not_an_error(kernel_elf: Path, guest):
     mem, pt, *_ = guest
     syms = SymbolTable.from_vmlinux(kernel_elf)
     rip = syms.lookup("__seamcall_ret").addr + 4
-    info = CallerResolver(syms, GuestVirt(mem)).describe(rip, 0xFFFFC90000400000, pt.cr3)
+    info = CallerResolver(syms, GuestVirt(mem)).capture(rip, 0xFFFFC90000400000, pt.cr3)()
     assert info["caller"] is None and info["stack"] == []
 
 

@@ -35,7 +35,7 @@ def traced(tmp_path: Path):
     module = TdxModule(profile, mem)
     ctx = {0: (0xFFFFFFFF81000010, 0xFFFFC90000001F00, 0x1000), 1: None}
     rec = TraceRecorder(tmp_path / "trace.jsonl", context=ctx.get,
-                        symbolise=lambda rip, rsp, cr3: {"caller": f"fn_at_{rip:x}"})
+                        symbolise=lambda rip, rsp, cr3: lambda: {"caller": f"fn_at_{rip:x}"})
     rec.attach(module)
     host = LinuxHost(module.seamcall, [0, 1], profile.package_of)
     boot = host.tdx_enable(q35_memblocks(2 * GiB), mem, tdx_keyid_start=profile.tdx_keyid_start,

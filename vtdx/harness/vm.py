@@ -26,6 +26,7 @@ import re
 import shlex
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,15 +130,20 @@ class BootSpec:
 
 
 class TraceView:
-    """The run's SEAMCALL trace file, read incrementally (records are never rewritten)."""
+    """The run's SEAMCALL trace file, read incrementally (records are never rewritten).
+    ``flush`` (the in-process recorder's) is called before each read, so every call made
+    so far is in the file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flush: Callable[[], None] | None = None) -> None:
         self.path = path
+        self.flush = flush
         self._records: list[dict[str, Any]] = []
         self._offset = 0
 
     def records(self) -> list[dict[str, Any]]:
         """All records so far (a torn last line is left for the next read)."""
+        if self.flush is not None:
+            self.flush()
         try:
             with open(self.path, "rb") as f:
                 f.seek(self._offset)
@@ -249,7 +255,9 @@ class Vm:
                 raise VtdxError(f"{e}\n--- guest console (last lines) ---\n{tail}") from None
             raise
         self._vtdx = VtdxClient(self.machine.vtdx_qmp_path)
-        self._trace = TraceView(self.machine.run_dir / "trace.jsonl")
+        recorder = getattr(self.machine.inspect, "recorder", None)
+        self._trace = TraceView(self.machine.run_dir / "trace.jsonl",
+                                recorder.flush if recorder is not None else None)
         self.boot_seconds = time.monotonic() - t0
         return self
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -322,9 +322,16 @@ class CallerResolver:
 
     def callers(self, rip: int, rsp: int, cr3: int, depth: int = 3) -> list[int]:
         """Return addresses found on the stack, innermost first (at most ``depth``)."""
+        return self._returns(self._stack(rip, rsp, cr3), cr3, depth)
+
+    def _stack(self, rip: int, rsp: int, cr3: int) -> bytes | None:
         if not self._kaslr_known:
             self._learn(rip, cr3)
-        raw = self.mem.read(cr3, rsp, self.stack_words * 8)
+        return self.mem.read(cr3, rsp, self.stack_words * 8)
+
+    def _returns(self, raw: bytes | None, cr3: int, depth: int = 3) -> list[int]:
+        """Candidate return addresses in ``raw`` (stack words) that follow a CALL in the
+        kernel text (text does not change, so it may be read after the call returned)."""
         if raw is None:
             return []
         found: list[int] = []
@@ -340,9 +347,16 @@ class CallerResolver:
                 break
         return found
 
-    def describe(self, rip: int, rsp: int, cr3: int) -> dict[str, object]:
-        """Symbolised site and callers for the trace record."""
-        rets = self.callers(rip, rsp, cr3)
+    def capture(self, rip: int, rsp: int, cr3: int) -> Callable[[], dict[str, object]]:
+        """Read the caller's stack now (while the vCPU waits on its SEAMCALL) and return
+        the function that symbolises it later (``observe.trace.Symboliser``)."""
+        raw = self._stack(rip, rsp, cr3)
+
+        def describe() -> dict[str, object]:
+            return self._describe(rip, self._returns(raw, cr3))
+        return describe
+
+    def _describe(self, rip: int, rets: list[int]) -> dict[str, object]:
         return {
             "site": self.symbols.resolve(rip),
             "caller": self.symbols.resolve(rets[0]) if rets else None,

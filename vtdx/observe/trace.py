@@ -12,6 +12,7 @@ import collections
 import itertools
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,8 +33,10 @@ HEADER_PREFIX = b'{"vtdx-header"'
 
 #: (rip, rsp, cr3) of the vCPU that issued the call being observed, if the daemon knows it.
 CpuContext = Callable[[int], "tuple[int, int, int] | None"]
-#: (rip, rsp, cr3) -> {"site", "caller", "stack", ...} (a symbols.CallerResolver.describe).
-Symboliser = Callable[[int, int, int], dict[str, Any]]
+#: (rip, rsp, cr3) -> a function giving {"site", "caller", "stack", ...}. The call reads what
+#: must be read while the vCPU still waits (its stack); the function it returns does the rest
+#: later, off the vCPU's path (a symbols.CallerResolver.capture).
+Symboliser = Callable[[int, int, int], Callable[[], dict[str, Any]]]
 
 
 def parse_leaf(text: str | int) -> int:
@@ -61,10 +64,14 @@ def _hex(v: int) -> str:
 class TraceRecorder:
     """The daemon's SEAMCALL trace: ring buffer and the JSONL file.
 
-    ``attach(module)`` subscribes it to the module's ``CallObserved`` events; it then runs on
-    the vCPU thread right after each SEAMCALL, so it does little: build a dict, write one
-    line. ``on_error`` callbacks (QMP events) get each failed call's record. Counts live in
-    the module (``module.stats``); ``stats()`` reads them from there.
+    ``attach(module)`` subscribes it to the module's ``CallObserved`` events. The subscriber
+    runs on the vCPU thread before the SEAMCALL returns to the guest, so it only takes what
+    cannot wait (the time, the caller's stack) and queues the call; one writer thread builds
+    the record, symbolises it, writes the line and calls ``on_error`` (QMP events) for a
+    failed call. That keeps the record's cost (about a third of a TD exit round trip) off the
+    guest's path. Readers in this process call ``flush()`` first (``last``, ``caller_of``,
+    ``close`` do); ``seq`` is the order of the calls. Counts live in the module
+    (``module.stats``); ``stats()`` reads them from there.
     """
 
     def __init__(
@@ -87,6 +94,11 @@ class TraceRecorder:
         self.on_error: list[Callable[[dict[str, Any]], None]] = []
         self.module: TdxModule | None = None
         self._attached = False
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._done = threading.Condition(self._lock)
+        self._queued = 0            # calls queued so far (under _lock)
+        self._written = 0           # of them turned into records (under _lock)
+        self._writer: threading.Thread | None = None
 
     def write_header(self, header: dict[str, Any]) -> None:
         """The first line of the trace file (see ``HEADER_KEY``); once, before any record."""
@@ -97,6 +109,7 @@ class TraceRecorder:
 
     def caller_of(self, call_id: int) -> str | None:
         """The kernel caller of a recent call (by the module's call id), if symbolised."""
+        self.flush()
         with self._lock:
             for rec in reversed(self._ring):
                 if rec.get("call") == call_id:
@@ -119,23 +132,61 @@ class TraceRecorder:
         self._attached = False
 
     def on_call(self, ev: CallObserved) -> None:
-        """The ``CallObserved`` subscriber."""
-        rec = self.record(ev.lp, ev.leaf, ev.inp, ev.out, ev.seconds, injected=ev.injected)
-        rec["call"] = ev.call_id
+        """The ``CallObserved`` subscriber: queue the call for the writer thread."""
+        t = time.time()
+        ctx = self.context(ev.lp) if self.context is not None else None
+        described: Callable[[], dict[str, Any]] | None = None
+        if ctx is not None and self.symbolise is not None:
+            try:
+                described = self.symbolise(*ctx)
+            except Exception as e:  # symbolising is best effort, the record is not
+                described = _failed(e)
         with self._lock:
-            rec["seq"] = next(self._seq)
-            self._ring.append(rec)
-            if self._file is not None:
-                self._file.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        if not rec["ok"]:
-            for cb in self.on_error:
-                cb(rec)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="vtdx-trace",
+                                                 daemon=True)
+                self._writer.start()
+            self._queued += 1
+            self._queue.put(_Pending(next(self._seq), t, ev, ctx, described))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every call queued so far is in the ring and the file."""
+        with self._done:
+            target = self._queued
+            self._done.wait_for(lambda: self._written >= target, timeout)
+
+    def _write_loop(self) -> None:
+        while (p := self._queue.get()) is not None:
+            ev = p.ev
+            try:
+                rec = self.record(ev.lp, ev.leaf, ev.inp, ev.out, ev.seconds,
+                                  injected=ev.injected, t=p.t, ctx=p.ctx, described=p.described)
+                rec["call"] = ev.call_id
+                rec["seq"] = p.seq
+                line = json.dumps(rec, separators=(",", ":")) + "\n"
+            except Exception as e:  # noqa: BLE001 - one bad record must not stop the trace
+                rec = {"seq": p.seq, "t": p.t, "lp": ev.lp, "leaf": ev.leaf,
+                       "record-error": repr(e), "ok": True}
+                line = json.dumps(rec, separators=(",", ":")) + "\n"
+            with self._done:
+                self._ring.append(rec)
+                if self._file is not None:
+                    self._file.write(line)
+                self._written += 1
+                self._done.notify_all()
+            if not rec["ok"]:
+                for cb in self.on_error:
+                    cb(rec)
 
     def record(
         self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs, duration_s: float,
-        *, injected: bool = False,
+        *, injected: bool = False, t: float | None = None,
+        ctx: tuple[int, int, int] | None = None,
+        described: Callable[[], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """The trace record of one call (``seq`` is assigned when it is logged)."""
+        """The trace record of one call (``seq`` is assigned when it is logged). ``ctx`` and
+        ``described`` are the caller's (rip, rsp, cr3) and the rest of its symbolisation,
+        which ``on_call`` took while the vCPU waited."""
         vin, vout = regs_in.as_tuple(), regs_out.as_tuple()
         ins = {n: _hex(v) for n, v in zip(REG_NAMES, vin, strict=True) if v}
         outs = {
@@ -146,7 +197,7 @@ class TraceRecorder:
         st = regs_out.rax
         rec: dict[str, Any] = {
             "seq": 0,
-            "t": round(time.time(), 6),
+            "t": round(time.time() if t is None else t, 6),
             "lp": lp,
             "leaf": leaf,
             "name": leaves.leaf_name(leaf),
@@ -166,13 +217,11 @@ class TraceRecorder:
             rec["status-name"] = f"{status.decode(st & ~0xFFFF_FFFF)} exit {reason}"
         if injected:
             rec["injected"] = True
-        ctx = self.context(lp) if self.context is not None else None
         if ctx is not None:
-            rip, rsp, cr3 = ctx
-            rec["rip"] = _hex(rip)
-            if self.symbolise is not None:
+            rec["rip"] = _hex(ctx[0])
+            if described is not None:
                 try:
-                    rec.update(self.symbolise(rip, rsp, cr3))
+                    rec.update(described())
                 except Exception as e:  # symbolising is best effort, the record is not
                     rec["symbolise-error"] = repr(e)
         return rec
@@ -187,6 +236,7 @@ class TraceRecorder:
         lp: int | None = None,
         errors: bool = False,
     ) -> list[dict[str, Any]]:
+        self.flush()
         with self._lock:
             recs = list(self._ring)
         out = [r for r in recs if matches(r, leaves_={leaf} if leaf is not None else None,
@@ -202,12 +252,34 @@ class TraceRecorder:
             return m.stats.as_dict()
 
     def close(self) -> None:
-        """Stop recording and close the file."""
+        """Stop recording, write what is queued and close the file."""
         self.detach()
+        self.flush()
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            self._queue.put(None)
+            writer.join(10)
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+class _Pending:
+    """A call waiting for the writer thread."""
+
+    __slots__ = ("seq", "t", "ev", "ctx", "described")
+
+    def __init__(self, seq: int, t: float, ev: CallObserved, ctx: tuple[int, int, int] | None,
+                 described: Callable[[], dict[str, Any]] | None) -> None:
+        self.seq, self.t, self.ev, self.ctx, self.described = seq, t, ev, ctx, described
+
+
+def _failed(e: Exception) -> Callable[[], dict[str, Any]]:
+    def error() -> dict[str, Any]:
+        return {"symbolise-error": repr(e)}
+    return error
 
 
 # --------------------------------------------------------------------------- reading

@@ -74,7 +74,7 @@ class InspectEndpoint:
         self.symbols: SymbolTable | None = None
         if vmlinux is not None and context is not None:
             self.symbols = SymbolTable.load(vmlinux)
-            symbolise = CallerResolver(self.symbols, GuestVirt(module.memory)).describe
+            symbolise = CallerResolver(self.symbols, GuestVirt(module.memory)).capture
         self.recorder = TraceRecorder(
             self.run_dir / TRACE_FILE if trace else None, context=context, symbolise=symbolise
         )
