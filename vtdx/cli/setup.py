@@ -1,4 +1,5 @@
-"""``vtdx setup``: provision the QEMU runtime and build the TCG plugin (idempotent)."""
+"""``vtdx setup``: provision the QEMU runtime, build the TCG plugin and the patched unicorn the
+TD vCPU engine runs on (idempotent)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 from vtdx.host import qemu as qemu_runtime
+from vtdx.host.unicorn import build_unicorn
 
 
 def _log(msg: str) -> None:
@@ -18,13 +20,15 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     rt = qemu_runtime.setup(args.cache, _log, mirror=args.mirror,
                             use_system=not args.no_system_qemu)
+    lib = build_unicorn(args.cache, _log)
     print(f"QEMU {rt.version_str} ({rt.root or rt.qemu}), plugin {rt.plugin_path}, "
-          f"{time.monotonic() - t0:.1f} s")
+          f"unicorn {lib}, {time.monotonic() - t0:.1f} s")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("setup", help="provision QEMU >= 11.1 and build the TCG plugin",
+    p = subparsers.add_parser("setup", help="provision QEMU >= 11.1, build the TCG plugin and "
+                              "the patched unicorn",
                               description=__doc__)
     p.add_argument("--cache", type=Path, default=None,
                    help="cache directory (default: $VTDX_CACHE or ~/.cache/vtdx)")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtdx.errors import VtdxError
-from vtdx.resources import asset
+from vtdx.resources import asset, cache_root
 
 MIN_VERSION = (11, 1)
 SUITE = "trixie"
@@ -50,10 +50,7 @@ Log = Callable[[str], None]
 
 def cache_dir(cache: Path | None = None) -> Path:
     """The vtdx cache: ``cache`` if given, else $VTDX_CACHE, else ~/.cache/vtdx."""
-    if cache is not None:
-        return Path(cache)
-    env = os.environ.get("VTDX_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vtdx"
+    return cache_root(cache)
 
 
 def parse_qemu_version(text: str) -> tuple[int, int, int]:
@@ -197,7 +194,7 @@ def _stderr_log(msg: str) -> None:
     print(f"vtdx: {msg}", file=sys.stderr, flush=True)
 
 
-def _run(argv: list[str], what: str, *, timeout: float = 1800, **kw) -> str:
+def run_step(argv: list[str], what: str, *, timeout: float = 1800, **kw) -> str:
     """Run a step; on failure raise one readable line with the tail of its output."""
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
@@ -214,7 +211,7 @@ def _run(argv: list[str], what: str, *, timeout: float = 1800, **kw) -> str:
 
 def _probe(runtime: QemuRuntime) -> tuple[int, int, int]:
     """Run QEMU --version through the runtime's argv; the check that the result works."""
-    out = _run([*runtime.command(), "--version"],
+    out = run_step([*runtime.command(), "--version"],
                f"{runtime.qemu} --version", timeout=60, env={**os.environ, **runtime.env()})
     return parse_qemu_version(out)
 
@@ -222,7 +219,7 @@ def _probe(runtime: QemuRuntime) -> tuple[int, int, int]:
 def dynamic_symbols(binary: Path, *, undefined: bool) -> set[str]:
     """Names in the dynamic symbol table (``nm -D``), defined or undefined ones."""
     flag = "--undefined-only" if undefined else "--defined-only"
-    out = _run(["nm", "-D", flag, str(binary)], f"nm -D {binary}", timeout=60)
+    out = run_step(["nm", "-D", flag, str(binary)], f"nm -D {binary}", timeout=60)
     return {line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()}
 
 
@@ -310,7 +307,7 @@ def build_root(root: Path, mirror: str, log: Log) -> QemuRuntime:
         for i, (what, argv) in enumerate(steps):
             t0 = time.monotonic()
             log(f"[{i + 1}/{len(steps)}] {what}")
-            _run(argv, what, env=env)
+            run_step(argv, what, env=env)
             if i == 0:
                 with (tmp / "etc/apt/sources.list").open("a") as f:
                     f.write(f"deb {mirror} {BACKPORTS} main\n")
@@ -367,7 +364,7 @@ def _plugin_hash(sources: list[Path], cflags: list[str]) -> str:
 
 
 def _glib_cflags() -> list[str]:
-    return _run(["pkg-config", "--cflags", "glib-2.0"], "pkg-config --cflags glib-2.0 "
+    return run_step(["pkg-config", "--cflags", "glib-2.0"], "pkg-config --cflags glib-2.0 "
                 "(apt-get install libglib2.0-dev pkg-config)", timeout=60).split()
 
 
@@ -397,7 +394,7 @@ def build_plugin(cache: Path, qemu: Path, log: Log, src: Path = PLUGIN_SRC) -> P
                 *map(str, sources)]
         log(f"building plugin from {src} -> {out}")
         try:
-            _run(argv, "compiling the TCG plugin", timeout=300)
+            run_step(argv, "compiling the TCG plugin", timeout=300)
             tmp.rename(out)
         finally:
             tmp.unlink(missing_ok=True)

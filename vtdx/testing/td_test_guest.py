@@ -346,7 +346,7 @@ t_info_loop:
 
 /* 17: guest #PF (PDE not present) to the guest's handler, which maps the page */
 t_pf:   call    setup_idt
-        movq    0x610000, %rax
+        movq    0x610008, %rax
         mov     %rax, SCRATCH + 40
         REPORT  0x190, SCRATCH + 48, SCRATCH + 56, SCRATCH + 40, $0
         jmp     done

@@ -27,6 +27,7 @@ Design (see the package docstring for the why):
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -56,7 +57,7 @@ from unicorn.unicorn_py3.unicorn import uc_engine, uclib
 
 from vtdx.abi.regs import Regs
 from vtdx.abi.status import TDX_NON_RECOVERABLE_VCPU
-from vtdx.module.engine import guest_leaves
+from vtdx.module.engine import guest_leaves, unicorn_lib
 from vtdx.module.engine.errors import EngineUnsupported
 from vtdx.module.engine.exits import (
     EEQ_NONE,
@@ -160,6 +161,8 @@ class Watchdog:
 
 
 _DEFAULT_WATCHDOG = Watchdog()
+_log = logging.getLogger(__name__)
+_STOCK_WARNED = threading.Event()
 
 
 class TdVcpuEngine:
@@ -248,6 +251,13 @@ class TdVcpuEngine:
         self._reinject: _GuestFault | None = None
         self._fatal: EngineUnsupported | None = None    # raised by run() after the stop
 
+        #: Runs on vtdx's patched unicorn (vtdx/unicorn/README.md), not the stock wheel.
+        self.patched_library = unicorn_lib.patched()
+        if not self.patched_library and not _STOCK_WARNED.is_set():
+            _STOCK_WARNED.set()
+            _log.warning("TD guest code runs on the stock unicorn (%s): a time slice or kick "
+                         "can re-execute a guest store and LOCK is not atomic across vCPUs; "
+                         "`vtdx setup` builds the patched one", unicorn_lib.library())
         # Typed as Any: unicorn's stubs lack the 2.1 ctl_* methods used here.
         uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
         self.uc = uc
