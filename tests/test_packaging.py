@@ -58,11 +58,13 @@ def test_setup_from_an_installed_wheel(tmp_path: Path, runtime: object) -> None:
     """Outside the checkout (cwd elsewhere, the wheel first on the path), `vtdx setup` finds
     the plugin sources inside the installed package and builds the plugin from them.
 
-    It runs against a private cache that borrows the provisioned QEMU root, so the shared
+    It runs against a private cache that borrows the provisioned QEMU root and unicorn
+    build (both found through the wheel's own package data), so the shared
     cache's record of which sources to build the plugin from is never touched."""
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / ROOT_NAME).symlink_to(cache_dir() / ROOT_NAME)
+    (cache / "unicorn").symlink_to(cache_dir() / "unicorn")
     target = tmp_path / "site"
     env = _install(_wheel(tmp_path / "dist"), target)
     where = subprocess.run([sys.executable, "-c", "import vtdx.resources as r; "
@@ -73,6 +75,7 @@ def test_setup_from_an_installed_wheel(tmp_path: Path, runtime: object) -> None:
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert f"plugin {cache}/plugin/" in p.stdout and "Traceback" not in p.stderr
+    assert "patched unicorn up to date" in p.stderr  # the borrowed build was found
     assert "debootstrap" not in p.stderr  # the borrowed root was adopted
     state = (cache / STATE_NAME).read_text()
     assert str(target / "vtdx" / "qemu_plugin") in state

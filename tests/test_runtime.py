@@ -13,6 +13,7 @@ import pytest
 
 from vtdx.errors import VtdxError
 from vtdx.host import qemu as qr
+from vtdx.resources import patched_unicorn_dir
 from vtdx.testing import testguest
 
 # A self-contained plugin (not the vtdx one, which needs a daemon): proves that a plugin
@@ -176,13 +177,15 @@ def test_validate_root_rejects_broken(tmp_path):
 
 
 def _adopting_cache(tmp_path: Path) -> Path:
-    """A fresh cache whose qemu-root is the provisioned one (symlink: adopt, no debootstrap)."""
+    """A fresh cache whose qemu-root is the provisioned one (symlink: adopt, no debootstrap)
+    and whose patched unicorn is the one built already (no second build)."""
     rt = _runtime()
     if rt.root is None:
         pytest.skip("system QEMU in use: no private root to adopt")
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / qr.ROOT_NAME).symlink_to(rt.root)
+    (cache / "unicorn").symlink_to(patched_unicorn_dir().parent)
     return cache
 
 
