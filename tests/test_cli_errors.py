@@ -84,6 +84,14 @@ def test_run_missing_files() -> None:
     one_line_error(vtdx("run", "--kernel", "/nonexistent/bzImage"), 1, "/nonexistent/bzImage")
 
 
+def test_run_kernel_directory_names_its_image(kernel_file: Path) -> None:
+    """A kernel build directory (vtdx build-kernel's output) is not the image: say so."""
+    one_line_error(vtdx("run", "--kernel", str(kernel_file.parent)), 1,
+                   "is a directory", "(its bzImage)")
+    one_line_error(vtdx("run", "--kernel", str(kernel_file), "--vmlinux",
+                        str(kernel_file.parent)), 1, "vmlinux", "is a directory")
+
+
 # --------------------------------------------------------------------------- vtdx trace
 
 

@@ -369,9 +369,15 @@ class RunOptions:
         return self.initrd is not None
 
     def validate(self) -> None:
+        if self.kernel.is_dir():
+            hint = " (its bzImage)" if (self.kernel / "bzImage").is_file() else ""
+            raise VtdxError(f"kernel {self.kernel} is a directory: --kernel takes the image "
+                            f"file{hint}")
         if not self.kernel.is_file():
             raise VtdxError(f"kernel {self.kernel} not found (run `vtdx build-kernel`)")
         for what, p in (("vmlinux", self.vmlinux), ("initrd", self.initrd)):
+            if p is not None and p.is_dir():
+                raise VtdxError(f"{what} {p} is a directory, not a file")
             if p is not None and not p.is_file():
                 raise VtdxError(f"{what} {p} not found")
         if self.save_trace is not None and not self.save_trace.parent.is_dir():
