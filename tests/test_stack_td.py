@@ -603,7 +603,8 @@ def test_time_slices_are_reentered_through_the_whole_stack(
     OTHER_SMI exit (RAX 6), the guest re-enters (seamscript REENTER, as KVM does) until the
     TDG.VP.VMCALL report, whose registers equal the recording's and the loop's result
     computed here. The guest counts exactly the slices the daemon's module ended."""
-    iterations = 2_000_000
+    # 48 million guest instructions: several 5 ms slices even at the engine's ~2,700 MIPS.
+    iterations = 8_000_000
     sliced = record_sliced_entry(tmp_path / "ram", iterations)
     assert sliced.slices > 0          # the recording itself needed re-entries
     rec = sliced.script.records[sliced.enter]

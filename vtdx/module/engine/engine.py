@@ -18,8 +18,8 @@ Design (see the package docstring for the why):
 - Data TLB entries never carry execute permission unless the page holds translated code.
   Unicorn does no dirty tracking: a store through an entry that also allows execution stays
   on QEMU's self-modifying-code path (about 35 ns a store, accel/tcg/cputlb.c
-  notdirty_write), while a data-only entry is cleaned after its first store. That is the
-  difference between ~150 and ~1,100 MIPS on a loop with one store.
+  notdirty_write), while a data-only entry is cleaned after its first store. On a loop with
+  one store that was ~150 against ~1,100 MIPS (stock unicorn).
 - Guest exceptions (stock unicorn never uses the guest IDT) are delivered here through the
   guest's 64-bit IDT, CPL0 to CPL0 only; #VE (HLT, CPUID, pending pages) the same way.
 """
