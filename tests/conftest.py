@@ -15,3 +15,9 @@ def runtime() -> QemuRuntime:
         return QemuRuntime.find()
     except VtdxError as e:
         pytest.fail(f"{e} (scripts/bootstrap does this)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run first (stable order otherwise): with one worker per CPU
+    (scripts/test), a long test started last would leave the other workers idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

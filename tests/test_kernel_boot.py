@@ -172,6 +172,7 @@ def test_panic_is_detected_and_everything_cleaned_up() -> None:
     _assert_cleaned_up(seen[0], dirs[0])
 
 
+@pytest.mark.slow
 def test_timeout_kills_qemu_and_cleans_up() -> None:
     """A guest that never finishes (init waits on console input) hits --timeout."""
     import asyncio

@@ -178,6 +178,7 @@ def _kernel_tree() -> Path | None:
     return tree if (tree / "Makefile").is_file() and (tree / kb.STAMP).is_file() else None
 
 
+@pytest.mark.slow
 @pytest.mark.kernel
 @pytest.mark.skipif(_kernel_tree() is None, reason="linux-source-7.3 not unpacked yet "
                     "(run `vtdx build-kernel`)")
@@ -196,6 +197,7 @@ def test_configure_fails_loudly_on_unmet_dependency(tmp_path: Path) -> None:
         builder.configure(src, out)
 
 
+@pytest.mark.slow
 @pytest.mark.kernel
 @pytest.mark.skipif(_kernel_tree() is None, reason="linux-source-7.3 not unpacked yet "
                     "(run `vtdx build-kernel`)")

@@ -159,6 +159,7 @@ def _explore_once(seed: int) -> tuple[set[tuple[object, ...]], collections.Count
         machine.stop()
 
 
+@pytest.mark.slow
 def test_exploration_finds_a_real_busy_and_the_seed_repeats_it() -> None:
     """No pause, no leaf named: the seeded schedule holds some calls at ``locked`` long
     enough that the TD's other vCPU meets them. The same seed twice gives the same set."""

@@ -83,6 +83,7 @@ SUITE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_pytest_plugin_fails_the_test_that_made_the_kernel_warn(tmp_path: Path) -> None:
     (tmp_path / "test_warn.py").write_text(SUITE)
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",

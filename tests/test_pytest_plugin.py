@@ -226,6 +226,7 @@ def test_plugin_rejects_an_impossible_memory_size_in_one_line(tmp_path: Path, me
     assert needle in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.kernel
 @needs_kernel
 def test_example_suite_green_on_the_default_kernel() -> None:
