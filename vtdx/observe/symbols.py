@@ -298,11 +298,16 @@ def _is_call_before(code: bytes) -> bool:
 class CallerResolver:
     """Turn (RIP, RSP, CR3) of a SEAMCALL into kernel function names."""
 
+    #: Descriptions kept per (RIP, stack words): a loop of calls from one kernel path (a vCPU
+    #: entering its TD again and again) repeats the same stack.
+    DESCRIBED_MAX = 4096
+
     def __init__(self, symbols: SymbolTable, mem: GuestVirt, stack_words: int = 48) -> None:
         self.symbols = symbols
         self.mem = mem
         self.stack_words = stack_words
         self._kaslr_known = False
+        self._described: dict[tuple[int, bytes], dict[str, object]] = {}
 
     def _learn(self, rip: int, cr3: int) -> None:
         """Once: KASLR offset from RIP, paging depth from the SEAMCALL opcode at RIP."""
@@ -353,7 +358,19 @@ class CallerResolver:
         raw = self._stack(rip, rsp, cr3)
 
         def describe() -> dict[str, object]:
-            return self._describe(rip, self._returns(raw, cr3))
+            if raw is None:
+                return self._describe(rip, [])
+            key = (rip, raw)
+            hit = self._described.get(key)
+            if hit is None:
+                # The return addresses found depend only on the stack words and the kernel
+                # text, which does not change once KASLR is known.
+                hit = self._describe(rip, self._returns(raw, cr3))
+                if self._kaslr_known:
+                    if len(self._described) >= self.DESCRIBED_MAX:
+                        self._described.clear()
+                    self._described[key] = hit
+            return dict(hit)
         return describe
 
     def _describe(self, rip: int, rets: list[int]) -> dict[str, object]:
