@@ -109,22 +109,30 @@ def test_kernel_log_clean_after_td_runs(tdx_vm) -> None:
     assert [ln for ln in tdx_vm.dmesg().splitlines() if TROUBLE.search(ln)] == []
 
 
-def test_vtdx_run_checks_kvm_td() -> None:
+def test_vtdx_run_checks_kvm_td(tmp_path: Path) -> None:
     """`vtdx run --checks tdx,kvm-td` boots the default kernel with kvm_intel.tdx=1, runs the
     kvm-td payload with 1 and 2 TD vCPUs from the initramfs and passes only when both TDs
     passed; the summary counts TD exits per reason. No kernel report is declared: any
-    WARNING fails the run."""
+    WARNING fails the run. A failure also shows the vCPU-level SEAMCALLs around the failed
+    calls, from the saved trace."""
     import subprocess
     import sys
 
     from vtdx.host import kernel as kernel_build
+    from vtdx.observe.trace import format_record, read_trace
 
     if kernel_build.default_kernel(None) is None:
         pytest.skip("no default kernel (vtdx build-kernel)")
+    saved = tmp_path / "trace.jsonl"
     r = subprocess.run([sys.executable, "-m", "vtdx", "run", "--checks", "tdx,kvm-td",
-                        "--quiet"],
+                        "--quiet", "--save-trace", str(saved)],
                        capture_output=True, text=True, timeout=600, check=False)
     out = r.stdout + r.stderr
+    if r.returncode != 0 and saved.is_file():
+        recs = [rec for rec in read_trace(saved) if rec["name"].startswith(("TDH.VP.", "TDH.MNG."))
+                and rec["name"] not in ("TDH.VP.ENTER", "TDH.MNG.RD")]
+        out += "\nvCPU and TD calls:\n" + "\n".join(format_record(rec).splitlines()[0]
+                                                   for rec in recs)
     assert r.returncode == 0, out
     assert "kvm_td_1vcpu=ok" in out and "kvm_td_2vcpu=ok" in out, out
     exits = next(ln for ln in out.splitlines() if ln.strip().startswith("TD exits:"))
