@@ -169,3 +169,65 @@ def test_exploration_finds_a_real_busy_and_the_seed_repeats_it() -> None:
     second, _ = _explore_once(seed)
     assert first == second
     print(f"seed {seed}: {dict(kinds)}")
+
+
+#: Printed in the guest once the VMM thread's affinity was moved (the harness then resumes).
+AFFINITY_MARK = "VTDX-AFFINITY-MOVED"
+
+
+@pytest.mark.slow
+def test_migration_inside_kvm_tdx_init_vcpu_leaves_a_stale_association() -> None:
+    """A Linux 7.3 KVM race vtdx found in a parallel test run, here made to happen at will.
+
+    arch/x86/kvm/vmx/tdx.c: tdx_vcpu_init() (lines 3166-3206) marks the vCPU
+    VCPU_TD_STATE_INITIALIZED only at its end, after TDH.VP.INIT has associated the vCPU
+    with the current CPU and after its TD VMCS writes (TDH.VP.WR). If the ioctl's thread
+    moves to another CPU in between, kvm_arch_vcpu_load -> tdx_vcpu_load (715-735) sends
+    tdx_flush_vp (378-410) to the old CPU, which skips TDH.VP.FLUSH because the vCPU is
+    still UNINITIALIZED, yet calls tdx_disassociate_vp. The module (like the TDX module on
+    hardware, tdh_vp_wr.c -> check_and_associate_vcpu) still has the vCPU associated with
+    the old LP, so the next TDH.VP.WR from the new CPU fails with TDX_VCPU_ASSOCIATED and
+    KVM WARNs (tdh_vp_wr_failed, tdx.c:73).
+
+    The scenario: kvm-td (1 vCPU) starts pinned to CPU 0; vtdx holds its first TDH.VP.WR
+    (right after TDH.VP.INIT) at "done"; meanwhile a shell on CPU 1 sets the VMM's affinity
+    to CPU 1 only, which KVM must cope with at any point. When the held call returns, the
+    thread migrates before KVM's state store. Asserted: VP.INIT and the held VP.WR on LP0,
+    no TDH.VP.FLUSH after them, the next VP.WR on LP1 -> TDX_VCPU_ASSOCIATED, and the
+    kernel's WARNING."""
+    machine = _boot()
+    try:
+        mark = machine.trace.mark()
+        pause = machine.vtdx.pause("TDH.VP.WR", point="done", timeout=60)
+        cmd = (f"taskset -c 1 sh -c 'sleep 3; taskset -p 2 $(pidof kvm-td) & sleep 0.5; "
+               f"echo {AFFINITY_MARK} > /dev/kmsg' >/dev/null 2>&1 & "
+               "taskset -c 0 kvm-td --vcpus 1 --stop-after image")
+        result: list[Any] = []
+        runner = threading.Thread(target=lambda: result.append(machine.run(cmd, timeout=180)))
+        t0 = time.monotonic()
+        runner.start()
+        try:
+            held = machine.vtdx.wait_paused(pause["id"], timeout=60)
+            assert time.monotonic() - t0 < 2.5, "the VP.WR came too late for the scenario"
+            assert held["call-lp"] == 0 and held["call-leaf"] == "TDH.VP.WR"
+            deadline = time.monotonic() + 30
+            while AFFINITY_MARK not in machine.console_tail(50) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert AFFINITY_MARK in machine.console_tail(50), machine.console_tail(20)
+            assert machine.vtdx.resume(pause["id"]) == 1
+        finally:
+            machine.vtdx.pause_clear()
+            runner.join(200)
+        recs = [r for r in machine.trace.since(mark)
+                if r["name"] in ("TDH.VP.INIT", "TDH.VP.WR", "TDH.VP.FLUSH")]
+        init = next(i for i, r in enumerate(recs) if r["name"] == "TDH.VP.INIT")
+        held_wr, after = recs[init + 1], recs[init + 2]
+        assert (recs[init]["lp"], held_wr["name"], held_wr["lp"], held_wr["ok"]) == (
+            0, "TDH.VP.WR", 0, True), machine.trace.format(recs)
+        # KVM skipped the flush on CPU 0: the next call on the vCPU is the failing write.
+        assert (after["name"], after["lp"], after["status-name"]) == (
+            "TDH.VP.WR", 1, "TDX_VCPU_ASSOCIATED"), machine.trace.format(recs)
+        warnings = _no_warnings(machine)
+        assert any("tdh_vp_wr_failed" in ln for ln in warnings), warnings
+    finally:
+        machine.stop()
