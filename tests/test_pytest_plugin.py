@@ -165,6 +165,22 @@ def test_payloads_build_static_and_speak_ktap(tmp_path: Path) -> None:
     assert before == after
 
 
+def _build_in_a_process(cache: Path) -> list[str]:
+    return sorted(build_payloads(cache))
+
+
+def test_parallel_builders_share_one_payload_build(tmp_path: Path) -> None:
+    """scripts/test runs a pytest worker per CPU, and each may find the payloads missing
+    (a changed source): two processes building into one empty cache at once both get the
+    payloads, and one build is left, with no temporary directory behind."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        first, second = pool.map(_build_in_a_process, [tmp_path, tmp_path])
+    assert first == second == sorted(sources())
+    assert len(list((tmp_path / "payloads").iterdir())) == 1
+
+
 def test_ktap_parser() -> None:
     text = ("KTAP version 1\n1..3\n# pamt_kb: 8212\nok 1 a\nnot ok 2 b # kernel: oops\n"
             "ok 3 c # SKIP only one CPU\n")

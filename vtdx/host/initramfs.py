@@ -129,9 +129,9 @@ def ensure_initramfs(cache: Path | None = None, log: Log | None = None,
     out = cache_dir(cache) / "initramfs" / f"vtdx-{h.hexdigest()[:16]}.cpio.gz"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")   # parallel builders write their own
         tmp.write_bytes(build(init, busybox))
-        tmp.rename(out)
+        tmp.replace(out)
         if log:
             log(f"initramfs built: {out}")
     return out

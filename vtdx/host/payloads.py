@@ -10,9 +10,11 @@ exact lines they would read on a console.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +61,8 @@ def build_payloads(cache: Path | None = None, src_dir: Path = PAYLOAD_SRC,
     out_dir = cache_dir(cache) / "payloads" / h.hexdigest()[:16]
     srcs = sources(src_dir)
     if not all((out_dir / n).is_file() for n in srcs):
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        # A directory of this process's own: parallel test workers may build at once.
+        tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         image = build_tdguest(tmp / "tdguest", cc)
@@ -73,9 +76,24 @@ def build_payloads(cache: Path | None = None, src_dir: Path = PAYLOAD_SRC,
                 err = (r.stderr.strip().splitlines() or ["?"])[-1]
                 hint = " (static libc missing? install libc6-dev)" if "-lc" in r.stderr else ""
                 raise VtdxError(f"building payload {name}: {err}{hint}")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        _publish(tmp, out_dir, srcs)
     return {n: (out_dir / n).read_bytes() for n in srcs}
+
+
+def _publish(tmp: Path, out_dir: Path, names: Iterable[str]) -> None:
+    """Move a finished build into place, unless another builder's complete one is there."""
+    def complete() -> bool:
+        return all((out_dir / n).is_file() for n in names)
+
+    if not complete():
+        shutil.rmtree(out_dir, ignore_errors=True)   # a crashed build's leftovers
+        try:
+            tmp.rename(out_dir)
+            return
+        except OSError:
+            if not complete():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tdguest_sources() -> list[Path]:
