@@ -28,10 +28,10 @@
  * vCPU thread N is pinned to CPU N (modulo the CPUs online) unless --no-pin: which CPU, and
  * so which TDX LP, a vCPU enters from is then the same in every run, so a pause or a
  * contention schedule keyed on the LP meets the same call each time. The main thread, which
- * builds the TD (KVM_TDX_INIT_VCPU, KVM_TDX_INIT_MEM_REGION), is pinned to CPU 0 for the same
- * reason, and because Linux 7.3 KVM loses a vCPU's association when that thread migrates
- * inside KVM_TDX_INIT_VCPU (docs/races.md; tests/test_kernel_td_race.py forces it by moving
- * the thread from outside).
+ * builds the TD (KVM_TDX_INIT_VCPU, KVM_TDX_INIT_MEM_REGION), stays on the CPU it started
+ * on (the caller's `taskset` chooses it): Linux 7.3 KVM loses a vCPU's association when
+ * that thread migrates inside KVM_TDX_INIT_VCPU (docs/races.md;
+ * tests/test_kernel_td_race.py forces it by moving the thread from outside).
  *
  * The TD guest (guest/tdguest/) is built with this program and linked into it
  * (tdguest_image.h, generated at build time). Every ioctl's outcome is a diagnostic line
@@ -855,12 +855,12 @@ int main(int argc, char **argv)
 			usage(argv[0]);
 		}
 	}
-	if (g.pin) {
+	if (g.pin && sched_getcpu() >= 0) {
 		cpu_set_t set;
 		int err;
 
 		CPU_ZERO(&set);
-		CPU_SET(0, &set);
+		CPU_SET(sched_getcpu(), &set);
 		err = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 		if (err)
 			diag("main thread not pinned: %s", strerror(err));
