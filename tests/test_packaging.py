@@ -46,7 +46,8 @@ def test_wheel_carries_the_assets(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(_wheel(tmp_path)).namelist())
     for want in ("vtdx/guest/kernel/tdx-host.config", "vtdx/guest/initramfs/init",
                  "vtdx/guest/initramfs/agent", "vtdx/guest/testguest/boot.S",
-                 "vtdx/qemu_plugin/wire.h", "vtdx/py.typed"):
+                 "vtdx/qemu_plugin/wire.h", "vtdx/py.typed",
+                 "vtdx/unicorn/unicorn-2.1.4-vtdx.patch"):
         assert want in names, want
     assert any(n.startswith("vtdx/guest/payloads/") and n.endswith(".c") for n in names)
     assert any(n.startswith("vtdx/qemu_plugin/") and n.endswith(".c") for n in names)
