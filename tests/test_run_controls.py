@@ -39,7 +39,7 @@ def vtdx(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def _scrollback(t: Tmux) -> str:
-    return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-5000", "-t", t.name],
+    return subprocess.run([*t.tmux, "capture-pane", "-p", "-J", "-S", "-5000", "-t", t.name],
                           capture_output=True, text=True, check=True).stdout
 
 

@@ -1,12 +1,18 @@
-"""Drive a terminal program in a detached tmux session (send-keys / capture-pane)."""
+"""Drive a terminal program in a detached tmux session (send-keys / capture-pane).
+
+Each session runs on a tmux server of its own (``-L``): tests run in parallel workers, and
+one test ending the last session of a shared server could stop it under another test's
+``new-session``."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
@@ -17,21 +23,23 @@ class Tmux:
         if shutil.which("tmux") is None:
             pytest.skip("tmux not installed")
         self.name = f"vtdx-test-{uuid.uuid4().hex[:8]}"
-        args = ["tmux", "new-session", "-d", "-s", self.name, "-x", str(width), "-y",
+        #: ``tmux`` on this session's own server; append a subcommand.
+        self.tmux = ["tmux", "-L", self.name]
+        args = [*self.tmux, "new-session", "-d", "-s", self.name, "-x", str(width), "-y",
                 str(height)]
         for k, v in (env or {}).items():
             args += ["-e", f"{k}={v}"]
         subprocess.run([*args, command], check=True)
 
     def send(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.name, *keys], check=True)
 
     def type(self, text: str) -> None:
         """Literal text (no key-name lookup)."""
-        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.name, "-l", text], check=True)
 
     def screen(self) -> str:
-        r = subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t", self.name],
+        r = subprocess.run([*self.tmux, "capture-pane", "-p", "-J", "-S", "-200", "-t", self.name],
                            check=True, capture_output=True, text=True)
         return r.stdout
 
@@ -46,8 +54,11 @@ class Tmux:
             time.sleep(0.1)
 
     def alive(self) -> bool:
-        return subprocess.run(["tmux", "has-session", "-t", self.name],
+        return subprocess.run([*self.tmux, "has-session", "-t", self.name],
                               capture_output=True).returncode == 0
 
     def kill(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+        """End the session, its server, and the server's socket file (tmux leaves it)."""
+        subprocess.run([*self.tmux, "kill-session", "-t", self.name], capture_output=True)
+        sockets = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}"
+        (sockets / self.name).unlink(missing_ok=True)
