@@ -25,7 +25,6 @@ from vtdx.module.engine import (
     EngineUnsupported,
     HostRam,
     TdConfig,
-    TdVcpuEngine,
     unicorn_lib,
     vp_enter_outputs,
 )
@@ -70,6 +69,7 @@ from vtdx.testing.td_test_guest import (
     GuestBuildError,
     GuestRig,
     build_guest,
+    lock_loop_on_two_vcpus,
 )
 
 
@@ -539,11 +539,6 @@ def test_guest_page_fault_goes_to_the_guest_idt(ram) -> None:
     assert value.to_bytes(8, "little") == build_guest()[0][8:16]  # GPA 0x10008, 2 MB page
 
 
-def _lock_counter(ram: HostRam, rig: GuestRig) -> int:
-    hpa = rig.td.leaves[(0, SCRATCH)][1]
-    return int.from_bytes(ram.read(hpa + 0x100, 4), "little")
-
-
 def test_the_engine_runs_on_the_patched_unicorn(ram) -> None:
     """`vtdx setup` (scripts/bootstrap) builds unicorn with vtdx/unicorn's patch and the
     engine loads it; the two tests below fail on the stock wheel."""
@@ -576,7 +571,7 @@ def test_kicks_never_repeat_a_store(ram) -> None:
     finally:
         done.set()
         t.join()
-    assert _lock_counter(ram, rig) == n
+    assert rig.lock_counter() == n
     assert slices >= 20                   # enough stops to have caught the stock fault
 
 
@@ -584,17 +579,4 @@ def test_lock_is_atomic_across_engines(ram) -> None:
     """Two vCPU engines of one TD on two threads each do n `lock incl` on one counter: the
     patched unicorn translates LOCK into host atomics (CF_PARALLEL), so none is lost."""
     n = 1_000_000
-    rig = GuestRig(ram, T_LOCK_LOOP, loop_count=n)
-    other = TdVcpuEngine(ram, rig.td, vcpu_index=1, init_rcx=T_LOCK_LOOP)
-    rig.td.engines.add(other)
-
-    def run(eng: TdVcpuEngine) -> None:
-        while eng.run().reason != EXIT_TDCALL:
-            pass
-
-    threads = [threading.Thread(target=run, args=(e,)) for e in (rig.engine, other)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert _lock_counter(ram, rig) == 2 * n
+    assert lock_loop_on_two_vcpus(ram, n) == 2 * n

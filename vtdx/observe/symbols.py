@@ -325,10 +325,6 @@ class CallerResolver:
         self.mem.cache_range = (self.symbols.text_start + off, self.symbols.text_end + off)
         self._kaslr_known = True
 
-    def callers(self, rip: int, rsp: int, cr3: int, depth: int = 3) -> list[int]:
-        """Return addresses found on the stack, innermost first (at most ``depth``)."""
-        return self._returns(self._stack(rip, rsp, cr3), cr3, depth)
-
     def _stack(self, rip: int, rsp: int, cr3: int) -> bytes | None:
         if not self._kaslr_known:
             self._learn(rip, cr3)

@@ -180,13 +180,13 @@ class TraceRecorder:
 
     def record(
         self, lp: int, leaf: int, regs_in: Regs, regs_out: Regs, duration_s: float,
-        *, injected: bool = False, t: float | None = None,
+        *, t: float, injected: bool = False,
         ctx: tuple[int, int, int] | None = None,
         described: Callable[[], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """The trace record of one call (``seq`` is assigned when it is logged). ``ctx`` and
-        ``described`` are the caller's (rip, rsp, cr3) and the rest of its symbolisation,
-        which ``on_call`` took while the vCPU waited."""
+        """The trace record of one call (``seq`` is assigned when it is logged). ``t``,
+        ``ctx`` and ``described`` are the call's time, the caller's (rip, rsp, cr3) and the
+        rest of its symbolisation, which ``on_call`` took while the vCPU waited."""
         vin, vout = regs_in.as_tuple(), regs_out.as_tuple()
         ins = {n: _hex(v) for n, v in zip(REG_NAMES, vin, strict=True) if v}
         outs = {
@@ -197,7 +197,7 @@ class TraceRecorder:
         st = regs_out.rax
         rec: dict[str, Any] = {
             "seq": 0,
-            "t": round(time.time() if t is None else t, 6),
+            "t": round(t, 6),
             "lp": lp,
             "leaf": leaf,
             "name": leaves.leaf_name(leaf),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -513,6 +514,7 @@ class GuestRig:
     def __init__(self, ram: HostRam, routine: int, config: TdConfig | None = None,
                  loop_count: int = 0, rcx_high: int = 0x5A5A_0000_1234_5600,
                  **engine_kw: object) -> None:
+        self.ram = ram
         self.td = td = SandboxTd(ram, config)
         for g, data in guest_pages(td.config.shared_bit).items():
             td.page_add(g, data)
@@ -548,3 +550,28 @@ class GuestRig:
             if ex.reason != 6:
                 raise AssertionError(f"unexpected TD exit {ex}")
         raise AssertionError("no report")
+
+    def lock_counter(self) -> int:
+        """The 32-bit counter T_LOCK_LOOP increments (SCRATCH + 0x100)."""
+        return int.from_bytes(self.ram.read(self.td.leaves[(0, SCRATCH)][1] + 0x100, 4),
+                              "little")
+
+
+def lock_loop_on_two_vcpus(ram: HostRam, n: int) -> int:
+    """Two vCPU engines of one TD on two threads, each running T_LOCK_LOOP ``n`` times on
+    one counter, as two vCPU threads of KVM would: the counter at the end (2n if LOCK is
+    atomic across engines)."""
+    rig = GuestRig(ram, T_LOCK_LOOP, loop_count=n)
+    other = TdVcpuEngine(ram, rig.td, vcpu_index=1, init_rcx=T_LOCK_LOOP)
+    rig.td.engines.add(other)
+
+    def run(eng: TdVcpuEngine) -> None:
+        while eng.run().reason != EXIT_TDCALL:
+            pass
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in (rig.engine, other)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    return rig.lock_counter()

@@ -33,6 +33,7 @@ from vtdx.observe.answers import EVENT_SEAMCALL_ERROR, SeamcallErrorData
 from vtdx.observe.console.commands import ConsoleCommands
 from vtdx.observe.console.format import fmt_seamcall_error
 from vtdx.observe.qmp.client import CLOSED, error_reason, socket_path
+from vtdx.resources import cache_root
 
 #: File name of the console's readline history in the vtdx cache.
 HISTORY = "console_history"
@@ -42,8 +43,7 @@ _OPTIONS = ("leaf", "lp", "count", "errors", "pa", "probability")
 
 
 def history_path() -> Path:
-    cache = Path(os.environ.get("VTDX_CACHE", Path.home() / ".cache" / "vtdx"))
-    return cache / HISTORY
+    return cache_root() / HISTORY
 
 
 async def connect(sock: Path) -> QMPClient:
