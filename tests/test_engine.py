@@ -310,8 +310,8 @@ def test_cpuid_ve_stops_right_after_the_cpuid_without_count_mode(ram) -> None:
 
 
 def test_cpuid_ve_written_after_the_scan_is_refused(ram) -> None:
-    """A CPUID that appeared after its page was scanned has no stop site: stock unicorn
-    would run the next instruction before the #VE, so the engine refuses it."""
+    """A CPUID that appeared after its page was scanned has no stop site: unicorn (out of count
+    mode) would run the next instruction before the #VE, so the engine refuses it."""
     rig = GuestRig(ram, T_LOOP, slice_seconds=0.01)
     _patch_unexecuted_code(ram, rig)
     with pytest.raises(EngineUnsupported, match="written after its page was scanned"):

@@ -226,8 +226,8 @@ DECLARED: tuple[Conformance, ...] = (
       ("LP MSR checks (LIMIT_CPUID_MAXVAL, IA32_TSC_ADJUST, MONITOR_FSM), TSC rollback, the "
        "interrupt/MTF single-step filter, the NOTIFY_ENABLES #VE of a suspected 0-step "
        "attack and L2 VMs are not modelled",
-       "guest code runs on the stock-unicorn TD vCPU engine: no interrupt injection, "
-       "events delivered CPL0 -> CPL0 in 64-bit mode only, LOCK not atomic across vCPUs "
+       "guest code runs on the TD vCPU engine (unicorn 2.1.4 with vtdx's patch): no "
+       "interrupt injection, events delivered CPL0 -> CPL0 in 64-bit mode only "
        "(vtdx/module/engine/INTEGRATION.md); what the engine cannot model ends the entry "
        "with NON_RECOVERABLE_VCPU and an internal error",
        "2.0.08 (dpamt generation) not compared")),

@@ -936,10 +936,10 @@ class TdVcpuEngine:
     def _push_frame(self, vector: int, err: int | None, cr2: int | None) -> None:
         if not self.in_64bit_mode():
             raise EngineUnsupported(f"vector {vector}: event delivery outside 64-bit mode "
-                                    "is not modelled on stock unicorn")
+                                    "is not modelled on unicorn")
         if self.cpl() != 0:
             raise EngineUnsupported(f"vector {vector}: delivery from CPL3 needs a CS/SS "
-                                    "reload stock unicorn cannot do")
+                                    "reload unicorn cannot do")
         _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
         if vector * 16 + 15 > idt_limit:
             raise _Undeliverable
