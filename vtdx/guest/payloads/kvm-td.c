@@ -822,7 +822,7 @@ int main(int argc, char **argv)
 		stage_vm, stage_init_vm, stage_vcpus, stage_memory, stage_image, stage_finalize,
 		stage_run,
 	};
-	int reached = -1, failed = -1, bench_exits = 0;
+	int reached = -1, failed = -1, bench_exits = 0, cpu_on_start;
 	char why[256];
 
 	g.nr_vcpus = 1;
@@ -855,12 +855,13 @@ int main(int argc, char **argv)
 			usage(argv[0]);
 		}
 	}
-	if (g.pin && sched_getcpu() >= 0) {
+	cpu_on_start = sched_getcpu();
+	if (g.pin && cpu_on_start >= 0) {
 		cpu_set_t set;
 		int err;
 
 		CPU_ZERO(&set);
-		CPU_SET(sched_getcpu(), &set);
+		CPU_SET(cpu_on_start, &set);
 		err = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 		if (err)
 			diag("main thread not pinned: %s", strerror(err));

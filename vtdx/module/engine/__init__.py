@@ -1,4 +1,4 @@
-"""TD vCPU engine: runs a TD's guest code for TDH.VP.ENTER (unicorn 2.1.4, stock wheel).
+"""TD vCPU engine: runs a TD's guest code for TDH.VP.ENTER (unicorn 2.1.4 with vtdx's patch).
 
 Imports: ``vtdx.abi``, ``vtdx.platform``, ``vtdx.errors``, ``vtdx.resources`` and unicorn
 only, never the rest of ``vtdx.module``: the module reaches the engine through the protocols of
