@@ -118,8 +118,9 @@ def test_vtdx_run_checks_kvm_td(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    from vtdx.harness.vm import TraceView
     from vtdx.host import kernel as kernel_build
-    from vtdx.observe.trace import format_record, read_trace
+    from vtdx.observe.trace import read_trace
 
     if kernel_build.default_kernel(None) is None:
         pytest.skip("no default kernel (vtdx build-kernel)")
@@ -131,8 +132,7 @@ def test_vtdx_run_checks_kvm_td(tmp_path: Path) -> None:
     if r.returncode != 0 and saved.is_file():
         recs = [rec for rec in read_trace(saved) if rec["name"].startswith(("TDH.VP.", "TDH.MNG."))
                 and rec["name"] not in ("TDH.VP.ENTER", "TDH.MNG.RD")]
-        out += "\nvCPU and TD calls:\n" + "\n".join(format_record(rec).splitlines()[0]
-                                                   for rec in recs)
+        out += "\nvCPU and TD calls:\n" + TraceView.format(recs)
     assert r.returncode == 0, out
     assert "kvm_td_1vcpu=ok" in out and "kvm_td_2vcpu=ok" in out, out
     exits = next(ln for ln in out.splitlines() if ln.strip().startswith("TD exits:"))
