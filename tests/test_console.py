@@ -78,10 +78,12 @@ def test_console_interactive_in_tmux(booted, tmp_path: Path):  # noqa: F811
         term.send("Enter")
         screen = term.wait_for("walk stops at 4K")
         assert "pamt 0x1b090c" in screen
+        term.wait_for_prompt("vtdx> ")
         term.type("trace -n 1 --leaf TDH.SYS.TD")
         term.send("Tab")  # completes a leaf name
         term.send("Enter")
         term.wait_for("TDH.SYS.TDMR.INIT -> TDX_SUCCESS")
+        term.wait_for_prompt("vtdx> ")
         # An injected failure shows up as an event while the console waits for input.
         term.type("inject TDX_SYS_BUSY --leaf sys.lp.init --count 1")
         term.send("Enter")
@@ -97,13 +99,9 @@ def test_console_interactive_in_tmux(booted, tmp_path: Path):  # noqa: F811
         term.type("pamt -h")
         term.send("Enter")
         term.wait_for("usage: pamt")
+        term.wait_for_prompt("vtdx> ")  # readline reads again: Ctrl-D now means end of input
         term.send("C-d")
-        deadline = 50
-        while term.alive() and deadline:
-            import time
-
-            time.sleep(0.1)
-            deadline -= 1
+        term.wait_gone()
         assert (cache / "console_history").read_text().count("pamt 0x1b090c") == 1
     finally:
         term.kill()

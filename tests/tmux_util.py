@@ -53,6 +53,29 @@ class Tmux:
                 raise AssertionError(f"{text!r} did not appear; screen:\n{screen}")
             time.sleep(0.1)
 
+    def wait_for_prompt(self, prompt: str, timeout: float = 15.0) -> str:
+        """Wait until the screen's last line is ``prompt`` and nothing typed after it.
+
+        Keys sent before the program reads the terminal again (say, right after output
+        shows) reach a cooked-mode tty, where a Ctrl-D on an empty line is lost."""
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            lines = screen.rstrip("\n").splitlines()
+            if lines and lines[-1].rstrip() == prompt.rstrip():
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no bare {prompt!r} prompt; screen:\n{screen}")
+            time.sleep(0.1)
+
+    def wait_gone(self, timeout: float = 15.0) -> None:
+        """Wait until the program has ended (and with it the session)."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still running; screen:\n{self.screen()}")
+            time.sleep(0.1)
+
     def alive(self) -> bool:
         return subprocess.run([*self.tmux, "has-session", "-t", self.name],
                               capture_output=True).returncode == 0
