@@ -3,6 +3,7 @@ offset behind real 4-level page tables, resolved the way the daemon does for a S
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -182,6 +183,40 @@ def test_large_page_walk():
     mem.write(0x400000 + 0x12345, b"hello")
     assert GuestVirt(mem).read(pt.cr3, va + 0x12345, 5) == b"hello"
     assert GuestVirt(mem).translate(pt.cr3, va + 0x400000) is None
+
+
+def test_cached_table_is_the_parsed_one_until_vmlinux_changes(kernel_elf: Path,
+                                                             tmp_path: Path, monkeypatch):
+    """SymbolTable.load with a cache: the second load reads the cache, not the ELF file, and
+    answers the same; a rewritten vmlinux or a damaged entry is parsed again."""
+    elf = tmp_path / "vmlinux"
+    elf.write_bytes(kernel_elf.read_bytes())
+    cache = tmp_path / "symbols"
+    parsed = SymbolTable.load(elf, cache)
+    (entry,) = cache.iterdir()
+    real = SymbolTable.from_vmlinux
+    parses: list[Path] = []
+
+    def counted(path):
+        parses.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(SymbolTable, "from_vmlinux", counted)
+    cached = SymbolTable.load(elf, cache)
+    assert parses == []
+    assert cached.symbols == parsed.symbols and cached.source == str(elf)
+    init = parsed.lookup("init_tdx_module")
+    assert init is not None and cached.lookup("init_tdx_module") == init
+    assert cached.resolve(init.addr + 3) == parsed.resolve(init.addr + 3)
+    assert (cached.text_start, cached.text_end) == (parsed.text_start, parsed.text_end)
+    # The same file, rewritten (new mtime): a new entry, parsed again.
+    os.utime(elf, ns=(entry.stat().st_mtime_ns, entry.stat().st_mtime_ns + 10**9))
+    assert SymbolTable.load(elf, cache).symbols == parsed.symbols
+    assert parses == [elf] and len(list(cache.iterdir())) == 2
+    # A damaged entry is a miss, not an error.
+    for e in cache.iterdir():
+        e.write_bytes(b"\x00garbage")
+    assert SymbolTable.load(elf, cache).symbols == parsed.symbols and len(parses) == 2
 
 
 def test_bad_files(tmp_path: Path):

@@ -1,5 +1,5 @@
 """``vtdx setup``: provision the QEMU runtime, build the TCG plugin and the patched unicorn the
-TD vCPU engine runs on (idempotent)."""
+TD vCPU engine runs on, byte-compile vtdx itself (idempotent)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from vtdx.host import qemu as qemu_runtime
+from vtdx.host.bytecode import compile_package
 from vtdx.host.unicorn import build_unicorn
 
 
@@ -21,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     rt = qemu_runtime.setup(args.cache, _log, mirror=args.mirror,
                             use_system=not args.no_system_qemu)
     lib = build_unicorn(args.cache, _log)
+    compile_package(_log)
     print(f"QEMU {rt.version_str} ({rt.root or rt.qemu}), plugin {rt.plugin_path}, "
           f"unicorn {lib}, {time.monotonic() - t0:.1f} s")
     return 0

@@ -27,8 +27,9 @@ from vtdx.observe.qmp.commands import vtdx_commands
 from vtdx.observe.qmp.qemu import QemuControl
 from vtdx.observe.qmp.server import QmpServer
 from vtdx.observe.qmp.thread import QmpServerThread
-from vtdx.observe.symbols import CallerResolver, GuestVirt, SymbolTable
+from vtdx.observe.symbols import SYMBOL_CACHE, CallerResolver, GuestVirt, SymbolTable
 from vtdx.observe.trace import TRACE_FILE, TraceRecorder
+from vtdx.resources import cache_root
 
 #: (RIP, RSP, CR3) of the vCPU whose SEAMCALL is being observed, if known.
 CpuContext = Callable[[int], "tuple[int, int, int] | None"]
@@ -73,7 +74,7 @@ class InspectEndpoint:
         symbolise = None
         self.symbols: SymbolTable | None = None
         if vmlinux is not None and context is not None:
-            self.symbols = SymbolTable.load(vmlinux)
+            self.symbols = SymbolTable.load(vmlinux, cache_root() / SYMBOL_CACHE)
             symbolise = CallerResolver(self.symbols, GuestVirt(module.memory)).capture
         self.recorder = TraceRecorder(
             self.run_dir / TRACE_FILE if trace else None, context=context, symbolise=symbolise
