@@ -53,6 +53,7 @@ from vtdx.testing.td_test_guest import (
     T_ACCEPT_MISMATCH,
     T_BAD_TDCALLS,
     T_BOOT,
+    T_CMPXCHG16B_LOOP,
     T_CPUID,
     T_EPT,
     T_HLT,
@@ -70,6 +71,7 @@ from vtdx.testing.td_test_guest import (
     GuestRig,
     build_guest,
     lock_loop_on_two_vcpus,
+    run_on_two_vcpus,
 )
 
 
@@ -580,3 +582,16 @@ def test_lock_is_atomic_across_engines(ram) -> None:
     patched unicorn translates LOCK into host atomics (CF_PARALLEL), so none is lost."""
     n = 1_000_000
     assert lock_loop_on_two_vcpus(ram, n) == 2 * n
+
+
+def test_cmpxchg16b_is_atomic_across_engines(ram) -> None:
+    """The same for a 128-bit compare-exchange (what Linux's SLUB and lockless lists use):
+    under CF_PARALLEL unicorn must do `lock cmpxchg16b` as one host atomic (or stop the world
+    for it), not as two 64-bit halves. Two engines each add n to a counter that starts n
+    below 2^64, so the carry into the high half happens while both run. On stock unicorn
+    (no CF_PARALLEL) this lost over a third of the increments."""
+    n = 300_000
+    rig = GuestRig(ram, T_CMPXCHG16B_LOOP, loop_count=n)
+    rig.set_wide_counter((1 << 64) - n)
+    run_on_two_vcpus(rig)
+    assert rig.wide_counter() == (1 << 64) + n

@@ -29,10 +29,11 @@ from vtdx.testing.td_sandbox import SandboxTd, SharedEpt
 T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
 T_HLT, T_TRIPLE, T_CPUID, T_PENDING, T_VM_RD_WR, T_BAD_TDCALLS, T_EXIT_LOOP = range(8, 15)
 T_COMPUTE, T_INFO_LOOP, T_PAGE_FAULT, T_LOCK_LOOP, T_CPUID_LEAVES = 15, 16, 17, 18, 19
-T_SMC_ALIAS = 20
+T_SMC_ALIAS, T_CMPXCHG16B_LOOP = 20, 21
 
 SAVE = 0x20000            # guest data page: initial registers, SAVE+64 = loop count
 SCRATCH = 0x22000         # guest scratch slots; SCRATCH+0x100 the lock counter
+WIDE_COUNTER = SCRATCH + 0x110  # the 128-bit counter of T_CMPXCHG16B_LOOP (16-byte aligned)
 SHARED_GPA = 0x400000     # | the shared bit; guest VA 0x40000000
 UNMAPPED_GPA = 0x30000
 ACCEPT_4K_GPA = 0x31000
@@ -359,6 +360,21 @@ t_lock: mov     SAVE + 64, %rcx
         jnz     1b
         jmp     done
 
+/* 21: SAVE+64 increments of the 128-bit counter at SCRATCH+0x110 by lock cmpxchg16b (a
+   failed exchange loads the current value into RDX:RAX: retry from it) */
+t_cx16: mov     SAVE + 64, %rsi
+1:      mov     SCRATCH + 0x110, %rax
+        mov     SCRATCH + 0x118, %rdx
+2:      mov     %rax, %rbx
+        mov     %rdx, %rcx
+        add     $1, %rbx
+        adc     $0, %rcx
+        lock cmpxchg16b SCRATCH + 0x110
+        jnz     2b
+        dec     %rsi
+        jnz     1b
+        jmp     done
+
 done:   REPORT  0x1FF, $0, $0, $0, $0
         jmp     done
 
@@ -420,7 +436,7 @@ ve_handler:                     /* TDG.VP.VEINFO.GET, record, skip the instructi
         .balign 8
 table:  .quad   t_boot, t_info, t_ept, t_acc4k, t_acc2m, t_accmis, t_shared, t_loop
         .quad   t_hlt, t_triple, t_cpuid, t_pend, t_vm, t_bad, t_exits, t_compute
-        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves, t_smc
+        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves, t_smc, t_cx16
         .set    ntests, (. - table) / 8
 idt_desc:
         .word   256 * 16 - 1
@@ -515,6 +531,7 @@ class GuestRig:
                  loop_count: int = 0, rcx_high: int = 0x5A5A_0000_1234_5600,
                  **engine_kw: object) -> None:
         self.ram = ram
+        self.routine = routine
         self.td = td = SandboxTd(ram, config)
         for g, data in guest_pages(td.config.shared_bit).items():
             td.page_add(g, data)
@@ -556,13 +573,28 @@ class GuestRig:
         return int.from_bytes(self.ram.read(self.td.leaves[(0, SCRATCH)][1] + 0x100, 4),
                               "little")
 
+    def _wide_counter_hpa(self) -> int:
+        return self.td.leaves[(0, SCRATCH)][1] + (WIDE_COUNTER - SCRATCH)
+
+    def wide_counter(self) -> int:
+        """The 128-bit counter T_CMPXCHG16B_LOOP increments."""
+        return int.from_bytes(self.ram.read(self._wide_counter_hpa(), 16), "little")
+
+    def set_wide_counter(self, value: int) -> None:
+        self.ram.write(self._wide_counter_hpa(), value.to_bytes(16, "little"))
+
 
 def lock_loop_on_two_vcpus(ram: HostRam, n: int) -> int:
     """Two vCPU engines of one TD on two threads, each running T_LOCK_LOOP ``n`` times on
     one counter, as two vCPU threads of KVM would: the counter at the end (2n if LOCK is
     atomic across engines)."""
-    rig = GuestRig(ram, T_LOCK_LOOP, loop_count=n)
-    other = TdVcpuEngine(ram, rig.td, vcpu_index=1, init_rcx=T_LOCK_LOOP)
+    return run_on_two_vcpus(GuestRig(ram, T_LOCK_LOOP, loop_count=n)).lock_counter()
+
+
+def run_on_two_vcpus(rig: GuestRig) -> GuestRig:
+    """Run the rig's routine on its engine and on a second vCPU engine of the same TD, on
+    two threads at once, each until its final report; the rig, for reading the result."""
+    other = TdVcpuEngine(rig.ram, rig.td, vcpu_index=1, init_rcx=rig.routine)
     rig.td.engines.add(other)
 
     def run(eng: TdVcpuEngine) -> None:
@@ -574,4 +606,4 @@ def lock_loop_on_two_vcpus(ram: HostRam, n: int) -> int:
         th.start()
     for th in threads:
         th.join(60)
-    return rig.lock_counter()
+    return rig
