@@ -62,6 +62,7 @@ from vtdx.testing.td_test_guest import (
     T_LOOP,
     T_PAGE_FAULT,
     T_PENDING,
+    T_RMW_FAULTS,
     T_SHARED,
     T_SMC_ALIAS,
     T_TRIPLE,
@@ -539,6 +540,28 @@ def test_guest_page_fault_goes_to_the_guest_idt(ram) -> None:
     cr2, err, value, _ = r.values
     assert (cr2, err) == (0x610008, 0)           # the whole address (patched unicorn)
     assert value.to_bytes(8, "little") == build_guest()[0][8:16]  # GPA 0x10008, 2 MB page
+
+
+def test_faulting_read_of_a_read_modify_write_is_reported_as_a_write(ram) -> None:
+    """Intel SDM Vol. 3C, exit qualification for EPT violations: one caused by a
+    read-modify-write sets bit 1 (data write). TCG does `addl $5, (gpa)` as a load and a
+    store, so the first fault the engine sees is the load's; it decodes the instruction
+    (vtdx/module/engine/decode.py) and reports read|write (KVM takes bit 1 as a write
+    fault). The same for the guest's own #PF: `incl` through a not-present PDE has W/R set
+    in the error code (2: write, supervisor, not present)."""
+    rig = GuestRig(ram, T_RMW_FAULTS)
+    ex = rig.enter()
+    while ex.reason == EXIT_TIME_SLICE:
+        ex = rig.enter()
+    assert ex.reason == EXIT_EPT_VIOLATION and ex.gpa == UNMAPPED_GPA
+    assert ex.qualification == 3                          # read | write, RWX 0
+    assert vp_enter_outputs(ex).rcx == 3
+    rig.td.page_add(UNMAPPED_GPA)
+    r = rig.next_report()
+    assert r.code == 0x220
+    cr2, err, added, counted = r.values
+    assert (cr2, err) == (0x622200, 2)
+    assert (added, counted) == (5, 1)                     # each ran once, after its fault
 
 
 def test_the_engine_runs_on_the_patched_unicorn(ram) -> None:

@@ -29,7 +29,7 @@ from vtdx.testing.td_sandbox import SandboxTd, SharedEpt
 T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
 T_HLT, T_TRIPLE, T_CPUID, T_PENDING, T_VM_RD_WR, T_BAD_TDCALLS, T_EXIT_LOOP = range(8, 15)
 T_COMPUTE, T_INFO_LOOP, T_PAGE_FAULT, T_LOCK_LOOP, T_CPUID_LEAVES = 15, 16, 17, 18, 19
-T_SMC_ALIAS, T_CMPXCHG16B_LOOP = 20, 21
+T_SMC_ALIAS, T_CMPXCHG16B_LOOP, T_RMW_FAULTS = 20, 21, 22
 
 SAVE = 0x20000            # guest data page: initial registers, SAVE+64 = loop count
 SCRATCH = 0x22000         # guest scratch slots; SCRATCH+0x100 the lock counter
@@ -375,6 +375,16 @@ t_cx16: mov     SAVE + 64, %rsi
         jnz     1b
         jmp     done
 
+/* 22: read-modify-writes whose read faults: addl on the unmapped GPA (EPT violation), then
+   incl through the not-present PDE of t_pf (#PF; the handler maps it, SCRATCH+0x200) */
+t_rmw:  call    setup_idt
+        addl    $5, 0x30000
+        mov     0x30000, %eax
+        mov     %rax, SCRATCH + 40
+        incl    0x622200
+        REPORT  0x220, SCRATCH + 48, SCRATCH + 56, SCRATCH + 40, SCRATCH + 0x200
+        jmp     done
+
 done:   REPORT  0x1FF, $0, $0, $0, $0
         jmp     done
 
@@ -436,7 +446,7 @@ ve_handler:                     /* TDG.VP.VEINFO.GET, record, skip the instructi
         .balign 8
 table:  .quad   t_boot, t_info, t_ept, t_acc4k, t_acc2m, t_accmis, t_shared, t_loop
         .quad   t_hlt, t_triple, t_cpuid, t_pend, t_vm, t_bad, t_exits, t_compute
-        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves, t_smc, t_cx16
+        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves, t_smc, t_cx16, t_rmw
         .set    ntests, (. - table) / 8
 idt_desc:
         .word   256 * 16 - 1

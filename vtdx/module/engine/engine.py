@@ -58,6 +58,7 @@ from unicorn.unicorn_py3.unicorn import uc_engine, uclib
 from vtdx.abi.regs import Regs
 from vtdx.abi.status import TDX_NON_RECOVERABLE_VCPU
 from vtdx.module.engine import guest_leaves, unicorn_lib
+from vtdx.module.engine.decode import MAX_INSN, is_memory_rmw
 from vtdx.module.engine.errors import EngineUnsupported
 from vtdx.module.engine.exits import (
     EEQ_NONE,
@@ -96,6 +97,8 @@ VE_REASON_EPT_VIOLATION = 48
 # Exception vectors.
 VEC_UD, VEC_DF, VEC_GP, VEC_PF, VEC_VE = 6, 8, 13, 14, 20
 _HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+# Page-fault error code bits: W/R, I/D (instruction fetch).
+PFEC_W, PFEC_I = 0x2, 0x10
 
 _ACCESS_QUAL = {UC_MEM_WRITE: QUAL_WRITE, UC_MEM_FETCH: QUAL_FETCH}
 _UNBOUNDED = 1 << 62        # count mode without a budget: the stop checks, never the count
@@ -531,6 +534,8 @@ class TdVcpuEngine:
             if self._fatal is not None:
                 fatal, self._fatal = self._fatal, None
                 raise fatal
+            if self._exit is not None or self._event is not None:
+                self._read_fault_of_rmw_is_a_write()
             if self._exit is not None:
                 self.rip += self._trap_rip_advance
                 return self._exit
@@ -562,6 +567,36 @@ class TdVcpuEngine:
             if not budgeted:
                 raise EngineUnsupported(f"unicorn stopped at {self.rip:#x} for no known reason")
             return TdExit(EXIT_TIME_SLICE)          # the instruction budget ran out
+
+    def _read_fault_of_rmw_is_a_write(self) -> None:
+        """A data read faulted (EPT violation exit, EPT #VE or #PF) and RIP is back on the
+        instruction: if that instruction reads and writes its memory operand, the fault is
+        the write's, as on a CPU (vtdx.module.engine.decode)."""
+        ex, ev = self._exit, self._event
+        if ex is not None:
+            if ex.reason != EXIT_EPT_VIOLATION or ex.qualification & 7 != QUAL_READ:
+                return
+            if self._insn_is_memory_rmw():
+                ex.qualification |= QUAL_WRITE
+        elif ev is not None:
+            if ev.ve is not None:
+                qual = ev.ve["exit_qualification"]
+                if ev.ve["exit_reason"] == VE_REASON_EPT_VIOLATION and qual & 7 == QUAL_READ \
+                        and self._insn_is_memory_rmw():
+                    ev.ve["exit_qualification"] = qual | QUAL_WRITE
+            elif ev.vector == VEC_PF and ev.err is not None and not ev.err & (PFEC_W | PFEC_I) \
+                    and self._insn_is_memory_rmw():
+                ev.err |= PFEC_W
+
+    def _insn_is_memory_rmw(self) -> bool:
+        try:
+            code = self.vread(self.rip, MAX_INSN)
+        except (_EptExit, _GuestFault):             # the instruction ends the code page
+            try:
+                code = self.vread(self.rip, PAGE - (self.rip & 0xFFF))
+            except (_EptExit, _GuestFault):
+                return False
+        return is_memory_rmw(code, self.in_64bit_mode())
 
     def _clear_outcome(self) -> None:
         """Forget the previous emu_start's outcome; the hooks set it again (a method, so
