@@ -154,6 +154,7 @@ def test_console_when_the_machine_stops_and_on_ctrl_c(tmp_path: Path):
         term.wait_for("error: connection: the endpoint closed the connection")
         term.wait_for_prompt("vtdx> ")
         term.type("tds")
+        term.wait_for("vtdx> tds")  # readline has it: a Ctrl-C sooner discards it unread
         term.send("C-c")
         screen = term.wait_for("RC=130", timeout=5)
         assert "vtdx> tds\nvtdx: interrupted\nRC=130" in screen
