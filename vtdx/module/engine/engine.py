@@ -130,15 +130,22 @@ class _GuestFault(Exception):
 class Watchdog:
     """One thread ending the wall-clock slices of every engine it watches.
 
-    It polls armed deadlines instead of being woken per entry, so an entry costs no thread
-    hand-off; uc_emu_stop() is safe from another thread and takes effect at the next
-    translation-block boundary.
+    Arming costs no thread hand-off: the thread is not woken per entry (a TD exit loop
+    enters thousands of times a second) but sleeps until the nearest armed deadline, at
+    least ``period`` and at most ``poll`` (an engine armed meanwhile is stopped up to
+    ``poll`` late). After ``linger`` with nothing armed it waits until an engine is armed
+    again. Each wake-up takes the GIL from whichever thread holds it, so the old fixed 1 ms
+    poll cost the vCPU threads a thousand GIL hand-offs a second. uc_emu_stop() is safe
+    from another thread and takes effect at the next translation-block boundary.
     """
 
-    def __init__(self, period: float = 0.001) -> None:
-        self.period = period
+    def __init__(self, period: float = 0.001, poll: float = 0.005,
+                 linger: float = 0.05) -> None:
+        self.period, self.poll, self.linger = period, poll, linger
         self._armed: dict[TdVcpuEngine, tuple[float, int]] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._idle = False
         self._thread: threading.Thread | None = None
 
     def arm(self, engine: TdVcpuEngine, deadline: float, entry: int) -> None:
@@ -148,19 +155,32 @@ class Watchdog:
                 self._thread = threading.Thread(target=self._loop, name="td-watchdog",
                                                 daemon=True)
                 self._thread.start()
+            elif self._idle:
+                self._idle = False
+                self._wake.notify()
 
     def disarm(self, engine: TdVcpuEngine) -> None:
         with self._lock:
             self._armed.pop(engine, None)
 
     def _loop(self) -> None:
+        quiet_since = time.monotonic()
         while True:
-            time.sleep(self.period)
-            now = time.monotonic()
             with self._lock:
+                now = time.monotonic()
+                if not self._armed and now - quiet_since >= self.linger:
+                    self._idle = True
+                    while self._idle:
+                        self._wake.wait()
+                    continue
                 due = [(e, entry) for e, (dl, entry) in self._armed.items() if now >= dl]
+                later = [dl for dl, _ in self._armed.values() if dl > now]
+                if self._armed:
+                    quiet_since = now
             for e, entry in due:
                 e._slice_over(entry)
+            nap = min(later) - now if later else self.poll
+            time.sleep(min(max(nap, self.period), self.poll))
 
 
 _DEFAULT_WATCHDOG = Watchdog()
