@@ -51,24 +51,15 @@ def is_memory_rmw(code: bytes, long_mode: bool) -> bool:
         i += 1
     if i >= n:
         return False
-    op = code[i]
-    if op == 0x0F:
-        if i + 2 >= n:
-            return False
-        op2 = code[i + 1]
-        modrm = code[i + 2]
-        if modrm >> 6 == 3:
-            return False
-        if op2 in _RMW_0F:
-            return True
-        regs = _RMW_0F_GROUP.get(op2)
-        return regs is not None and (modrm >> 3) & 7 in regs
+    if code[i] == 0x0F:                  # two-byte opcode map
+        i += 1
+        whole, groups = _RMW_0F, _RMW_0F_GROUP
+    else:
+        whole, groups = _RMW_1BYTE, _RMW_1BYTE_GROUP
     if i + 1 >= n:
         return False
-    modrm = code[i + 1]
-    if modrm >> 6 == 3:
+    op, modrm = code[i], code[i + 1]
+    if modrm >> 6 == 3:                  # a register operand
         return False
-    if op in _RMW_1BYTE:
-        return True
-    regs = _RMW_1BYTE_GROUP.get(op)
-    return regs is not None and (modrm >> 3) & 7 in regs
+    regs = groups.get(op)
+    return op in whole or (regs is not None and (modrm >> 3) & 7 in regs)
