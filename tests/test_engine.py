@@ -25,6 +25,7 @@ from vtdx.module.engine import (
     EngineUnsupported,
     HostRam,
     TdConfig,
+    Watchdog,
     unicorn_lib,
     vp_enter_outputs,
 )
@@ -269,6 +270,27 @@ def test_time_slice_exit_of_endless_loop(ram) -> None:
     threading.Timer(0.05, rig.engine.kick).start()
     assert rig.enter().reason == EXIT_TIME_SLICE
     assert rig.engine.exit_counts[EXIT_TIME_SLICE] == 3
+
+
+def test_watchdog_idles_between_entries_and_wakes_for_the_next(ram) -> None:
+    """The watchdog sleeps to the nearest deadline and, after ``linger`` with nothing armed,
+    waits for an arm instead of polling (engine.py Watchdog): a slice armed after it went
+    idle still ends."""
+    wd = Watchdog(linger=0.02)
+    rig = GuestRig(ram, T_LOOP, slice_seconds=0.01, watchdog=wd)
+    assert rig.enter().reason == EXIT_TIME_SLICE
+    deadline = time.monotonic() + 5
+    while not wd._idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert wd._idle                                       # nothing armed: no polling
+    rescue = threading.Timer(8, rig.engine.kick)          # a broken wake fails, not hangs
+    rescue.start()
+    t = time.monotonic()
+    try:
+        assert rig.enter().reason == EXIT_TIME_SLICE      # the arm woke it
+    finally:
+        rescue.cancel()
+    assert time.monotonic() - t < 5 and rig.engine.exit_counts[EXIT_TIME_SLICE] == 2
 
 
 def test_without_precise_stops(ram) -> None:
