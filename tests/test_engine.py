@@ -47,6 +47,7 @@ from vtdx.testing.td_test_guest import (
     ACCEPT_4K_GPA,
     MISMATCH_2M_GPA,
     PENDING_GPA,
+    RTMR_DATA,
     SCRATCH,
     SHARED_GPA,
     T_ACCEPT_2M,
@@ -64,6 +65,7 @@ from vtdx.testing.td_test_guest import (
     T_PAGE_FAULT,
     T_PENDING,
     T_RMW_FAULTS,
+    T_RTMR_EXTEND,
     T_SHARED,
     T_SMC_ALIAS,
     T_TRIPLE,
@@ -584,6 +586,36 @@ def test_faulting_read_of_a_read_modify_write_is_reported_as_a_write(ram) -> Non
     cr2, err, added, counted = r.values
     assert (cr2, err) == (0x622200, 2)
     assert (added, counted) == (5, 1)                     # each ran once, after its fault
+
+
+def test_rtmr_extend_checks_then_extends(ram) -> None:
+    """tdg_mr_rtmr_extend.c (intel/tdx-module, TDX 1.5), in its order: a GPA not 64-byte
+    aligned and a shared GPA are TDX_OPERAND_INVALID with operand RCX, an index past the 4
+    RTMRs the same with operand RDX; RTMR[i] becomes SHA-384(RTMR[i] || 48 bytes at the
+    GPA). The GPA walk is a guest read: an unmapped GPA ends the TDCALL in an EPT-violation
+    exit (qualification 1: data read, RWX 0) and the TDCALL runs again once KVM mapped it."""
+    import hashlib
+
+    rig = GuestRig(ram, T_RTMR_EXTEND)
+    data = bytes(range(1, 49))
+    ram.write(rig.scratch_hpa(RTMR_DATA), data)
+    ex = rig.enter()
+    while ex.reason == EXIT_TIME_SLICE:
+        ex = rig.enter()
+    assert ex.reason == EXIT_EPT_VIOLATION and ex.gpa == UNMAPPED_GPA
+    assert (ex.qualification, ex.ext_qualification) == (1, 0)
+    assert rig.engine.vread(ex.rip, 4) == b"\x66\x0f\x01\xcc"   # on the TDCALL
+    second = bytes(range(100, 148))
+    rig.td.page_add(UNMAPPED_GPA, second)
+    r = rig.next_report()
+    invalid = 0xC000_0100_0000_0000
+    assert r.code == 0x230
+    assert r.values == (invalid | 1, invalid | 2, invalid | 1, 0)
+    r = rig.next_report()
+    assert (r.code, r.values[0]) == (0x231, 0)
+    zero = bytes(48)
+    assert rig.td.rtmr == [zero, hashlib.sha384(zero + second).digest(),
+                           hashlib.sha384(zero + data).digest(), zero]
 
 
 def test_the_engine_runs_on_the_patched_unicorn(ram) -> None:

@@ -30,6 +30,7 @@ ATTRIBUTES = 0x1110000300000000
 HP_LOCK_TIMEOUT = 0x9110000300000011
 TD_CTLS, VIRTUAL_TSC = 0x1110000300000017, 0x111000030000000D
 CPUID = 0x9410000300000000
+RTMR = 0x1310000300000040
 
 
 def cpuid_id(leaf: int, sub: int | None, half: int = 0) -> int:
@@ -76,6 +77,20 @@ def test_debug_only_and_never_readable_td_fields(debug: bool) -> None:
     fx = fixture(debug=debug)
     assert fx.mng_rd(TD_CTLS).rax == (0 if debug else NOT_READABLE)
     assert fx.mng_rd(VIRTUAL_TSC).rax == NOT_READABLE
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_rtmr_reads_what_the_guest_extended(debug: bool) -> None:
+    """RTMR (tdr_tdcs_fields_lookup.c: 4 fields x 6 qwords, prod_rd 0, dbg_rd all): a debug
+    TD's host reads the qwords TDG.MR.RTMR.EXTEND left in TDCS.RTMR (engine test
+    test_rtmr_extend_checks_then_extends); a production TD's host cannot."""
+    fx = fixture(debug=debug)
+    rtmr1 = bytes(range(200, 248))
+    fx.m.gd.tds[fx.td.tdr].rtmr[1] = rtmr1
+    want = int.from_bytes(rtmr1[16:24], "little")
+    r = fx.mng_rd(RTMR + 6 + 2)                       # RTMR[1], qword 2
+    assert (r.rax, r.r8) == ((0, want) if debug else (NOT_READABLE, 0))
+    assert fx.mng_rd(RTMR).rax == (0 if debug else NOT_READABLE)
 
 
 def test_cpuid_values() -> None:

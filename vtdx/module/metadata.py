@@ -294,6 +294,8 @@ def _td_value(td: TdState, e: MdEntry, fid: int) -> int:
         "TD_EPOCH": lambda: td.td_epoch,
         "REFCOUNT": lambda: td.refcount[idx],
         "MRTD": lambda: int.from_bytes(td.mrtd[8 * idx:8 * idx + 8], "little"),
+        "RTMR": lambda: int.from_bytes(td.rtmr[idx // 6][8 * (idx % 6):8 * (idx % 6) + 8],
+                                       "little"),
         "MRCONFIGID": lambda: int.from_bytes(td.mr_config_id[8 * idx:8 * idx + 8], "little"),
         "MROWNER": lambda: int.from_bytes(td.mr_owner[8 * idx:8 * idx + 8], "little"),
         "MROWNERCONFIG": lambda: int.from_bytes(td.mr_owner_config[8 * idx:8 * idx + 8],

@@ -120,6 +120,10 @@ class VcpuState:
         return "ACTIVE" if self.running_lp is not None else "READY"
 
 
+#: NUM_RTMRS of intel/tdx-module (the RTMR index bound tdg_mr_rtmr_extend.c checks).
+NUM_RTMRS = 4
+
+
 @dataclass
 class TdState:
     """TDR plus TDCS of one TD, keyed by the TDR HPA."""
@@ -152,6 +156,9 @@ class TdState:
     # measurement
     mrtd_ctx: hashlib._Hash = field(default_factory=hashlib.sha384)
     mrtd: bytes = bytes(48)
+    #: TDCS.RTMR[0..3]: run-time measurement registers the guest extends
+    #: (TDG.MR.RTMR.EXTEND); zero at TDH.MNG.INIT.
+    rtmr: list[bytes] = field(default_factory=lambda: [bytes(48)] * NUM_RTMRS)
     finalized: bool = False
     # TLB tracking (epoch_tracking): td_epoch and the two refcounts
     td_epoch: int = 1

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,14 @@ class ModuleTdView:
 
     def num_vcpus(self) -> int:
         return self.td.num_vcpus
+
+    def rtmr_extend(self, index: int, data: bytes) -> None:
+        """tdg_mr_rtmr_extend.c's update under the module mutex. The module takes TDCS's
+        RTMR lock exclusive around it (OPERAND_BUSY, operand RTMR, if it cannot); no host
+        leaf the model serves holds that lock, so the guest always gets it."""
+        with self.module.cond:
+            rtmr = self.td.rtmr
+            rtmr[index] = hashlib.sha384(rtmr[index] + data).digest()
 
     # -- GpaTranslator ---------------------------------------------------------------------
     def sept_walk(self, gpa: int, level: int) -> SeptWalk:

@@ -9,6 +9,7 @@ leaf, or at an entry without RWX) so the engine sees what the module would repor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -67,6 +68,7 @@ class SandboxTd:
         self.last_base_leaf = 0x23
         self.last_extended_leaf = 0x8000_0008
         self.vcpus = 1
+        self.rtmr = [bytes(48)] * 4
 
     # -- host pages ------------------------------------------------------------------
     def alloc(self, size: int = 4096) -> int:
@@ -154,6 +156,9 @@ class SandboxTd:
 
     def num_vcpus(self) -> int:
         return self.vcpus
+
+    def rtmr_extend(self, index: int, data: bytes) -> None:
+        self.rtmr[index] = hashlib.sha384(self.rtmr[index] + data).digest()
 
 
 class SharedEpt:

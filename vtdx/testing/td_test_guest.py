@@ -29,11 +29,12 @@ from vtdx.testing.td_sandbox import SandboxTd, SharedEpt
 T_BOOT, T_INFO, T_EPT, T_ACCEPT_4K, T_ACCEPT_2M, T_ACCEPT_MISMATCH, T_SHARED, T_LOOP = range(8)
 T_HLT, T_TRIPLE, T_CPUID, T_PENDING, T_VM_RD_WR, T_BAD_TDCALLS, T_EXIT_LOOP = range(8, 15)
 T_COMPUTE, T_INFO_LOOP, T_PAGE_FAULT, T_LOCK_LOOP, T_CPUID_LEAVES = 15, 16, 17, 18, 19
-T_SMC_ALIAS, T_CMPXCHG16B_LOOP, T_RMW_FAULTS = 20, 21, 22
+T_SMC_ALIAS, T_CMPXCHG16B_LOOP, T_RMW_FAULTS, T_RTMR_EXTEND = 20, 21, 22, 23
 
 SAVE = 0x20000            # guest data page: initial registers, SAVE+64 = loop count
 SCRATCH = 0x22000         # guest scratch slots; SCRATCH+0x100 the lock counter
 WIDE_COUNTER = SCRATCH + 0x110  # the 128-bit counter of T_CMPXCHG16B_LOOP (16-byte aligned)
+RTMR_DATA = SCRATCH + 0x180     # T_RTMR_EXTEND's extension data (64-byte aligned, 48 bytes)
 SHARED_GPA = 0x400000     # | the shared bit; guest VA 0x40000000
 UNMAPPED_GPA = 0x30000
 ACCEPT_4K_GPA = 0x31000
@@ -385,6 +386,38 @@ t_rmw:  call    setup_idt
         REPORT  0x220, SCRATCH + 48, SCRATCH + 56, SCRATCH + 40, SCRATCH + 0x200
         jmp     done
 
+/* 23: TDG.MR.RTMR.EXTEND: a GPA aligned to 32 bytes only, index 4, the shared alias of
+   the data (GPAW 48: bit 47), RTMR[2] from the data, then RTMR[1] from the unmapped GPA
+   (an EPT-violation exit; the TDCALL runs again once the page is there) */
+t_rtmr: mov     $2, %eax
+        mov     $SCRATCH + 0x1A0, %ecx
+        xor     %edx, %edx
+        TDCALL
+        mov     %rax, SCRATCH + 0x240
+        mov     $2, %eax
+        mov     $SCRATCH + 0x180, %ecx
+        mov     $4, %edx
+        TDCALL
+        mov     %rax, SCRATCH + 0x248
+        mov     $2, %eax
+        movabs  $0x800000022180, %rcx
+        xor     %edx, %edx
+        TDCALL
+        mov     %rax, SCRATCH + 0x250
+        mov     $2, %eax
+        mov     $SCRATCH + 0x180, %ecx
+        mov     $2, %edx
+        TDCALL
+        mov     %rax, SCRATCH + 0x258
+        mov     $2, %eax
+        mov     $0x30000, %ecx
+        mov     $1, %edx
+        TDCALL
+        mov     %rax, SCRATCH + 0x260
+        REPORT  0x230, SCRATCH + 0x240, SCRATCH + 0x248, SCRATCH + 0x250, SCRATCH + 0x258
+        REPORT  0x231, SCRATCH + 0x260, $0, $0, $0
+        jmp     done
+
 done:   REPORT  0x1FF, $0, $0, $0, $0
         jmp     done
 
@@ -446,7 +479,7 @@ ve_handler:                     /* TDG.VP.VEINFO.GET, record, skip the instructi
         .balign 8
 table:  .quad   t_boot, t_info, t_ept, t_acc4k, t_acc2m, t_accmis, t_shared, t_loop
         .quad   t_hlt, t_triple, t_cpuid, t_pend, t_vm, t_bad, t_exits, t_compute
-        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves, t_smc, t_cx16, t_rmw
+        .quad   t_info_loop, t_pf, t_lock, t_cpuid_leaves, t_smc, t_cx16, t_rmw, t_rtmr
         .set    ntests, (. - table) / 8
 idt_desc:
         .word   256 * 16 - 1
@@ -589,6 +622,10 @@ class GuestRig:
     def wide_counter(self) -> int:
         """The 128-bit counter T_CMPXCHG16B_LOOP increments."""
         return int.from_bytes(self.ram.read(self._wide_counter_hpa(), 16), "little")
+
+    def scratch_hpa(self, gpa: int) -> int:
+        """Host address of a guest-physical address in the scratch page."""
+        return self.td.leaves[(0, SCRATCH)][1] + (gpa - SCRATCH)
 
     def set_wide_counter(self, value: int) -> None:
         self.ram.write(self._wide_counter_hpa(), value.to_bytes(16, "little"))

@@ -653,6 +653,15 @@ class TdVcpuEngine:
         return TdExit(EXIT_TRIPLE_FAULT, status=TDX_NON_RECOVERABLE_VCPU)
 
     # ---------------------------------------------------------------- second stage
+    def leaf_gpa_to_hpa(self, gpa: int, qual: int) -> int:
+        """The HPA of ``gpa`` for a TDCALL leaf's own access to guest memory (the module's
+        check_walk_and_map_guest_side_gpa): the walk and its EPT-violation exit or #VE are a
+        guest access's, but the #VE carries no guest-linear address (tdx_inject_ve(...,
+        gla 0))."""
+        self._fault_gla = 0
+        hpa, _ = self.gpa_to_hpa(gpa, qual)
+        return hpa | (gpa & 0xFFF)
+
     def gpa_to_hpa(self, gpa: int, qual: int) -> tuple[int, int]:
         """GPA -> (HPA, EPT permissions RWX as UC_PROT bits); raises _EptExit/_GuestFault."""
         page = gpa & ~0xFFF
@@ -898,6 +907,12 @@ class TdVcpuEngine:
             outcome = guest_leaves.dispatch(self)
         except EngineUnsupported as e:
             self._fatal = e
+            return False
+        except _EptExit as e:       # a leaf's guest-side GPA walk (RIP stays on the TDCALL)
+            self._set_exit(self._ept_exit(e))
+            return False
+        except _GuestFault as f:    # the same walk converted to a #VE
+            self._event = f
             return False
         if not isinstance(outcome, TdExit):
             self.stats["tdcalls_in_td"] += 1

@@ -29,6 +29,7 @@ from vtdx.module.engine.exits import (
     EXIT_EPT_VIOLATION,
     EXIT_TDCALL,
     LAST_EXIT_TDVMCALL,
+    QUAL_READ,
     QUAL_WRITE,
     VMCALL_GPRS,
     TdExit,
@@ -46,11 +47,14 @@ from vtdx.module.engine.interfaces import (
 if TYPE_CHECKING:
     from vtdx.module.engine.engine import TdVcpuEngine
 
-OPERAND_RAX, OPERAND_RCX = 0, 1
+OPERAND_RAX, OPERAND_RCX, OPERAND_RDX = 0, 1, 2
+#: NUM_RTMRS; the extension data is one SHA-384 digest, 64-byte aligned.
+NUM_RTMRS, RTMR_DATA_SIZE, RTMR_DATA_ALIGN = 4, 48, 64
 MD_FIELD_ID_NA: Final = (1 << 64) - 1     # metadata_generic.h
 
 TDG_VP_VMCALL = 0
 TDG_VP_INFO = 1
+TDG_MR_RTMR_EXTEND = 2
 TDG_VP_VEINFO_GET = 3
 TDG_VP_CPUIDVE_SET = 5
 TDG_MEM_PAGE_ACCEPT = 6
@@ -89,6 +93,8 @@ def dispatch(eng: TdVcpuEngine) -> _Continue | TdExit:
         return _status(eng, vp_info(eng))
     if leaf == TDG_MEM_PAGE_ACCEPT:
         return mem_page_accept(eng)
+    if leaf == TDG_MR_RTMR_EXTEND:
+        return _status(eng, mr_rtmr_extend(eng))
     if leaf == TDG_VP_VEINFO_GET:
         return _status(eng, vp_veinfo_get(eng))
     if leaf == TDG_VP_CPUIDVE_SET:
@@ -181,6 +187,29 @@ def vm_rd_wr(eng: TdVcpuEngine, write: bool, version: int) -> int:
     if status != TDX_SUCCESS:
         return status
     eng.wr(X.UC_X86_REG_R8, value)
+    return TDX_SUCCESS
+
+
+def mr_rtmr_extend(eng: TdVcpuEngine) -> int:
+    """tdg_mr_rtmr_extend.c: RCX = GPA of 48 bytes of extension data, RDX = RTMR index.
+    In the handler's order:
+    - a GPA not 64-byte aligned: TDX_OPERAND_INVALID, operand RCX;
+    - check_walk_and_map_guest_side_gpa (read, private only): a GPA outside the TD's width
+      or with the shared bit is TDX_OPERAND_INVALID, operand RCX; the S-EPT walk of a
+      private GPA may end the TDCALL in an EPT-violation TD exit or a #VE, as a guest read
+      would (the engine's translation raises them; the TDCALL is executed again);
+    - an index >= NUM_RTMRS: TDX_OPERAND_INVALID, operand RDX;
+    - RTMR[index] = SHA-384(RTMR[index] || data)."""
+    gpa, index = eng.rd(X.UC_X86_REG_RCX), eng.rd(X.UC_X86_REG_RDX)
+    if gpa % RTMR_DATA_ALIGN:
+        return with_operand(TDX_OPERAND_INVALID, OPERAND_RCX)
+    cfg = eng.cfg
+    if gpa >> (52 if cfg.gpaw else 48) or gpa & cfg.shared_bit:
+        return with_operand(TDX_OPERAND_INVALID, OPERAND_RCX)
+    data = eng.ram.read(eng.leaf_gpa_to_hpa(gpa, QUAL_READ), RTMR_DATA_SIZE)
+    if index >= NUM_RTMRS:
+        return with_operand(TDX_OPERAND_INVALID, OPERAND_RDX)
+    eng.td.rtmr_extend(index, data)
     return TDX_SUCCESS
 
 

@@ -142,3 +142,8 @@ class TdView(GpaTranslator, TdMetadata, CpuidConfig, Protocol):
     def num_vcpus(self) -> int:
         """TDCS.NUM_VCPUS: vCPUs initialised so far (TDG.VP.INFO reports it)."""
         ...
+
+    def rtmr_extend(self, index: int, data: bytes) -> None:
+        """TDG.MR.RTMR.EXTEND's update: RTMR[index] = SHA-384(RTMR[index] || data), 48 bytes
+        of ``data``; the engine has checked the operands."""
+        ...
