@@ -16,6 +16,7 @@ made (arch/x86/kvm/vmx/tdx.c), with 1 and 2 TD vCPUs, and that teardown leaves n
 from __future__ import annotations
 
 import collections
+import hashlib
 import struct
 import subprocess
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ PORT_CONSOLE, PORT_DOORBELL, PORT_DONE, PORT_CONFIG = 0x3F8, 0x510, 0x511, 0x512
 PORT_BENCH = 0x513
 DONE_PASS = 0x600D
 TDX_PAGE_ALREADY_ACCEPTED = 0xC0000B0A00000000  # tdx-module src/include/tdx_api_defs.h
+TDX_OPERAND_INVALID = 0xC000010000000000  # the same file; operand id in bits 31:0
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,8 @@ class FakeTd:
     done: dict[int, int] = field(default_factory=dict)
     fatal: dict[int, int] = field(default_factory=dict)
     vm_rd_override: dict[int, int] = field(default_factory=dict)
+    #: TDG.MR.RTMR.EXTEND calls: (index, the 48 bytes) in order.
+    rtmr_extends: list[tuple[int, bytes]] = field(default_factory=list)
     bench_exits: int = 0
     bench_marks: list[int] = field(default_factory=list)
     #: The image as the last vCPU left it (its data is private memory every vCPU shares).
@@ -174,6 +178,13 @@ def run_vcpu(td: FakeTd, image: bytes, vcpu: int) -> None:
             else:
                 td.accepted.add(page)
                 uc.mem_write(page, bytes(4096))
+        elif leaf == 2:  # TDG.MR.RTMR.EXTEND(RCX = 64-byte aligned GPA, RDX = index)
+            gpa, index = reg("RCX"), reg("RDX")
+            assert gpa % 64 == 0
+            if index >= 4:
+                status = TDX_OPERAND_INVALID | 2   # operand RDX
+            else:
+                td.rtmr_extends.append((index, bytes(uc.mem_read(gpa, 48))))
         elif leaf == 7:  # TDG.VM.RD(RDX = field id) -> R8
             fields = {0x1110000300000000: ATTRIBUTES, 0x1110000300000001: XFAM,
                       0x1110000200000003: td.max_vcpus}
@@ -230,7 +241,9 @@ def test_tdguest_runs_its_checks_from_the_reset_vector(image: bytes, nr_vcpus: i
     (magic, vcpu, checks, rcx, r8, info_rcx, info_rdx, info_r8, info_r9, attrs, xfam,
      max_vcpus, accepted, _sum, cookie, mmio, _ack) = td.report
     assert (magic, vcpu, rcx, r8) == (REPORT_MAGIC, 0, IMAGE_GPA, IMAGE_GPA)
-    assert checks == 0b111111110  # INIT_REGS .. SHARED_RW
+    assert checks == 0b10111111110  # INIT_REGS .. SHARED_RW, RTMR (MAP_PRIVATE comes later)
+    # Each vCPU extended RTMR[2] once with its 48 bytes (the index-4 call was refused).
+    assert td.rtmr_extends == [(2, bytes(i * 3 + 1 for i in range(48)))] * nr_vcpus
     assert (info_rcx, info_rdx, info_r8, info_r9) == (GPAW, ATTRIBUTES, 2 << 32 | nr_vcpus, 0)
     assert (attrs, xfam, max_vcpus, accepted, cookie, mmio) == (
         ATTRIBUTES, XFAM, 2, 16, td.cookie, td.cookie)
@@ -285,6 +298,7 @@ def _run_on_td_engine(image: bytes, nr_vcpus: int) -> dict:
         td.vcpus = nr_vcpus
         td.metadata.update({0x1110000300000000: ATTRIBUTES, 0x1110000300000001: XFAM,
                             0x1110000200000003: 2})
+        out["rtmr"] = td.rtmr               # the list TDG.MR.RTMR.EXTEND updates
         cookie = 0xC00C1E_0000_0042
         img = bytearray(image)
         blk = struct.pack("<QIIQQIIQQ", CONFIG_MAGIC, nr_vcpus, 2, ATTRIBUTES, XFAM, 48, 0,
@@ -357,7 +371,13 @@ def test_tdguest_on_the_td_engine(image: bytes, nr_vcpus: int) -> None:
     out = _run_on_td_engine(image, nr_vcpus)
     assert out["done"] == {v: DONE_PASS for v in range(nr_vcpus)}, out["console"]
     report = out["report"]
-    assert report is not None and report[2] == 0b111111110 and report[12] == 16
+    assert report is not None and report[2] == 0b10111111110 and report[12] == 16
+    # Every vCPU extended RTMR[2] with the same 48 bytes (tdg_mr_rtmr_extend.c).
+    data = bytes(i * 3 + 1 for i in range(48))
+    rtmr2 = bytes(48)
+    for _ in range(nr_vcpus):
+        rtmr2 = hashlib.sha384(rtmr2 + data).digest()
+    assert out["rtmr"] == [bytes(48), bytes(48), rtmr2, bytes(48)]
     assert report[7] == 2 << 32 | nr_vcpus  # TDG.VP.INFO R8: MAX_VCPUS, NUM_VCPUS
     assert out["map_gpa"] == [(1 << 47) | SHARED_GPA, SHARED_GPA]
     # One EPT violation per page accepted (16 + 4 per extra vCPU, the shared page twice)

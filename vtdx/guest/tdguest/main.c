@@ -24,6 +24,7 @@ extern uint64_t pd_low[512];
 
 #define TDG_VP_VMCALL		0
 #define TDG_VP_INFO		1
+#define TDG_MR_RTMR_EXTEND	2
 #define TDG_MEM_PAGE_ACCEPT	6
 #define TDG_VM_RD		7
 
@@ -48,7 +49,15 @@ enum {
 	CHECK_MAP_SHARED,	/* MapGPA to shared */
 	CHECK_SHARED_RW,	/* report in the shared page, acknowledged by the VMM */
 	CHECK_MAP_PRIVATE,	/* MapGPA back to private, accepted again, zeroed */
+	CHECK_RTMR,		/* TDG.MR.RTMR.EXTEND: a bad index refused, RTMR[2] extended */
 };
+
+/* TDX_OPERAND_INVALID with operand id RDX (2). */
+#define TDX_OPERAND_INVALID_RDX	0xC000010000000002ULL
+
+/* The 48 bytes TDG.MR.RTMR.EXTEND reads: private memory of the image, 64-byte aligned as the
+ * leaf requires (the image is identity-mapped, so its address is its GPA). */
+static uint8_t rtmr_data[48] __attribute__((aligned(64)));
 
 static volatile struct tdg_config *const cfg = (volatile struct tdg_config *)TDG_CONFIG_GPA;
 
@@ -244,6 +253,21 @@ void tdg_main(uint32_t vcpu, uint64_t init_rcx, uint64_t init_r8, uint32_t max_p
 		fail(vcpu, CHECK_VM_RD, rep.vm_attributes);
 	rep.checks |= 1u << CHECK_VM_RD;
 	say(vcpu, "TDG.VP.INFO and TDG.VM.RD match the VMM's configuration\n");
+
+	for (uint32_t i = 0; i < sizeof(rtmr_data); i++)
+		rtmr_data[i] = (uint8_t)(i * 3 + 1);
+	r = (struct tdcall_regs){ .rax = TDG_MR_RTMR_EXTEND, .rcx = (uint64_t)rtmr_data,
+				  .rdx = 4 };
+	tdcall(&r);
+	if (r.rax != TDX_OPERAND_INVALID_RDX)
+		fail(vcpu, CHECK_RTMR, r.rax);
+	r = (struct tdcall_regs){ .rax = TDG_MR_RTMR_EXTEND, .rcx = (uint64_t)rtmr_data,
+				  .rdx = 2 };
+	tdcall(&r);
+	if (r.rax)
+		fail(vcpu, CHECK_RTMR, r.rax);
+	rep.checks |= 1u << CHECK_RTMR;
+	say(vcpu, "TDG.MR.RTMR.EXTEND extended RTMR[2] and refused RTMR[4]\n");
 
 	rep.sum = use_private_pages(vcpu, &rep.accepted);
 	rep.checks |= 1u << CHECK_ACCEPT;
