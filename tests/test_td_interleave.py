@@ -163,3 +163,31 @@ def test_random_interleavings_keep_invariants(data: hs.DataObject) -> None:
         fx.w.control.clear()
         for _, t, _ in r.inflight.values():
             t.join(5)
+
+
+def test_two_pamt_adds_cannot_take_one_page() -> None:
+    """tdh_phymem_pamt_add.c: after the shared PAMT walks, each pair page's PAMT_PAGE_BITMAP
+    bit is atomically tested and set before the commit. Two PAMT.ADDs naming one free page
+    both pass the shared walks; while the first is held at ``locked``, the second finds the
+    bit taken: TDX_PAGE_NOT_FREE with operand RDX, and the page backs one range only
+    (found by the random interleavings above: the model used to set the bits at commit)."""
+    fx = Fixture(2)
+    m = fx.w.module
+    r = Runner(fx)
+    a, b = fx.huge[0], fx.huge[1]
+    p0, p1, p2 = fx.pages[6], fx.pages[7], fx.pages[8]
+    r.step(0, Regs(rax=Leaf.TDH_PHYMEM_PAMT_ADD, rcx=a | 1, rdx=p0, r8=p1), "locked")
+    assert 0 in r.inflight                             # held with the bits taken
+    out = m.seamcall(1, Regs(rax=Leaf.TDH_PHYMEM_PAMT_ADD, rcx=b | 1, rdx=p0, r8=p2))
+    assert out.rax == st.with_operand(st.TDX_PAGE_NOT_FREE, st.OPERAND_ID_RDX)
+    r.check()                                          # p2's bit was not kept either
+    assert (p2 >> 12) not in m.gd.pamt.bitmap
+    r.resume(0)
+    assert m.gd.pamt.node(a) is not None and m.gd.pamt.node(b) is None
+    r.finish()
+    # The same page for both halves of one pair: the second bit fails, the first is given
+    # back (operand R8).
+    out = m.seamcall(1, Regs(rax=Leaf.TDH_PHYMEM_PAMT_ADD, rcx=b | 1, rdx=p2, r8=p2))
+    assert out.rax == st.with_operand(st.TDX_PAGE_NOT_FREE, st.OPERAND_ID_R8)
+    assert (p2 >> 12) not in m.gd.pamt.bitmap
+    r.check()

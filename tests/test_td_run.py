@@ -13,6 +13,7 @@ the model's invariants hold, no TD is left and every PAMT entry is PT_NDA again.
 from __future__ import annotations
 
 import collections
+import hashlib
 import struct
 import threading
 from pathlib import Path
@@ -212,7 +213,13 @@ def test_td_guest_runs_to_completion(any_world: World, image: bytes, nr_vcpus: i
     exits = _run_all(w, td, vcpus, vmm)
     assert vmm.done == {i: DONE_PASS for i in range(nr_vcpus)}, dict(vmm.console)
     report = vmm.report
-    assert report is not None and report[2] == 0b111111110 and report[12] == 16
+    assert report is not None and report[2] == 0b10111111110 and report[12] == 16
+    # Each vCPU's TDG.MR.RTMR.EXTEND reached the module's TDCS (tdg_mr_rtmr_extend.c).
+    data = bytes(i * 3 + 1 for i in range(48))
+    rtmr2 = bytes(48)
+    for _ in range(nr_vcpus):
+        rtmr2 = hashlib.sha384(rtmr2 + data).digest()
+    assert w.module.gd.tds[td.tdr].rtmr == [bytes(48), bytes(48), rtmr2, bytes(48)]
     assert report[7] == 2 << 32 | nr_vcpus  # TDG.VP.INFO R8: MAX_VCPUS, NUM_VCPUS
     assert vmm.map_gpa == [SHARED_BIT | SHARED_GPA, SHARED_GPA]
     total = collections.Counter[int]()

@@ -103,18 +103,25 @@ def check_and_lock_dpamt_pair(ctx: CallContext, hpa0: int, op0: int, hpa1: int, 
                               locked_2m: int | None = None) -> None:
     """A Dynamic PAMT page pair about to become a range's 4KB PAMT level must be free:
     each page PAMT-walked shared to 4KB (the lock that makes PAMT.ADD and DEMOTE collide)
-    and PT_NDA, then neither page already a PAMT page and the two distinct. TDH.PHYMEM.
+    and PT_NDA, then each page's PAMT_PAGE_BITMAP bit atomically tested and set (the first
+    given back if the second is taken; the same page twice fails on the second). TDH.PHYMEM.
     PAMT.ADD and DEMOTE's pamt_demote check the pair the same way; PAMT.ADD passes the
-    2MB range it holds exclusive as ``locked_2m`` and its pages are not walked again."""
+    2MB range it holds exclusive as ``locked_2m`` and its pages are not walked again.
+
+    The bits are taken here, before the call's commit, as the module takes them: the shared
+    walks do not keep a second call from checking the same free page, the bit does (two
+    PAMT.ADDs sharing a page, one held at ``locked``: the other gets PAGE_NOT_FREE). Both
+    callers commit right after, with no error path left to give the bits back."""
     pamt = ctx.gd.pamt
     for hpa, operand in ((hpa0, op0), (hpa1, op1)):
         if locked_2m is not None and hpa >> 21 == locked_2m >> 21:
             continue
         if pamt.walk(ctx, hpa, SH, operand, LEVEL_4K).entry.pt != PT_NDA:
             raise fail(st.TDX_PAGE_NOT_FREE, operand)
-    if pamt.bitmap_get(hpa0):
+    if not pamt.bitmap_test_and_set(hpa0):
         raise fail(st.TDX_PAGE_NOT_FREE, op0)
-    if pamt.bitmap_get(hpa1) or hpa1 == hpa0:
+    if not pamt.bitmap_test_and_set(hpa1):
+        pamt.bitmap_clear(hpa0)
         raise fail(st.TDX_PAGE_NOT_FREE, op1)
 
 

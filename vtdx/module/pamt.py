@@ -296,6 +296,18 @@ class PamtManager:
         reserved pages' bits at TDMR init, pamt_4kb_bitmap_init)."""
         return (pa >> 12) in self.bitmap or self.default_pt(pa, LEVEL_4K) == PT_RSVD
 
+    def bitmap_test_and_set(self, pa: int) -> bool:
+        """dynamic_pamt_4k_bitmap_set: take the page's PAMT_PAGE_BITMAP bit; False if it was
+        set already (a PAMT page, one another call is adding, or a reserved page)."""
+        if self.bitmap_get(pa):
+            return False
+        self.bitmap.add(pa >> 12)
+        return True
+
+    def bitmap_clear(self, pa: int) -> None:
+        """dynamic_pamt_4k_bitmap_clear."""
+        self.bitmap.discard(pa >> 12)
+
     def add_node(self, pa: int, hpa0: int, hpa1: int, page_count: int) -> None:
         """Install a page pair as the 4KB level of the 2MB range at ``pa`` (PT_PAMT)."""
         self.bitmap.update((hpa0 >> 12, hpa1 >> 12))

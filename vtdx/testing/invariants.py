@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from vtdx.module import TdxModule
 from vtdx.module import sept as S
+from vtdx.module.locks import EXCLUSIVE, LockTable
 from vtdx.module.pamt import (
     LEVEL_2M,
     LEVEL_4K,
@@ -22,6 +23,7 @@ from vtdx.module.pamt import (
     PT_TDVPR,
     SHIFT,
     PamtManager,
+    pamt_key,
 )
 from vtdx.module.state import TD_BLOCKED, TD_TEARDOWN
 
@@ -111,7 +113,7 @@ def check_invariants(module: TdxModule, *, expect_no_locks: bool = False) -> lis
                 f"{owner:#x} is not part of any TD")
     problems += _check_hierarchy(module, owned)
     if gd.pamt.dynamic:
-        problems += _check_dpamt(gd.pamt, owned)
+        problems += _check_dpamt(gd.pamt, owned, module.locks)
     elif gd.pamt.nodes or gd.pamt.bitmap:
         bad("Dynamic PAMT state exists but Dynamic PAMT is off")
     if expect_no_locks and len(module.locks):
@@ -131,7 +133,16 @@ def _check_hierarchy(module: TdxModule, owned: dict[tuple[int, int], tuple[int, 
     return out
 
 
-def _check_dpamt(pamt: PamtManager, owned: dict[tuple[int, int], tuple[int, int]]) -> list[str]:
+def _being_added(hpa: int, locks: LockTable) -> bool:
+    """A PAMT.ADD or DEMOTE between its pair check and its commit has set the page's bitmap
+    bit (helpers.check_and_lock_dpamt_pair) and still holds the page's 4KB PAMT entry, or
+    the page's 2MB range exclusive when the page lies in the range it adds."""
+    return (locks.mode_of(pamt_key(LEVEL_4K, hpa)) != 0
+            or locks.mode_of(pamt_key(LEVEL_2M, hpa)) == EXCLUSIVE)
+
+
+def _check_dpamt(pamt: PamtManager, owned: dict[tuple[int, int], tuple[int, int]],
+                 locks: LockTable) -> list[str]:
     out = []
     nodes = pamt.nodes
     users: dict[int, int] = {}
@@ -154,7 +165,7 @@ def _check_dpamt(pamt: PamtManager, owned: dict[tuple[int, int], tuple[int, int]
             out.append(f"DPAMT range {rng:#x}: page count {node.page_count}, "
                        f"{count} pages assigned")
     for page in pamt.bitmap:
-        if page not in users:
+        if page not in users and not _being_added(page << 12, locks):
             out.append(f"bitmap marks {page << 12:#x} as a PAMT page but no range uses it")
     for (level, pa), (pt, _) in owned.items():
         if level == LEVEL_2M and pt == PT_PAMT and (pa >> 21) not in nodes:
