@@ -109,7 +109,8 @@ DECLARED: tuple[Conformance, ...] = (
     C(Leaf.TDH_PHYMEM_PAGE_WBINVD, BOTH, (API + "tdh_phymem_page_wbinvd.c",),
       ("PAMT checks with operand RCX",)),
     C(Leaf.TDH_PHYMEM_PAMT_ADD, (T20,), (API + "tdh_phymem_pamt_add.c",),
-      ("2MB entry exclusive, page pair checks (free, not PAMT pages, distinct)",)),
+      ("2MB entry exclusive, page pair checks (free, not PAMT pages, distinct); the pair's "
+       "PAMT_PAGE_BITMAP bits atomically tested and set at the check, before the commit",)),
     C(Leaf.TDH_PHYMEM_PAMT_REMOVE, (T20,), (API + "tdh_phymem_pamt_remove.c",),
       ("returns the pair in RDX/R8",)),
     # --- TD management ---------------------------------------------------------------------
