@@ -618,6 +618,29 @@ def test_rtmr_extend_checks_then_extends(ram) -> None:
                            hashlib.sha384(zero + data).digest(), zero]
 
 
+def test_rtmr_extend_from_a_pending_page(ram) -> None:
+    """check_walk_and_map_guest_side_gpa on a PENDING page: with SEPT_VE_DISABLE (the rig's
+    default) an EPT-violation exit of EEQ type PENDING_EPT_VIOLATION; without it a #VE
+    (tdx_inject_ve with GLA 0: the module's own access has no guest-linear address), which
+    ends in a triple fault here as the routine installs no #VE gate."""
+    rig = GuestRig(ram, T_RTMR_EXTEND)
+    rig.td.page_aug(UNMAPPED_GPA)
+    ex = rig.enter()
+    while ex.reason == EXIT_TIME_SLICE:
+        ex = rig.enter()
+    assert ex.reason == EXIT_EPT_VIOLATION and ex.gpa == UNMAPPED_GPA
+    assert ex.ext_qualification == EEQ_PENDING_EPT_VIOLATION and ex.qualification == 1
+    rig = GuestRig(ram, T_RTMR_EXTEND, config=TdConfig(attributes=0))
+    rig.td.page_aug(UNMAPPED_GPA)
+    ex = rig.enter()
+    while ex.reason == EXIT_TIME_SLICE:
+        ex = rig.enter()
+    assert ex.reason == EXIT_TRIPLE_FAULT
+    ve = rig.engine.ve_info
+    assert (ve["exit_reason"], ve["gpa"], ve["gla"], ve["exit_qualification"]) == (
+        48, UNMAPPED_GPA, 0, 1)
+
+
 def test_the_engine_runs_on_the_patched_unicorn(ram) -> None:
     """`vtdx setup` (scripts/bootstrap) builds unicorn with vtdx/unicorn's patch and the
     engine loads it; the two tests below fail on the stock wheel."""
