@@ -309,8 +309,8 @@ class PamtManager:
         self.bitmap.discard(pa >> 12)
 
     def add_node(self, pa: int, hpa0: int, hpa1: int, page_count: int) -> None:
-        """Install a page pair as the 4KB level of the 2MB range at ``pa`` (PT_PAMT)."""
-        self.bitmap.update((hpa0 >> 12, hpa1 >> 12))
+        """Install a page pair as the 4KB level of the 2MB range at ``pa`` (PT_PAMT); the
+        pair's bitmap bits were taken at the check (helpers.check_and_lock_dpamt_pair)."""
         self.nodes[pa >> SHIFT[LEVEL_2M]] = DpamtNode(hpa0, hpa1, page_count)
         self.set(pa, LEVEL_2M, PT_PAMT)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from vtdx.module.engine.interfaces import NUM_RTMRS, RTMR_SIZE
 from vtdx.module.engine.registry import TdEngines
 from vtdx.module.pamt import PamtManager
 from vtdx.module.sept import SeptTree
@@ -120,10 +121,6 @@ class VcpuState:
         return "ACTIVE" if self.running_lp is not None else "READY"
 
 
-#: NUM_RTMRS of intel/tdx-module (the RTMR index bound tdg_mr_rtmr_extend.c checks).
-NUM_RTMRS = 4
-
-
 @dataclass
 class TdState:
     """TDR plus TDCS of one TD, keyed by the TDR HPA."""
@@ -158,7 +155,7 @@ class TdState:
     mrtd: bytes = bytes(48)
     #: TDCS.RTMR[0..3]: run-time measurement registers the guest extends
     #: (TDG.MR.RTMR.EXTEND); zero at TDH.MNG.INIT.
-    rtmr: list[bytes] = field(default_factory=lambda: [bytes(48)] * NUM_RTMRS)
+    rtmr: list[bytes] = field(default_factory=lambda: [bytes(RTMR_SIZE)] * NUM_RTMRS)
     finalized: bool = False
     # TLB tracking (epoch_tracking): td_epoch and the two refcounts
     td_epoch: int = 1

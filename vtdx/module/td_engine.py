@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,7 @@ from vtdx.module import sept as S
 from vtdx.module.cpuid import XCR0_USER_BIT_MASK, platform_cpuid, td_lookup
 from vtdx.module.engine.engine import TdVcpuEngine
 from vtdx.module.engine.hostram import HostRam
-from vtdx.module.engine.interfaces import SeptWalk, TdConfig
+from vtdx.module.engine.interfaces import SeptWalk, TdConfig, rtmr_extended
 from vtdx.module.locks import EXCLUSIVE, sept_key, septe_key
 from vtdx.module.state import TdState, VcpuState
 
@@ -64,7 +63,7 @@ class ModuleTdView:
         leaf the model serves holds that lock, so the guest always gets it."""
         with self.module.cond:
             rtmr = self.td.rtmr
-            rtmr[index] = hashlib.sha384(rtmr[index] + data).digest()
+            rtmr[index] = rtmr_extended(rtmr[index], data)
 
     # -- GpaTranslator ---------------------------------------------------------------------
     def sept_walk(self, gpa: int, level: int) -> SeptWalk:

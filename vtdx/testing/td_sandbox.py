@@ -9,7 +9,6 @@ leaf, or at an entry without RWX) so the engine sees what the module would repor
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from vtdx.module.engine.hostram import HostRam
 from vtdx.module.engine.interfaces import (
     LEVEL_2M,
     LEVEL_4K,
+    NUM_RTMRS,
+    RTMR_SIZE,
     SEPT_BLOCKED,
     SEPT_FREE,
     SEPT_MAPPED,
@@ -28,6 +29,7 @@ from vtdx.module.engine.interfaces import (
     SeptWalk,
     TdConfig,
     level_size,
+    rtmr_extended,
 )
 from vtdx.module.engine.registry import TdEngines
 from vtdx.platform.profile import Region
@@ -68,7 +70,7 @@ class SandboxTd:
         self.last_base_leaf = 0x23
         self.last_extended_leaf = 0x8000_0008
         self.vcpus = 1
-        self.rtmr = [bytes(48)] * 4
+        self.rtmr = [bytes(RTMR_SIZE)] * NUM_RTMRS
 
     # -- host pages ------------------------------------------------------------------
     def alloc(self, size: int = 4096) -> int:
@@ -158,7 +160,7 @@ class SandboxTd:
         return self.vcpus
 
     def rtmr_extend(self, index: int, data: bytes) -> None:
-        self.rtmr[index] = hashlib.sha384(self.rtmr[index] + data).digest()
+        self.rtmr[index] = rtmr_extended(self.rtmr[index], data)
 
 
 class SharedEpt:

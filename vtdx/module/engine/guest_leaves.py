@@ -38,6 +38,8 @@ from vtdx.module.engine.exits import (
 from vtdx.module.engine.interfaces import (
     LEVEL_2M,
     LEVEL_4K,
+    NUM_RTMRS,
+    RTMR_SIZE,
     SEPT_FREE,
     SEPT_MAPPED,
     SEPT_PENDING,
@@ -48,8 +50,8 @@ if TYPE_CHECKING:
     from vtdx.module.engine.engine import TdVcpuEngine
 
 OPERAND_RAX, OPERAND_RCX, OPERAND_RDX = 0, 1, 2
-#: NUM_RTMRS; the extension data is one SHA-384 digest, 64-byte aligned.
-NUM_RTMRS, RTMR_DATA_SIZE, RTMR_DATA_ALIGN = 4, 48, 64
+#: TDG.MR.RTMR.EXTEND's data (one SHA-384 digest) is 64-byte aligned.
+RTMR_DATA_ALIGN = 64
 MD_FIELD_ID_NA: Final = (1 << 64) - 1     # metadata_generic.h
 
 TDG_VP_VMCALL = 0
@@ -204,9 +206,9 @@ def mr_rtmr_extend(eng: TdVcpuEngine) -> int:
     if gpa % RTMR_DATA_ALIGN:
         return with_operand(TDX_OPERAND_INVALID, OPERAND_RCX)
     cfg = eng.cfg
-    if gpa >> (52 if cfg.gpaw else 48) or gpa & cfg.shared_bit:
+    if gpa >> cfg.max_pa_for_gpa or gpa & cfg.shared_bit:
         return with_operand(TDX_OPERAND_INVALID, OPERAND_RCX)
-    data = eng.ram.read(eng.leaf_gpa_to_hpa(gpa, QUAL_READ), RTMR_DATA_SIZE)
+    data = eng.ram.read(eng.leaf_gpa_to_hpa(gpa, QUAL_READ), RTMR_SIZE)
     if index >= NUM_RTMRS:
         return with_operand(TDX_OPERAND_INVALID, OPERAND_RDX)
     eng.td.rtmr_extend(index, data)

@@ -17,6 +17,7 @@ engine from the shared EPTP KVM writes with TDH.VP.WR (field 0x203C).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,6 +104,16 @@ class CpuidConfig(Protocol):
         """(EAX, EBX, ECX, EDX), or None for a leaf the module does not virtualise or marks
         faulting: the guest then gets a #VE (td_cpuid.c)."""
         ...
+
+
+#: TDCS run-time measurement registers (NUM_RTMRS, the index bound tdg_mr_rtmr_extend.c
+#: checks), each one SHA-384 digest.
+NUM_RTMRS, RTMR_SIZE = 4, 48
+
+
+def rtmr_extended(rtmr: bytes, data: bytes) -> bytes:
+    """TDG.MR.RTMR.EXTEND's new value of a register: SHA-384(RTMR || data)."""
+    return hashlib.sha384(rtmr + data).digest()
 
 
 @dataclass(frozen=True, slots=True)
