@@ -36,15 +36,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: Command name on the command line -> its module under vtdx.cli.
+_MODULE_OF = {name.replace("_", "-"): name for name in COMMANDS}
+
+
 def _commands_for(argv: list[str] | None) -> tuple[str, ...]:
-    if not argv:
-        return COMMANDS
-    if argv[0] == "--version":
+    if argv and argv[0] == "--version":
         return ()
-    name = argv[0].replace("-", "_")
-    if name in COMMANDS and argv[0] == name.replace("_", "-"):
-        return (name,)
-    return COMMANDS
+    module = _MODULE_OF.get(argv[0]) if argv else None
+    return (module,) if module else COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:

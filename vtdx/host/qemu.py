@@ -48,9 +48,9 @@ _MODULES = "usr/lib/x86_64-linux-gnu/qemu"
 Log = Callable[[str], None]
 
 
-def cache_dir(cache: Path | None = None) -> Path:
-    """The vtdx cache: ``cache`` if given, else $VTDX_CACHE, else ~/.cache/vtdx."""
-    return cache_root(cache)
+#: The vtdx cache (``cache`` if given, else $VTDX_CACHE, else ~/.cache/vtdx), under the name
+#: the host tooling uses.
+cache_dir = cache_root
 
 
 def parse_qemu_version(text: str) -> tuple[int, int, int]:
