@@ -22,10 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
-
 from vtdx.errors import VtdxError
 
 #: Elf64_Sym: st_name u32, st_info u8, st_other u8, st_shndx u16, st_value u64, st_size u64.
@@ -154,8 +150,13 @@ class SymbolTable:
 
         pyelftools locates the sections; the symbol entries themselves are unpacked in bulk
         (Elf64_Sym, 24 bytes each): a Linux vmlinux has ~50,000 of them and parsing them one
-        by one through pyelftools took ~2 s of every `vtdx run` start.
+        by one through pyelftools took ~2 s of every `vtdx run` start. pyelftools is imported
+        here, on a cache miss only: importing it costs ~25 ms of every start.
         """
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.sections import SymbolTableSection
+
         try:
             with open(path, "rb") as f:
                 elf = ELFFile(f)
