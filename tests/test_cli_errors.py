@@ -80,6 +80,14 @@ def test_run_bad_options(kernel_file: Path, args: list[str], needle: str) -> Non
     one_line_error(vtdx("run", "--kernel", str(kernel_file), *args), 1, needle)
 
 
+def test_run_unknown_profile_lists_each_profile_once(kernel_file: Path) -> None:
+    line = one_line_error(vtdx("run", "--kernel", str(kernel_file), "--profile", "dpam"), 2,
+                          "--profile", "dpam")
+    listed = line[line.index("choose from"):]
+    for name in ("default", "dpamt", "no-movdir64b", "one-keyid"):
+        assert listed.count(f"'{name}'") == 1, line
+
+
 def test_run_missing_files() -> None:
     one_line_error(vtdx("run", "--kernel", "/nonexistent/bzImage"), 1, "/nonexistent/bzImage")
 

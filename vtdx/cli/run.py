@@ -21,14 +21,14 @@ from pathlib import Path
 
 from vtdx.errors import VtdxError
 from vtdx.host import kernel as kernel_build
-from vtdx.platform.profile import PROFILES as PLATFORMS
+from vtdx.platform.profile import PROFILES
 from vtdx.session.run import CHECKS, InjectRule, PauseRule, RunOptions
 from vtdx.session.run import run as run_vm
 from vtdx.units import parse_size
 
-#: Named platforms (vtdx.platform.profile.PROFILES) and two that lack what Linux needs.
+#: Profiles that lack what Linux needs: the CLI maps them onto RunOptions' own switches
+#: (--no-movdir64b, --tdx-keyids 1) over the default platform.
 LACKING = ("no-movdir64b", "one-keyid")
-PROFILES = (*PLATFORMS, *LACKING)
 
 
 def options(args: argparse.Namespace) -> RunOptions:
@@ -64,7 +64,7 @@ def options(args: argparse.Namespace) -> RunOptions:
                       inject=tuple(InjectRule.parse(t) for t in args.inject),
                       qemu_args=tuple(args.qemu_arg), gdb=args.gdb, keep=args.keep,
                       shell=args.shell, put=tuple(_put(p) for p in args.put),
-                      platform=args.profile if args.profile in PLATFORMS else "default",
+                      platform="default" if args.profile in LACKING else args.profile,
                       features=args.features or "",
                       pauses=tuple(PauseRule.parse(t) for t in args.pause),
                       contend=args.contend, serial=args.serial)
