@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from vtdx import __version__
 from vtdx.errors import VtdxError
@@ -48,6 +49,10 @@ def _commands_for(argv: list[str] | None) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command of ``argv`` (default: this program's arguments) and return its exit
+    status. As the program itself (no ``argv``), a command that sets ``quick_exit`` ends the
+    process here (see ``_quick_exit``)."""
+    as_program = argv is None
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(argv)
@@ -55,6 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    rc = _dispatch(args)
+    if as_program and getattr(args, "quick_exit", False):
+        _quick_exit(rc)
+    return rc
+
+
+def _quick_exit(rc: int) -> NoReturn:
+    """End the process without the interpreter's teardown.
+
+    For a command that has released everything itself when it returns: `vtdx run` has
+    stopped QEMU, the daemon's threads and the QMP endpoint and removed its run directory by
+    then, so tearing down the ~270 modules it imported only adds 35-40 ms to every run."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except VtdxError as e:

@@ -192,4 +192,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a kernel WARNING/BUG report matching REGEX does not fail the run "
                    "(repeatable); any other report does")
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
+    # Everything a run makes is gone when it returns (vtdx.cli.main._quick_exit).
+    p.set_defaults(func=run, quick_exit=True)
