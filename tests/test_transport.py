@@ -19,6 +19,7 @@ import pytest
 
 from vtdx.abi.regs import MASK64, Regs
 from vtdx.abi.status import TDX_OPERAND_INVALID
+from vtdx.errors import VtdxError
 from vtdx.platform.memory import GuestRam, PhysAddrError, SparseMemory
 from vtdx.platform.profile import PROFILES, GiB, MiB, Profile, q35_ram_layout
 from vtdx.resources import asset
@@ -259,12 +260,21 @@ def _call(s: socket.socket, vcpu: int, seq: int, regs: Regs,
 class _Running:
     """A daemon on its own event loop thread, as the plugin sees it from outside."""
 
-    def __init__(self, path: Path, profile: Profile, backend: object) -> None:
+    def __init__(self, path: Path, profile: Profile, backend: object,
+                 pending: bool = False) -> None:
+        """``pending``: listen with no backend yet (``Daemon.pending``); ``attach`` it."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.daemon = Daemon(path, profile, backend)  # type: ignore[arg-type]
+        self.daemon = Daemon.pending(path, profile, seam_module=backend is not None) \
+            if pending else Daemon(path, profile, backend)  # type: ignore[arg-type]
         asyncio.run_coroutine_threadsafe(self.daemon.start(), self.loop).result(10)
+
+    def attach(self, backend: object) -> None:
+        async def attach() -> None:  # on the daemon's loop, as Machine does
+            self.daemon.attach(backend)  # type: ignore[arg-type]
+
+        asyncio.run_coroutine_threadsafe(attach(), self.loop).result(10)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.daemon.close(), self.loop).result(20)
@@ -383,6 +393,55 @@ def test_failures_answer_vmfailinvalid(sock_path: Path, backend: object) -> None
         assert bool(d.daemon.errors) == (backend is not None)
     finally:
         d.close()
+
+
+def test_pending_daemon_welcomes_qemu_and_serves_once_the_backend_is_attached(
+        sock_path: Path) -> None:
+    """Machine starts QEMU before it builds the module (vtdx/runtime/daemon.py,
+    ``Daemon.pending``): the control connection gets its rows and a vCPU its WELCOME at once,
+    and a SEAMCALL sent before ``attach`` is answered, by that backend, right after it."""
+    p = Profile.from_vm(2, 512 * MiB)
+    d = _Running(sock_path, p, EchoBackend(), pending=True)
+    try:
+        s, head = _hello(sock_path, CONTROL_VCPU, 2)
+        nrows = WELCOME.unpack(head)[4]
+        assert [Row.unpack(_recv(s, ROW.size)) for _ in range(nrows)] == \
+            facade.platform_rows(p)
+        s.close()
+        s, head = _hello(sock_path, 1, 2)
+        assert WELCOME.unpack(head)[3] == Welcome.OK
+        s.sendall(Call(1, 1, Regs(rax=0xE000, rcx=1)).pack())
+        s.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            s.recv(RET.size)  # nothing serves the vCPU yet
+        s.settimeout(10)
+        d.attach(EchoBackend())
+        kind, result, seq, out = unpack_ret(_recv(s, RET.size))
+        assert (kind, result, seq, out.rcx) == (Kind.RET, Result.VMSUCCEED, 1,
+                                                rotl64(1) ^ (1 << 56))
+        assert d.daemon.calls == [0, 1]
+        s.close()
+    finally:
+        d.close()
+
+
+def test_pending_daemon_refuses_a_backend_its_rows_did_not_announce(sock_path: Path) -> None:
+    d = Daemon.pending(sock_path, Profile.from_vm(1, 512 * MiB), seam_module=False)
+    with pytest.raises(VtdxError, match="SEAM module absent"):
+        d.attach(EchoBackend())
+    d = Daemon.pending(sock_path, Profile.from_vm(1, 512 * MiB), seam_module=True)
+    with pytest.raises(VtdxError, match="SEAM module expected"):
+        d.attach(None)
+
+
+def test_closing_a_pending_daemon_drops_its_waiting_vcpus(sock_path: Path) -> None:
+    d = _Running(sock_path, Profile.from_vm(1, 512 * MiB), EchoBackend(), pending=True)
+    s, head = _hello(sock_path, 0, 1)
+    assert WELCOME.unpack(head)[3] == Welcome.OK
+    d.close()
+    s.settimeout(10)
+    assert s.recv(RET.size) == b""  # closed, not served
+    assert not sock_path.exists()
 
 
 def test_close_drops_connections(sock_path: Path) -> None:

@@ -17,16 +17,16 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from vtdx.abi import leaves
 from vtdx.abi import status as st
-from vtdx.module import CallObserved, CheckpointReached, TdxModule
 from vtdx.module import pamt as P
 from vtdx.module import sept as SEPT
 from vtdx.module.contention import BusyRecord, ContentionLog
 from vtdx.module.control import POINTS, PauseHandle
 from vtdx.module.engine.exits import exit_reason_name
+from vtdx.module.events import CallObserved, CheckpointReached
 from vtdx.module.locks import HeldLock as ModuleHeldLock
 from vtdx.module.locks import septe_key
 from vtdx.module.state import LIFECYCLE_NAMES, OP_STATE_NAMES, TdState, VcpuState
@@ -63,6 +63,9 @@ from vtdx.observe.answers import (
     VtdxStatus,
 )
 from vtdx.observe.trace import TraceRecorder
+
+if TYPE_CHECKING:
+    from vtdx.module.core import TdxModule
 
 #: Upper bound of page frames one ``query-vtdx-pamt`` range returns (keeps replies small).
 MAX_PAMT_RANGE = 4096

@@ -16,13 +16,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from vtdx.abi import leaves, status
 from vtdx.abi.regs import REG_NAMES, Regs
 from vtdx.errors import VtdxError
-from vtdx.module import CallObserved, TdxModule
 from vtdx.module.engine.exits import exit_reason_name
+from vtdx.module.events import CallObserved
+
+if TYPE_CHECKING:
+    from vtdx.module.core import TdxModule
 
 TRACE_FILE = "trace.jsonl"
 #: The trace's first line: ``{"vtdx-header": {"profile", "features", "timing"}}`` -- what

@@ -25,7 +25,6 @@ from typing import Protocol
 from vtdx.abi.regs import MASK64, REG_NAMES, Regs
 from vtdx.abi.status import TDX_OPERAND_INVALID
 from vtdx.errors import VtdxError
-from vtdx.module import TdxModule
 from vtdx.module.timing import Overlap
 from vtdx.platform.memory import GuestRam, PhysAddrError, PhysMemory
 from vtdx.platform.profile import Profile
@@ -108,18 +107,46 @@ class Daemon:
 
     ``backend=None`` models a platform with no TDX module: the plugin is told so in the
     profile and SEAMCALL ends in VMfailInvalid without reaching the daemon.
+
+    ``Daemon.pending`` listens before the backend exists, so that QEMU can start while the
+    module model is imported and built (~40 ms of every `vtdx run`); ``attach`` hands it over
+    and the vCPUs' SEAMCALLs are served from then on.
     """
 
     def __init__(self, socket_path: str | Path, profile: Profile,
                  backend: Backend | None) -> None:
+        self._init(socket_path, profile, seam_module=backend is not None)
+        self.attach(backend)
+
+    @classmethod
+    def pending(cls, socket_path: str | Path, profile: Profile, *,
+                seam_module: bool) -> Daemon:
+        """A daemon whose backend comes later (``attach``); ``seam_module`` says now
+        whether there will be one, since the facade rows the plugin gets at start-up tell
+        the guest whether SEAM exists."""
+        daemon = cls.__new__(cls)
+        daemon._init(socket_path, profile, seam_module=seam_module)
+        return daemon
+
+    def _init(self, socket_path: str | Path, profile: Profile, *, seam_module: bool) -> None:
         self.profile = profile
-        self.backend = backend
-        overlap_by_default(backend)
-        self.rows = platform_rows(profile, seam_module=backend is not None)
+        self.backend: Backend | None = None
+        self.seam_module = seam_module
+        self.rows = platform_rows(profile, seam_module=seam_module)
         #: Last caller context per vCPU: (rflags, rip, rsp, cr3), for symbolising callers.
         self.callers: dict[int, tuple[int, ...]] = {}
-        self.server = Server(socket_path, profile.num_lps, self.rows, self._call)
+        self.server = Server(socket_path, profile.num_lps, self.rows, self._call,
+                             serving=False)
         self._errors = self.server.errors
+
+    def attach(self, backend: Backend | None) -> None:
+        """Serve SEAMCALLs from ``backend`` (None only for a daemon made without SEAM)."""
+        if (backend is not None) != self.seam_module:
+            raise VtdxError("the backend does not match the platform rows already sent: "
+                            f"SEAM module {'expected' if self.seam_module else 'absent'}")
+        overlap_by_default(backend)
+        self.backend = backend
+        self.server.serve()
 
     @property
     def socket_path(self) -> Path:
@@ -176,6 +203,8 @@ def make_backend(name: str, profile: Profile, memory: PhysMemory) -> Backend | N
         return EchoBackend(memory)
     if name not in BACKENDS:
         raise VtdxError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+
+    from vtdx.module import TdxModule  # the model loads while QEMU starts (Machine)
 
     module = TdxModule(profile, memory)
     return module if name == "module" else EchoBackend(memory, module)

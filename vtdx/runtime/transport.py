@@ -5,6 +5,10 @@ handshake each vCPU connection is served by its own thread with blocking ``recv_
 a preallocated buffer and one ``struct.unpack_from`` per frame: measured at ~1.0x the
 socket floor (asyncio.Protocol 1.1-1.2x, streams 1.8-4.7x), and a SEAMCALL held at a
 control point must stall only its own vCPU. Frames: docs/protocol.md.
+
+A server can listen before its handler can serve (``serving=False``): the plugin's control
+connection gets the facade rows and the vCPUs their WELCOME, so QEMU starts, and the vCPU
+threads begin at ``serve()``; a SEAMCALL sent meanwhile waits in its socket.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class Server:
     """Listens on a Unix socket; every vCPU connection gets its own serving thread."""
 
     def __init__(self, socket_path: str | Path, num_lps: int, rows: Sequence[Row],
-                 handler: Handler) -> None:
+                 handler: Handler, *, serving: bool = True) -> None:
         self.socket_path = Path(socket_path)
         self.num_lps = num_lps
         self.rows = list(rows)
@@ -78,6 +82,14 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        #: Set once vCPU connections may be served (see the module docstring).
+        self._serving = asyncio.Event()
+        if serving:
+            self._serving.set()
+
+    def serve(self) -> None:
+        """Start serving the vCPU connections made so far and every later one."""
+        self._serving.set()
 
     async def start(self) -> None:
         """Bind and start accepting (returns once the socket exists)."""
@@ -120,6 +132,7 @@ class Server:
         if status != Welcome.OK or control:
             conn.close()
             return
+        await self._serving.wait()
         conn.setblocking(True)
         t = threading.Thread(target=self._serve_vcpu, args=(conn, hello.vcpu),
                              name=f"vtdx-vcpu{hello.vcpu}", daemon=True)
@@ -193,6 +206,7 @@ class Server:
         with self._lock:
             self._closed = True
             conns = list(self._conns)
+        self._serving.set()  # a connection waiting to be served is closed instead
         if self._accept_task is not None:
             self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

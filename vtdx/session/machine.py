@@ -41,7 +41,6 @@ from typing import Any
 from vtdx.errors import VtdxError
 from vtdx.host.qemu import QemuRuntime
 from vtdx.observe.answers import QMP_SOCKET
-from vtdx.observe.qmp.endpoint import start_inspect
 from vtdx.observe.trace import TRACE_FILE
 from vtdx.platform.memory import GuestRam
 from vtdx.platform.profile import Profile
@@ -319,6 +318,8 @@ class Machine:
             raise VtdxError(f"cannot create the guest RAM file {self.ram_path} of "
                             f"{self.mem} bytes: {e.strerror}") from None
         self.ram = GuestRam(self.ram_path, self.profile.ram)
+        # Listen, start QEMU, then build the backend: QEMU's start-up and the guest's early
+        # boot (no SEAMCALL for a few hundred ms) overlap importing and building the module.
         await self._start_daemon()
         self._check_stopping()
         argv = [*rt.command(), *self.qemu_args(rt)]
@@ -328,6 +329,7 @@ class Machine:
             start_new_session=True, preexec_fn=_die_with_parent(me))
         self._readers.append(asyncio.create_task(self._read_console(self.qemu.stdout)))
         self._readers.append(asyncio.create_task(self._read_stderr(self.qemu.stderr)))
+        self._attach_backend()
 
     def qemu_stdin(self) -> int | None:
         """QEMU's stdin (its ttyS0 input): nothing, or ours with ``console_input``."""
@@ -427,14 +429,26 @@ class Machine:
                 raise VtdxError("the vtdx daemon process did not start")
             return
         spec = self.backend_spec
+        seam_module = spec != "none" if isinstance(spec, str) else spec is not None
+        self.daemon = Daemon.pending(self.socket_path, self.profile, seam_module=seam_module)
+        await self.daemon.start()
+
+    def _attach_backend(self) -> None:
+        """Build the backend, hand it to the listening in-process daemon and open the QMP
+        endpoint on it (nothing to do for a daemon process)."""
+        if self.daemon is None:
+            return
+        assert self.ram is not None
+        spec = self.backend_spec
         if isinstance(spec, str):
             backend = make_backend(spec, self.profile, self.ram)
         elif callable(spec) and not hasattr(spec, "seamcall"):
             backend = spec(self.profile, self.ram)
         else:
             backend = spec
-        self.daemon = Daemon(self.socket_path, self.profile, backend)
-        await self.daemon.start()
+        self.daemon.attach(backend)
+        from vtdx.observe.qmp.endpoint import start_inspect  # loads while QEMU starts
+
         self.inspect = start_inspect(backend, self._path("."), qemu_qmp=self.qmp_path,
                                      callers=self.daemon.callers,
                                      vmlinux=self.vmlinux)

@@ -19,14 +19,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from vtdx.abi.leaves import Leaf, leaf_name
 from vtdx.abi.regs import Regs
 from vtdx.abi.status import is_error
 from vtdx.errors import VtdxError
 from vtdx.host import initramfs, payloads
-from vtdx.module import TdxModule
 from vtdx.module.control import POINTS
 from vtdx.module.engine.exits import exit_reason_name
 from vtdx.module.stats import CallStats
@@ -38,6 +37,9 @@ from vtdx.observe.trace import parse_leaf
 from vtdx.platform.profile import PROFILES, GiB, KiB, MiB, Profile
 from vtdx.session.machine import Machine, Terminated, on_signals
 from vtdx.units import format_size
+
+if TYPE_CHECKING:
+    from vtdx.module.core import TdxModule
 
 #: A TDX host is an Intel machine: with TCG's default (AMD) vendor the kernel never sets
 #: X86_FEATURE_MSR_IA32_FEAT_CTL (init_ia32_feat_ctl runs for Intel/Centaur/Zhaoxin only) and
@@ -750,6 +752,8 @@ async def _run_async(opts: RunOptions, out: TextIO | None,
     backends: list[_Recorder] = []
 
     def backend(profile: Profile, memory: Any) -> _Recorder:
+        from vtdx.module import TdxModule  # loaded while QEMU starts (Machine._start)
+
         module = TdxModule(profile, memory)
         opts.arm(module)
         backends.append(_Recorder(module))

@@ -11,31 +11,56 @@ so either side can change its internals.
 - ``guest_leaves``: TDCALL leaves answered without leaving the TD.
 - ``registry.TdEngines``: the invalidation calls the module makes on S-EPT changes.
 - ``hostram.HostRam``: host RAM mapped once.
-- ``unicorn_lib``: loads vtdx's patched unicorn when setup built it (imported first).
+- ``unicorn_lib``: loads vtdx's patched unicorn when setup built it (imported first, by
+  this package; the rest loads on first use).
 
 The in-process TD for engine tests and benchmarks (a ``TdView`` without the module) and the
 assembled test guest live in ``vtdx.testing`` (``td_sandbox``, ``td_test_guest``).
 """
 
-# isort: off
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from vtdx.module.engine import unicorn_lib  # first: it chooses the library unicorn loads
-from vtdx.module.engine.engine import TdVcpuEngine, Watchdog
-# isort: on
-from vtdx.module.engine.errors import EngineUnsupported
-from vtdx.module.engine.exits import TdExit, vmcall_reply, vp_enter_outputs
-from vtdx.module.engine.hostram import HostRam
-from vtdx.module.engine.interfaces import (
-    CpuidConfig,
-    GpaTranslator,
-    SeptWalk,
-    TdConfig,
-    TdMetadata,
-    TdView,
-)
-from vtdx.module.engine.registry import TdEngines
+
+if TYPE_CHECKING:
+    from vtdx.module.engine.engine import TdVcpuEngine, Watchdog
+    from vtdx.module.engine.errors import EngineUnsupported
+    from vtdx.module.engine.exits import TdExit, vmcall_reply, vp_enter_outputs
+    from vtdx.module.engine.hostram import HostRam
+    from vtdx.module.engine.interfaces import (
+        CpuidConfig,
+        GpaTranslator,
+        SeptWalk,
+        TdConfig,
+        TdMetadata,
+        TdView,
+    )
+    from vtdx.module.engine.registry import TdEngines
+
+#: Exported name -> the submodule that defines it; loaded on first use (PEP 562), so that
+#: ``exits`` or ``interfaces`` alone do not import unicorn and the engine.
+_SOURCE = {
+    "TdVcpuEngine": "engine", "Watchdog": "engine", "EngineUnsupported": "errors",
+    "TdExit": "exits", "vmcall_reply": "exits", "vp_enter_outputs": "exits",
+    "HostRam": "hostram", "CpuidConfig": "interfaces", "GpaTranslator": "interfaces",
+    "SeptWalk": "interfaces", "TdConfig": "interfaces", "TdMetadata": "interfaces",
+    "TdView": "interfaces", "TdEngines": "registry",
+}
 
 __all__ = [
     "CpuidConfig", "EngineUnsupported", "GpaTranslator", "HostRam", "SeptWalk", "TdConfig",
     "TdEngines", "TdExit", "TdMetadata", "TdVcpuEngine", "TdView", "Watchdog",
     "unicorn_lib", "vmcall_reply", "vp_enter_outputs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCE.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
+    globals()[name] = value
+    return value

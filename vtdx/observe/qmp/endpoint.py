@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from vtdx.module import TdxModule
 from vtdx.module.control import PauseHandle
 from vtdx.observe.answers import (
     EVENT_CALL_PAUSED,
@@ -30,6 +29,9 @@ from vtdx.observe.qmp.thread import QmpServerThread
 from vtdx.observe.symbols import SYMBOL_CACHE, CallerResolver, GuestVirt, SymbolTable
 from vtdx.observe.trace import TRACE_FILE, TraceRecorder
 from vtdx.resources import cache_root
+
+if TYPE_CHECKING:
+    from vtdx.module.core import TdxModule
 
 #: (RIP, RSP, CR3) of the vCPU whose SEAMCALL is being observed, if known.
 CpuContext = Callable[[int], "tuple[int, int, int] | None"]
@@ -145,6 +147,6 @@ def start_inspect(
         c = callers.get(lp) if callers is not None else None
         return (c[1], c[2], c[3]) if c is not None else None
 
-    return InspectEndpoint(cast(TdxModule, module), run_dir, qemu_qmp=qemu_qmp,
+    return InspectEndpoint(cast("TdxModule", module), run_dir, qemu_qmp=qemu_qmp,
                            context=context if callers is not None else None,
                            vmlinux=vmlinux).start()
