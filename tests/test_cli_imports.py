@@ -44,3 +44,19 @@ def test_help_and_unknown_commands_list_every_command() -> None:
         assert "vtdx.cli.run" in mods and "vtdx.cli.trace" in mods
         for name in ("setup", "build-kernel", "run", "console", "trace", "daemon"):
             assert name in out, (argv, out)
+
+
+def test_run_starts_qemu_before_it_loads_the_module_model() -> None:
+    """What `vtdx run` imports before QEMU starts (vtdx/session/machine.py, ``_start``) holds
+    neither the module model and its TD engine (loaded while QEMU boots, vtdx/module/
+    __init__.py) nor what only a download or a symbol cache miss needs."""
+    probe = ("import json, sys; import vtdx.cli.run; "
+             "print(json.dumps(sorted(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       timeout=60, check=True)
+    mods = set(json.loads(r.stdout))
+    late = {"vtdx.module.core", "vtdx.module.leaves", "vtdx.module.context",
+            "vtdx.module.engine.engine", "vtdx.observe.qmp.endpoint", "unicorn",
+            "elftools", "urllib.request"}
+    assert not late & mods, sorted(late & mods)
+    assert {"vtdx.session.machine", "vtdx.module.control", "vtdx.module.timing"} <= mods

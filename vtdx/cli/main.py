@@ -26,8 +26,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; given the command line, only its command's module is imported.
 
-    A command module imports what its command runs (``run`` the whole module and session
-    stack, 0.2-0.3 s): `vtdx console`, `vtdx trace` and `--version` need none of the others.
+    A command module imports what its command runs (``run`` the session stack, ~90 ms; the
+    module model follows once QEMU has started): `vtdx console`, `vtdx trace` and
+    `--version` need none of the others.
     ``vtdx --help``, no command or an unknown one registers them all."""
     parser = _Parser(prog="vtdx", description="Virtual Intel TDX platform for QEMU")
     parser.add_argument("--version", action="version", version=f"vtdx {__version__}")
