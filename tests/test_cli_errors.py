@@ -88,6 +88,11 @@ def test_run_unknown_profile_lists_each_profile_once(kernel_file: Path) -> None:
         assert listed.count(f"'{name}'") == 1, line
 
 
+@pytest.mark.parametrize("jobs", ["0", "many"])
+def test_build_kernel_bad_jobs(jobs: str) -> None:
+    one_line_error(vtdx("build-kernel", "--jobs", jobs), 2, "--jobs", "1..1024")
+
+
 def test_run_missing_files() -> None:
     one_line_error(vtdx("run", "--kernel", "/nonexistent/bzImage"), 1, "/nonexistent/bzImage")
 

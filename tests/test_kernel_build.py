@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import lzma
+import os
 import shutil
 import subprocess
 import tarfile
@@ -75,6 +76,27 @@ def test_debug_flavour_is_a_kernel_of_its_own(tmp_path: Path) -> None:
     assert debug.key(src) != base.key(src)
     for opt in ("PROVE_LOCKING", "DEBUG_ATOMIC_SLEEP", "DEBUG_LIST", "BUG", "INTEL_TDX_HOST"):
         assert debug.fragment.get(f"CONFIG_{opt}") == "y", opt
+
+
+def test_make_runs_as_many_jobs_as_cpus_unless_told_and_jobs_do_not_change_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert kb.JOBS == len(os.sched_getaffinity(0))
+    seen: list[list[str]] = []
+
+    def popen(argv: list[str], **kw: object) -> None:
+        seen.append(argv)
+        raise OSError("recorded")
+
+    monkeypatch.setattr(kb.subprocess, "Popen", popen)
+    src = kb.KernelSource(tmp_path, "debian:linux-source-7.3=1", True)
+    default, three = kb.KernelBuilder(tmp_path, lambda m: None), \
+        kb.KernelBuilder(tmp_path, lambda m: None, jobs=3)
+    for builder in (default, three):
+        with pytest.raises(VtdxError, match="cannot run make"):
+            builder._make(src, tmp_path / "out", "bzImage")
+    assert [a for a in seen[0] if a.startswith("-j")] == [f"-j{kb.JOBS}"]
+    assert [a for a in seen[1] if a.startswith("-j")] == ["-j3"]
+    assert default.key(src) == three.key(src)
 
 
 def test_a_users_config_is_checked_for_what_vtdx_relies_on() -> None:

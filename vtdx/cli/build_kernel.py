@@ -14,9 +14,20 @@ def _log(msg: str) -> None:
     print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of jobs, 1..1024")
+    return n
+
+
 def run(args: argparse.Namespace) -> int:
     art = kernel_build.build_kernel(args.source, force=args.force, refresh=args.refresh,
-                                    cache=args.cache, log=_log, debug=args.debug)
+                                    cache=args.cache, log=_log, debug=args.debug,
+                                    jobs=args.jobs)
     rd = initramfs.ensure_initramfs(args.cache, log=_log)
     info = art.info()
     print(f"kernel {info.get('release', '?')}: {art.bzimage}")
@@ -40,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="debug flavour: also lockdep (PROVE_LOCKING), DEBUG_ATOMIC_SLEEP and "
                    "DEBUG_LIST (guest/kernel/tdx-host-debug.config); a kernel of its own, "
                    "run it with `vtdx run --kernel`")
+    p.add_argument("--jobs", type=_jobs, default=kernel_build.JOBS, metavar="N",
+                   help=f"parallel compile jobs (default: the CPUs available, "
+                   f"{kernel_build.JOBS} here)")
     p.add_argument("--cache", type=Path, default=None,
                    help="cache directory (default: $VTDX_CACHE or ~/.cache/vtdx)")
     p.set_defaults(func=run)

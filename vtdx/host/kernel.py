@@ -64,8 +64,9 @@ SUITE = "trixie-backports"
 ARCHES = ("all", "amd64")
 #: Bumped when the build recipe changes in a way that invalidates cached kernels.
 RECIPE = "1"
-#: Never more: the CI machine has two cores shared with everything else.
-JOBS = 2
+#: make's default -j: the CPUs this process may run on (2 on the CI machine, all of a
+#: workstation's); ``vtdx build-kernel --jobs`` sets another.
+JOBS = len(os.sched_getaffinity(0)) or 1
 STAMP = ".vtdx-source"
 ARTIFACTS = ("bzImage", "vmlinux", "System.map", "config")
 
@@ -399,7 +400,7 @@ class KernelBuilder:
         self.cache = cache_dir(cache)
         self.log = log
         self.fragment_path = fragment
-        self.jobs = min(jobs, JOBS)
+        self.jobs = max(1, jobs)
         self.debug = debug
         try:
             self.fragment_text = fragment.read_text()
@@ -559,10 +560,10 @@ def default_kernel(cache: Path | None = None) -> KernelArtifacts | None:
 
 def build_kernel(source: Path | None = None, *, force: bool = False, refresh: bool = False,
                  cache: Path | None = None, log: Log = print,
-                 debug: bool = False) -> KernelArtifacts:
+                 debug: bool = False, jobs: int = JOBS) -> KernelArtifacts:
     """The ``vtdx build-kernel`` flow: pick the source, build or reuse, record the default
     (the debug flavour is never the default)."""
-    builder = KernelBuilder(cache, log, debug=debug)
+    builder = KernelBuilder(cache, log, debug=debug, jobs=jobs)
     if source is None:
         src = DebianSource(builder.cache, log).get(refresh=refresh)
     else:
