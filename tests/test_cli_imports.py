@@ -60,3 +60,19 @@ def test_run_starts_qemu_before_it_loads_the_module_model() -> None:
             "elftools", "urllib.request"}
     assert not late & mods, sorted(late & mods)
     assert {"vtdx.session.machine", "vtdx.module.control", "vtdx.module.timing"} <= mods
+
+
+def test_the_model_packages_export_their_names_on_first_use() -> None:
+    import vtdx.module
+    import vtdx.module.engine
+    from vtdx.module import TdxModule
+    from vtdx.module.core import TdxModule as defined
+    from vtdx.module.engine import TdExit
+    from vtdx.module.engine.exits import TdExit as exit_defined
+
+    assert TdxModule is defined and TdExit is exit_defined
+    for package in (vtdx.module, vtdx.module.engine):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, (package.__name__, name)
+        with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+            package.nope  # noqa: B018

@@ -1,7 +1,8 @@
 """Python model of Intel's TDX module (see vtdx.module.core).
 
-Import rule: ``vtdx.module`` imports only ``vtdx.abi``, ``vtdx.platform`` and the base modules
-(``vtdx.errors``, ``vtdx.units``); everything above observes it through ``module.events``.
+Import rule: ``vtdx.module`` imports only ``vtdx.abi``, ``vtdx.platform`` and the base
+modules (``vtdx.errors``, ``vtdx.units``, ``vtdx.lazy``); everything above observes it
+through ``module.events``.
 
 The names below load on first use (PEP 562): importing a light part (``timing``,
 ``control``, ``events``, ``stats``) does not import the leaves, the state and the TD engine,
@@ -10,8 +11,9 @@ The names below load on first use (PEP 562): importing a light part (``timing``,
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vtdx.lazy import exports
 
 if TYPE_CHECKING:
     from vtdx.module.context import CallContext, LeafSpec
@@ -30,11 +32,4 @@ _SOURCE = {
 __all__ = ["CallContext", "CallObserved", "CheckpointReached", "FaultInjected", "LeafSpec",
            "ModuleState", "SysState", "TdxError", "TdxModule"]
 
-
-def __getattr__(name: str) -> Any:
-    source = _SOURCE.get(name)
-    if source is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = exports(__name__, globals(), _SOURCE)

@@ -1,9 +1,10 @@
 """TD vCPU engine: runs a TD's guest code for TDH.VP.ENTER (unicorn 2.1.4 with vtdx's patch).
 
-Imports: ``vtdx.abi``, ``vtdx.platform``, ``vtdx.errors``, ``vtdx.resources`` and unicorn
-only, never the rest of ``vtdx.module``: the module reaches the engine through the protocols of
-``interfaces`` (S-EPT walk and accept, TD metadata, CPUID configuration, TD parameters),
-so either side can change its internals.
+Imports: ``vtdx.abi``, ``vtdx.platform``, the base modules (``vtdx.errors``,
+``vtdx.resources``, ``vtdx.lazy``) and unicorn only, never the rest of ``vtdx.module``:
+the module reaches the engine through the protocols of ``interfaces`` (S-EPT walk and
+accept, TD metadata, CPUID configuration, TD parameters), so either side can change its
+internals.
 
 - ``engine.TdVcpuEngine``: one per TD vCPU, in the state TDH.VP.INIT leaves; ``enter(regs)``
   is the guest half of TDH.VP.ENTER (re-entry ABI in, exit ABI out).
@@ -20,9 +21,9 @@ assembled test guest live in ``vtdx.testing`` (``td_sandbox``, ``td_test_guest``
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from vtdx.lazy import exports
 from vtdx.module.engine import unicorn_lib  # first: it chooses the library unicorn loads
 
 if TYPE_CHECKING:
@@ -56,11 +57,4 @@ __all__ = [
     "unicorn_lib", "vmcall_reply", "vp_enter_outputs",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    source = _SOURCE.get(name)
-    if source is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = exports(__name__, globals(), _SOURCE)
