@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,12 @@ def assert_tdx_up(res: RunResult, smp: int) -> None:
 
 def test_boot_smp2_2g(tmp_path: Path) -> None:
     saved = tmp_path / "trace.jsonl"
+    before = set(threading.enumerate())
     res = boot(2, 2 * GiB, save_trace=saved)
     assert_tdx_up(res, 2)
+    # A run releases every thread it started (the daemon's vCPU threads, the trace writer,
+    # the QMP endpoint): `vtdx run` skips interpreter teardown on that ground (vtdx/cli/main.py).
+    assert not [t.name for t in set(threading.enumerate()) - before]
     assert res.console.keyid_range == (16, 32)
     # The trace outlives the run directory and `vtdx trace FILE` reads it: one LP.INIT per
     # CPU, each issued by the kernel's tdx_cpu_enable (arch/x86/virt/vmx/tdx/tdx.c).
