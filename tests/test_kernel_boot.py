@@ -64,6 +64,10 @@ def test_boot_smp2_2g(tmp_path: Path) -> None:
     before = set(threading.enumerate())
     res = boot(2, 2 * GiB, save_trace=saved)
     assert_tdx_up(res, 2)
+    # The kernel trusts the TSC as on a TDX host, so the clocksource watchdog, whose skew
+    # check can deadlock a TCG boot (vtdx/session/machine.py, KERNEL_APPEND), never runs.
+    assert any("Kernel command line:" in ln and " tsc=reliable" in ln
+               for ln in res.console.lines)
     # A run releases every thread it started (the daemon's vCPU threads, the trace writer,
     # the QMP endpoint): `vtdx run` skips interpreter teardown on that ground (vtdx/cli/main.py).
     assert not [t.name for t in set(threading.enumerate()) - before]

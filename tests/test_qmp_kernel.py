@@ -19,13 +19,14 @@ from vtdx.abi import status as st
 from vtdx.host import kernel as kernel_build
 from vtdx.observe.answers import EVENT_SEAMCALL_ERROR
 from vtdx.observe.trace import read_trace
+from vtdx.session.machine import KERNEL_APPEND
 
 pytestmark = [pytest.mark.kernel, pytest.mark.stack]
 
-APPEND = "console=ttyS0 nohibernate panic=-1 vtdx.checks=tdx"
+APPEND = f"{KERNEL_APPEND} vtdx.checks=tdx"
 #: Keep the guest up after boot (init is a long sleep): the module is inspected live, since
 #: the kernel's shutdown path (TDH.SYS.DISABLE) resets it.
-APPEND_HOLD = "console=ttyS0 nohibernate panic=-1 rdinit=/bin/sleep -- 100000"
+APPEND_HOLD = f"{KERNEL_APPEND} rdinit=/bin/sleep -- 100000"
 #: Leaves init_tdx_module() issues (after the per-CPU SYS.INIT / LP.INIT).
 INIT_LEAVES = {"TDH.SYS.RD", "TDH.SYS.CONFIG", "TDH.SYS.KEY.CONFIG", "TDH.SYS.TDMR.INIT"}
 

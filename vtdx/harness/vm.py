@@ -49,11 +49,9 @@ from vtdx.observe.qmp.client import VtdxClient
 from vtdx.observe.qmp.commands import parse_status
 from vtdx.observe.trace import HEADER_KEY, format_record, parse_leaf
 from vtdx.platform.profile import Profile
+from vtdx.session.machine import KERNEL_APPEND
 from vtdx.units import parse_size
 
-#: Same base as ``vtdx run``: serial console, no hibernation (the kernel refuses TDX while
-#: it is possible), reboot at once on panic (QEMU runs with -no-reboot, so it exits).
-BASE_APPEND = "console=ttyS0 nohibernate panic=-1"
 _TIMESTAMP = re.compile(r"^\[\s*[\d.]+\]\s*")
 
 
@@ -123,7 +121,7 @@ class BootSpec:
         return Profile.named(self.profile, self.smp, parse_size(self.mem), self.features)
 
     def cmdline(self) -> str:
-        return f"{BASE_APPEND} {AGENT_APPEND} {self.append}".strip()
+        return f"{KERNEL_APPEND} {AGENT_APPEND} {self.append}".strip()
 
 
 # --------------------------------------------------------------------------- trace

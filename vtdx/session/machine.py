@@ -53,6 +53,17 @@ def default_runtime() -> QemuRuntime:
     return QemuRuntime.find()
 
 
+#: The kernel command line every vtdx boot starts with (``vtdx run``, the pytest harness):
+#: the console on the serial port; no hibernation (the kernel refuses TDX while it is
+#: possible); reboot at once on panic (QEMU runs with -no-reboot, so it exits); and
+#: tsc=reliable. TCG derives every vCPU's TSC from the host's monotonic clock, so it is
+#: synchronized and invariant, as on a TDX-capable host (where Linux trusts it from CPUID).
+#: Without it the clocksource watchdog runs, and Linux 7.3's skew check
+#: (kernel/time/clocksource.c, watchdog_check_skew) can deadlock a boot: CPU0 waits in it
+#: for CPU1, which sits in the stop_machine of the clocksource switch with interrupts off,
+#: and its timeout reads the jiffies clock that CPU1 no longer ticks (1 boot in ~130 here).
+KERNEL_APPEND = "console=ttyS0 nohibernate panic=-1 tsc=reliable"
+
 #: Prefix of every run directory (in $TMPDIR or /tmp).
 RUN_PREFIX = "vtdx-run-"
 #: File in the run directory naming the process that owns it: "<pid> <start time>".

@@ -35,7 +35,7 @@ from vtdx.observe.inspect import summarise
 from vtdx.observe.qmp.commands import parse_status
 from vtdx.observe.trace import parse_leaf
 from vtdx.platform.profile import PROFILES, GiB, KiB, MiB, Profile
-from vtdx.session.machine import Machine, Terminated, on_signals
+from vtdx.session.machine import KERNEL_APPEND, Machine, Terminated, on_signals
 from vtdx.units import format_size
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ CPU_MODEL = "max,vendor=GenuineIntel"
 
 #: Command line every run gets: serial console, no hibernation (the kernel refuses TDX while
 #: hibernation is possible), reboot at once on panic (QEMU runs with -no-reboot, so it exits).
-BASE_APPEND = "console=ttyS0 nohibernate panic=-1"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -463,7 +462,7 @@ class RunOptions:
         keep = " vtdx.shell=1" if self.shell else " vtdx.keep=1" if self.keep else ""
         wants_kvm = bool({"kvm", "kvm-td"} & set(self.checks.split(",")))
         kvm = " kvm_intel.tdx=1" if wants_kvm and "kvm_intel.tdx=" not in extra else ""
-        return f"{BASE_APPEND}{checks}{kvm}{keep} {extra}".strip()
+        return f"{KERNEL_APPEND}{checks}{kvm}{keep} {extra}".strip()
 
     def initramfs(self) -> Path:
         """The user's --initrd, or vtdx's (with the KVM payload when ``kvm`` is checked)."""
